@@ -1,0 +1,31 @@
+"""attnax kernels: every attention kernel behind the :class:`AttentionFn` protocol, and the mods.
+
+Each kernel takes ``(B, Hq, Sq, D)`` queries and ``(B, Hkv, Sk, D)`` keys/values and has the
+signature ``kernel(q, k, v, *, score_mod=None, mask_mod=None, scale=None, return_lse=False, ...)``.
+"""
+
+from attnax.kernels.protocols import AttentionFn, MaskMod, ScoreMod
+from attnax.kernels.score_mods import (
+    additive_bias_mod, alibi_mod, alibi_slopes, causal_mod, compose_score_mods,
+    document_mask_mod, mask_mod_to_boolean_mask, mask_mod_to_score_mod, prefix_lm_mod,
+    sliding_window_mod,
+)
+from attnax.kernels.block_mask import BlockMask, create_block_mask
+from attnax.kernels.merge import merge_attentions
+from attnax.kernels.reference import standard_attention
+from attnax.kernels import score_mods
+
+__all__ = [
+    "AttentionFn", "ScoreMod", "MaskMod",
+    "standard_attention",
+    "BlockMask", "create_block_mask", "merge_attentions",
+    "causal_mod", "sliding_window_mod", "alibi_mod", "alibi_slopes", "prefix_lm_mod",
+    "document_mask_mod", "additive_bias_mod", "compose_score_mods", "mask_mod_to_score_mod",
+    "mask_mod_to_boolean_mask", "score_mods",
+]
+
+# Each kernel family adds its import and its names below its own marker (one owner per section).
+# --- pure-JAX kernels: memory_efficient_attention, flash_attention
+# --- pallas: pallas_flash_attention and varlen helpers
+# --- aether: aether_attention, AetherAttention, compute_block_geometry
+# --- linear_attention, ring_attention, ring_attention_reference, paged_attention

@@ -1,0 +1,67 @@
+"""Input validation shared by every kernel: ValueErrors at trace time naming arguments and shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def check_qkv(q: Any, k: Any, v: Any, *, kernel: str = "attention",
+              allow_f64: bool = False) -> tuple[int, int, int, int, int, int, int]:
+  """Validate ``(B, Hq, Sq, D)``, ``(B, Hkv, Sk, D)``, ``(B, Hkv, Sk, Dv)``.
+
+  Returns ``(B, Hq, Hkv, Sq, Sk, D, Dv)``.
+  """
+  shapes = f"q {tuple(jnp.shape(q))}, k {tuple(jnp.shape(k))}, v {tuple(jnp.shape(v))}"
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise ValueError(f"{kernel}: {name} must be an array, got {type(x).__name__}")
+    if x.ndim != 4:
+      raise ValueError(f"{kernel}: {name} must have rank 4 (batch, heads, seq, head_dim); got {shapes}")
+    allowed = SUPPORTED_DTYPES + ((jnp.float64,) if allow_f64 else ())
+    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in allowed]:
+      raise ValueError(f"{kernel}: {name} has unsupported dtype {x.dtype}; "
+                       "supported: float32, bfloat16, float16")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"{kernel}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  b, hq, sq, d = q.shape
+  bk, hkv, sk, dk = k.shape
+  bv, hv, skv, dv = v.shape
+  if not b == bk == bv:
+    raise ValueError(f"{kernel}: batch sizes differ: {shapes}")
+  if hkv != hv:
+    raise ValueError(f"{kernel}: k and v must have the same number of heads: {shapes}")
+  if sk != skv:
+    raise ValueError(f"{kernel}: k and v must have the same sequence length: {shapes}")
+  if d != dk:
+    raise ValueError(f"{kernel}: q and k must have the same head_dim: {shapes}")
+  if hkv == 0 or hq % hkv:
+    raise ValueError(f"{kernel}: query heads ({hq}) must be a multiple of kv heads ({hkv}): {shapes}")
+  if min(sq, sk, d, dv) == 0:
+    raise ValueError(f"{kernel}: empty dimension: {shapes}")
+  return b, hq, hkv, sq, sk, d, dv
+
+
+def default_scale(scale: float | None, head_dim: int) -> float:
+  if scale is None:
+    return head_dim ** -0.5
+  try:
+    return float(scale)
+  except TypeError:
+    raise ValueError(f"scale must be a Python float (static), got {type(scale).__name__}") from None
+
+
+def check_block(name: str, value: int) -> int:
+  if not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+  return value
+
+
+def check_lse(lse: Any, q: jax.Array) -> None:
+  expected = q.shape[:3]
+  if tuple(jnp.shape(lse)) != tuple(expected):
+    raise ValueError(f"lse must have shape {tuple(expected)} (B, Hq, Sq), got {tuple(jnp.shape(lse))}")

@@ -1,0 +1,58 @@
+"""Combining partial attention results by their log-sum-exp (xFormers' ``merge_attentions``).
+
+Attention over a union of key sets is the LSE-weighted mean of the attentions over each part:
+``out = sum_i exp(lse_i - lse) out_i`` with ``lse = logsumexp_i lse_i``. Ring attention, split-K
+decoding and chunked kernels all merge this way; a part that saw no key has ``lse = -inf`` and
+weight 0, and when every part is empty the result is 0 with ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["merge_attentions", "merge_two", "safe_lse"]
+
+
+def safe_lse(m: jax.Array, l: jax.Array) -> jax.Array:
+  """``m + log(l)`` for running max ``m`` and sum ``l``; ``-inf`` where ``l == 0``."""
+  return jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+
+
+def merge_two(out_a, lse_a, out_b, lse_b):
+  """Merge two partial results; outs f32 ``(..., S, D)``, lses f32 ``(..., S)``."""
+  lse = jnp.logaddexp(lse_a, lse_b)
+  finite = jnp.isfinite(lse)
+  ref = jnp.where(finite, lse, 0.0)
+  wa = jnp.where(finite, jnp.exp(lse_a - ref), 0.0)
+  wb = jnp.where(finite, jnp.exp(lse_b - ref), 0.0)
+  out = wa[..., None] * out_a.astype(jnp.float32) + wb[..., None] * out_b.astype(jnp.float32)
+  return out, lse
+
+
+def merge_attentions(outs: Sequence[jax.Array] | jax.Array, lses: Sequence[jax.Array] | jax.Array,
+                     *, out_dtype=None) -> tuple[jax.Array, jax.Array]:
+  """Merge attentions computed over disjoint key sets.
+
+  Args:
+    outs: ``N`` partial outputs ``(B, H, S, D)`` (a list, or one array ``(N, B, H, S, D)``).
+    lses: their f32 log-sum-exps ``(B, H, S)`` (a list, or ``(N, B, H, S)``).
+    out_dtype: dtype of the merged output; defaults to the dtype of ``outs``.
+
+  Returns:
+    ``(out, lse)``: out ``(B, H, S, D)``, lse f32 ``(B, H, S)``.
+  """
+  outs = jnp.stack(list(outs)) if not isinstance(outs, jax.Array) else outs
+  lses = jnp.stack(list(lses)) if not isinstance(lses, jax.Array) else lses
+  if outs.ndim != lses.ndim + 1 or outs.shape[:-1] != lses.shape:
+    raise ValueError(f"merge_attentions: outs {outs.shape} must be lses {lses.shape} plus a "
+                     "trailing head_dim axis")
+  out_dtype = outs.dtype if out_dtype is None else out_dtype
+  lses = lses.astype(jnp.float32)
+  lse = jax.nn.logsumexp(lses, axis=0)
+  finite = jnp.isfinite(lse)
+  w = jnp.where(finite, jnp.exp(lses - jnp.where(finite, lse, 0.0)), 0.0)
+  out = jnp.einsum("n...s,n...sd->...sd", w, outs.astype(jnp.float32))
+  return out.astype(out_dtype), lse

@@ -1,0 +1,398 @@
+"""Score and mask mods: the prebuilt factories, composition, and conversions.
+
+A :class:`~attnax.kernels.ScoreMod` is ``(score, b, h, q_idx, kv_idx) -> score`` and a
+:class:`~attnax.kernels.MaskMod` is ``(b, h, q_idx, kv_idx) -> bool``. Every mod defined here is a
+pytree: its arrays (document ids, ALiBi slopes, a bias table) are leaves, its settings are static.
+A kernel can therefore hand the arrays to a Pallas kernel as operands and rebuild the mod around
+the kernel's refs (FlexAttention's "captured buffers").
+
+The mask-like factories (:func:`causal_mod`, :func:`sliding_window_mod`, :func:`prefix_lm_mod`,
+:func:`document_mask_mod`) return a score mod that *carries* its mask mod, so a kernel can derive
+block sparsity from a composed score mod. Mask mods also know how to classify whole tiles
+(``tile_visibility``) without evaluating every element, which is what lets a
+:class:`~attnax.kernels.BlockMask` be built at 1M tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "MASK_VALUE", "causal_mod", "sliding_window_mod", "alibi_mod", "alibi_slopes",
+    "prefix_lm_mod", "document_mask_mod", "additive_bias_mod", "compose_score_mods",
+    "mask_mod_to_score_mod", "mask_mod_to_boolean_mask", "and_masks",
+    "CausalMask", "SlidingWindowMask", "PrefixLMMask", "DocumentMask", "AndMask",
+    "MaskScoreMod", "AlibiMod", "AdditiveBiasMod", "ComposedScoreMod",
+]
+
+# Masked scores get a large finite negative (never -inf, never NaN); kernels additionally zero the
+# probabilities of masked entries so that a fully masked row yields output 0 and lse -inf.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def take(arr: Any, *idx: Any) -> jax.Array:
+  """``arr[idx]`` where size-1 axes of ``arr`` broadcast (they are read at index 0).
+
+  Works on arrays and on the ref adaptors Pallas kernels pass in place of a mod's arrays.
+  """
+  if len(idx) != len(arr.shape):
+    raise ValueError(f"indexing an array of shape {arr.shape} with {len(idx)} indices")
+  idx = tuple(jnp.zeros_like(i) if arr.shape[d] == 1 else i for d, i in enumerate(idx))
+  return arr[idx]
+
+
+def _pytree(cls=None, *, data=(), meta=()):
+  def wrap(cls):
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    return jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=list(meta))
+  return wrap
+
+
+def _ranges(block: int, length: int):
+  """Inclusive first/last valid position of every block of ``block`` over ``length``."""
+  n = -(-length // block)
+  lo = np.arange(n) * block
+  hi = np.minimum(lo + block, length) - 1
+  return jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
+
+
+def _block_min_max(ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+  """Per-block min and max of ``ids`` ``(B, S)`` -> ``(B, nblocks)`` (tail padded by edge)."""
+  s = ids.shape[-1]
+  n = -(-s // block)
+  padded = jnp.pad(ids, ((0, 0), (0, n * block - s)), mode="edge").reshape(ids.shape[0], n, block)
+  return padded.min(-1), padded.max(-1)
+
+
+# ----------------------------------------------------------------------------- mask mods
+#
+# tile_visibility(block_q, block_k, q_len, kv_len) -> (any, all): booleans broadcastable to
+# (B, H, nq, nk). `any` may over-approximate (a tile then runs with the elementwise mask) but
+# `all` must be exact or under-approximate, and `any=False` must be exact: both decide skipping.
+
+
+@_pytree(meta=("offset",))
+class CausalMask:
+  """Keep ``kv_idx <= q_idx + offset``."""
+  offset: int = 0
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx + self.offset
+
+  def tile_visibility(self, block_q, block_k, q_len, kv_len):
+    q_lo, q_hi = _ranges(block_q, q_len)
+    k_lo, k_hi = _ranges(block_k, kv_len)
+    any_ = k_lo[None, :] <= q_hi[:, None] + self.offset
+    all_ = k_hi[None, :] <= q_lo[:, None] + self.offset
+    return any_[None, None], all_[None, None]
+
+
+@_pytree(meta=("window_size", "offset"))
+class SlidingWindowMask:
+  """Keep ``0 <= q_idx + offset - kv_idx < window_size``."""
+  window_size: int
+  offset: int = 0
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    d = q_idx + self.offset - kv_idx
+    return (d >= 0) & (d < self.window_size)
+
+  def tile_visibility(self, block_q, block_k, q_len, kv_len):
+    q_lo, q_hi = _ranges(block_q, q_len)
+    k_lo, k_hi = _ranges(block_k, kv_len)
+    d_min = q_lo[:, None] + self.offset - k_hi[None, :]
+    d_max = q_hi[:, None] + self.offset - k_lo[None, :]
+    any_ = (d_max >= 0) & (d_min < self.window_size)
+    all_ = (d_min >= 0) & (d_max < self.window_size)
+    return any_[None, None], all_[None, None]
+
+
+@_pytree(data=("prefix_length",))
+class PrefixLMMask:
+  """Keep ``kv_idx < prefix_length[b] or kv_idx <= q_idx``; ``prefix_length`` shape ``(B,)``."""
+  prefix_length: jax.Array
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    p = take(self.prefix_length, b)
+    return (kv_idx < p) | (kv_idx <= q_idx)
+
+  def tile_visibility(self, block_q, block_k, q_len, kv_len):
+    q_lo, q_hi = _ranges(block_q, q_len)
+    k_lo, k_hi = _ranges(block_k, kv_len)
+    p = self.prefix_length[:, None, None, None]
+    any_ = (k_lo[None, :] < p) | (k_lo[None, :] <= q_hi[:, None])
+    all_ = (k_hi[None, :] < p) | (k_hi[None, :] <= q_lo[:, None])
+    return any_, all_
+
+
+@_pytree(data=("q_doc_ids", "kv_doc_ids"))
+class DocumentMask:
+  """Keep ``q_doc_ids[b, q_idx] == kv_doc_ids[b, kv_idx]``; ids ``(B, S)`` (``B`` may be 1)."""
+  q_doc_ids: jax.Array
+  kv_doc_ids: jax.Array
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    return take(self.q_doc_ids, b, q_idx) == take(self.kv_doc_ids, b, kv_idx)
+
+  def tile_visibility(self, block_q, block_k, q_len, kv_len):
+    q_min, q_max = _block_min_max(self.q_doc_ids[:, :q_len], block_q)
+    k_min, k_max = _block_min_max(self.kv_doc_ids[:, :kv_len], block_k)
+    # Disjoint id ranges cannot share a document; one id on both sides makes the tile full.
+    any_ = (q_min[:, :, None] <= k_max[:, None, :]) & (k_min[:, None, :] <= q_max[:, :, None])
+    all_ = ((q_min == q_max)[:, :, None] & (k_min == k_max)[:, None, :]
+            & (q_min[:, :, None] == k_min[:, None, :]))
+    return any_[:, None], all_[:, None]
+
+
+@_pytree(data=("masks",))
+class AndMask:
+  """Keep where every mask keeps."""
+  masks: tuple
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    out = self.masks[0](b, h, q_idx, kv_idx)
+    for m in self.masks[1:]:
+      out = out & m(b, h, q_idx, kv_idx)
+    return out
+
+
+def and_masks(*masks: Any) -> Any:
+  """The conjunction of mask mods, flattening nested conjunctions; ``None`` entries are dropped."""
+  flat = []
+  for m in masks:
+    if m is None:
+      continue
+    flat.extend(m.masks if isinstance(m, AndMask) else (m,))
+  if not flat:
+    return None
+  return flat[0] if len(flat) == 1 else AndMask(tuple(flat))
+
+
+# ----------------------------------------------------------------------------- score mods
+
+
+@_pytree(data=("mask_mod",))
+class MaskScoreMod:
+  """A score mod that sends masked scores to ``MASK_VALUE`` and carries its mask mod."""
+  mask_mod: Any
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    return jnp.where(self.mask_mod(b, h, q_idx, kv_idx), score, MASK_VALUE)
+
+
+@_pytree(data=("slopes",))
+class AlibiMod:
+  """``score + slopes[h] * (kv_idx - q_idx)``."""
+  slopes: jax.Array
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    return score + take(self.slopes, h) * (kv_idx - q_idx).astype(jnp.float32)
+
+
+@_pytree(data=("bias",))
+class AdditiveBiasMod:
+  """``score + bias[b, h, q_idx, kv_idx]`` with ``bias`` of rank 4 (size-1 axes broadcast)."""
+  bias: jax.Array
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    return score + take(self.bias, b, h, q_idx, kv_idx).astype(jnp.float32)
+
+
+@_pytree(data=("mods",))
+class ComposedScoreMod:
+  """Applies ``mods`` in order."""
+  mods: tuple
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    for m in self.mods:
+      score = m(score, b, h, q_idx, kv_idx)
+    return score
+
+
+# ----------------------------------------------------------------------------- factories
+
+
+def causal_mod(offset: int = 0) -> MaskScoreMod:
+  """Causal mask: keep ``kv_idx <= q_idx + offset``.
+
+  ``offset = Sk - Sq`` aligns the diagonal to the bottom right (xFormers' ``FromBottomRight``),
+  as decoding with a cache needs.
+  """
+  return MaskScoreMod(CausalMask(int(offset)))
+
+
+def sliding_window_mod(window_size: int, offset: int = 0) -> MaskScoreMod:
+  """Causal local attention: keep ``0 <= q_idx + offset - kv_idx < window_size``.
+
+  Each query sees ``window_size`` keys, its own position included.
+  """
+  if int(window_size) < 1:
+    raise ValueError(f"window_size must be >= 1, got {window_size}")
+  return MaskScoreMod(SlidingWindowMask(int(window_size), int(offset)))
+
+
+def prefix_lm_mod(prefix_length: int | jax.Array) -> MaskScoreMod:
+  """Prefix-LM: bidirectional over the first ``prefix_length`` keys, causal after.
+
+  Args:
+    prefix_length: a scalar, or one length per batch row, shape ``(B,)``.
+  """
+  p = jnp.asarray(prefix_length, jnp.int32)
+  if p.ndim > 1:
+    raise ValueError(f"prefix_length must be a scalar or shape (B,), got shape {p.shape}")
+  return MaskScoreMod(PrefixLMMask(p.reshape(-1)))
+
+
+def _doc_ids(ids, name):
+  ids = jnp.asarray(ids)
+  if ids.ndim not in (1, 2) or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"{name} must be integer ids of shape (B, S) or (S,), got {ids.dtype}{ids.shape}")
+  return ids.astype(jnp.int32).reshape((-1, ids.shape[-1]))
+
+
+def document_mask_mod(doc_ids: jax.Array, kv_doc_ids: jax.Array | None = None) -> MaskScoreMod:
+  """Block-diagonal (packed documents) mask: keep ``doc_ids[b, q_idx] == kv_doc_ids[b, kv_idx]``.
+
+  Args:
+    doc_ids: integer document id of each query position, ``(B, Sq)`` or ``(Sq,)``.
+    kv_doc_ids: the same for keys, ``(B, Sk)`` or ``(Sk,)``; defaults to ``doc_ids``.
+  """
+  q = _doc_ids(doc_ids, "doc_ids")
+  kv = q if kv_doc_ids is None else _doc_ids(kv_doc_ids, "kv_doc_ids")
+  if q.shape[0] != kv.shape[0] and 1 not in (q.shape[0], kv.shape[0]):
+    raise ValueError(f"doc_ids {q.shape} and kv_doc_ids {kv.shape} disagree on the batch size")
+  return MaskScoreMod(DocumentMask(q, kv))
+
+
+def alibi_slopes(num_heads: int) -> jax.Array:
+  """The ALiBi paper's geometric head slopes, f32 ``(num_heads,)``.
+
+  For ``n`` a power of two the slopes are ``2 ** (-8 i / n)``, ``i = 1..n``; otherwise the slopes of
+  the largest power of two below ``n`` followed by every other slope of twice that power.
+  """
+  if int(num_heads) < 1:
+    raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+
+  def pow2(n):
+    start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+    return [start ** (i + 1) for i in range(n)]
+
+  def slopes(n):
+    if math.log2(n).is_integer():
+      return pow2(n)
+    closest = 2 ** math.floor(math.log2(n))
+    return pow2(closest) + slopes(2 * closest)[0::2][: n - closest]
+
+  return jnp.asarray(slopes(int(num_heads)), jnp.float32)
+
+
+def alibi_mod(num_heads: int | None = None, slopes: jax.Array | None = None) -> AlibiMod:
+  """ALiBi: ``score + slopes[h] * (kv_idx - q_idx)``.
+
+  Give ``num_heads`` for the paper's slopes (:func:`alibi_slopes`) or ``slopes`` ``(H,)``.
+  """
+  if (num_heads is None) == (slopes is None):
+    raise ValueError("alibi_mod takes exactly one of num_heads= or slopes=")
+  s = alibi_slopes(num_heads) if slopes is None else jnp.asarray(slopes, jnp.float32)
+  if s.ndim != 1:
+    raise ValueError(f"slopes must have shape (H,), got {s.shape}")
+  return AlibiMod(s)
+
+
+def additive_bias_mod(bias: jax.Array) -> AdditiveBiasMod:
+  """``score + bias[b, h, q_idx, kv_idx]``; ``bias`` broadcastable to ``(B, H, Sq, Sk)``."""
+  bias = jnp.asarray(bias)
+  if bias.ndim > 4:
+    raise ValueError(f"bias must have rank <= 4 (B, H, Sq, Sk), got shape {bias.shape}")
+  return AdditiveBiasMod(bias.reshape((1,) * (4 - bias.ndim) + bias.shape))
+
+
+def compose_score_mods(*mods: Any) -> Any:
+  """Compose score mods; they apply in the order given. ``None`` entries are skipped."""
+  flat = []
+  for m in mods:
+    if m is None:
+      continue
+    check_mod(m, 5, "score_mod")
+    flat.extend(m.mods if isinstance(m, ComposedScoreMod) else (m,))
+  if not flat:
+    return None
+  return flat[0] if len(flat) == 1 else ComposedScoreMod(tuple(flat))
+
+
+def mask_mod_to_score_mod(mask_mod: Any) -> MaskScoreMod:
+  """A score mod that maps the scores ``mask_mod`` rejects to the mask value (it carries the mask)."""
+  check_mod(mask_mod, 4, "mask_mod")
+  return MaskScoreMod(mask_mod)
+
+
+def mask_mod_to_boolean_mask(mask_mod: Any, batch: int, heads: int, q_len: int,
+                             kv_len: int) -> jax.Array:
+  """Materialise ``mask_mod`` as booleans ``(batch, heads, q_len, kv_len)`` (small inputs only)."""
+  check_mod(mask_mod, 4, "mask_mod")
+  b, h, i, j = index_grid(batch, heads, q_len, kv_len)
+  return jnp.broadcast_to(mask_mod(b, h, i, j), (batch, heads, q_len, kv_len))
+
+
+# ----------------------------------------------------------------------------- kernel plumbing
+
+
+def index_grid(batch: int, heads: int, q_len: int, kv_len: int, q_offset=0, kv_offset=0):
+  """int32 index arrays ``(B,1,1,1)``, ``(1,H,1,1)``, ``(1,1,Sq,1)``, ``(1,1,1,Sk)``."""
+  i32 = jnp.int32
+  return (jnp.arange(batch, dtype=i32).reshape(-1, 1, 1, 1),
+          jnp.arange(heads, dtype=i32).reshape(1, -1, 1, 1),
+          (q_offset + jnp.arange(q_len, dtype=i32)).reshape(1, 1, -1, 1),
+          (kv_offset + jnp.arange(kv_len, dtype=i32)).reshape(1, 1, 1, -1))
+
+
+def check_mod(mod: Any, nargs: int, name: str) -> None:
+  """ValueError unless ``mod`` is callable with ``nargs`` positional arguments."""
+  if mod is None:
+    return
+  if not callable(mod):
+    raise ValueError(f"{name} must be callable, got {type(mod).__name__}")
+  try:
+    inspect.signature(mod).bind(*range(nargs))
+  except TypeError as e:
+    expected = ("(score, b, h, q_idx, kv_idx)" if nargs == 5 else "(b, h, q_idx, kv_idx)")
+    raise ValueError(f"{name} must have the signature {expected}: {e}") from None
+  except ValueError:  # builtins without a signature
+    pass
+
+
+def split_score_mod(score_mod: Any) -> tuple[Any, Any]:
+  """Split a score mod into ``(score part, mask part)``.
+
+  The mask part is the conjunction of the mask mods the mod carries (block sparsity comes from it);
+  the score part is what remains (``None`` when nothing remains). A user's own function is all
+  score part: it is treated as dense.
+  """
+  if score_mod is None:
+    return None, None
+  if isinstance(score_mod, MaskScoreMod):
+    return None, score_mod.mask_mod
+  if isinstance(score_mod, ComposedScoreMod):
+    scores, masks = [], []
+    for m in score_mod.mods:
+      s, k = split_score_mod(m)
+      if s is not None:
+        scores.append(s)
+      masks.append(k)
+    return compose_score_mods(*scores), and_masks(*masks)
+  return score_mod, None
+
+
+def resolve_mods(score_mod: Any, mask_mod: Any) -> tuple[Any, Any]:
+  """Check the mods and return ``(score part, combined mask mod)`` for a kernel."""
+  check_mod(score_mod, 5, "score_mod")
+  check_mod(mask_mod, 4, "mask_mod")
+  score_part, carried = split_score_mod(score_mod)
+  return score_part, and_masks(carried, mask_mod)

@@ -1,0 +1,107 @@
+"""The tile-level maths every kernel shares: modded, masked scores and the online softmax.
+
+One implementation of "scores of a tile" so that the reference, the pure-JAX kernels and the Pallas
+kernels cannot drift apart. Everything here is rank-agnostic elementwise ``jnp`` code: it runs on the
+whole ``(B, H, Sq, Sk)`` matrix in the reference and on one ``(block_q, block_k)`` tile inside a
+Pallas kernel, where ``b`` and ``h`` are scalars.
+
+Invariants: the running max starts at ``MASK_VALUE`` (finite), so ``exp(m_old - m_new)`` is never
+``exp(-inf + inf)``; masked probabilities are zeroed explicitly, so a row that sees no key ends with
+``l = 0``, output 0 and lse ``-inf``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from attnax.kernels.merge import safe_lse
+from attnax.kernels.score_mods import MASK_VALUE
+
+f32 = jnp.float32
+
+
+def acc_dtype(dtype) -> jnp.dtype:
+  """Accumulation dtype: f32, or f64 for the float64 reference."""
+  return jnp.promote_types(dtype, f32)
+
+
+def qk_dot(q: jax.Array, k: jax.Array, precision=None) -> jax.Array:
+  """``q @ k^T`` over the last axis, accumulated in f32."""
+  return jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=acc_dtype(q.dtype),
+                    precision=precision)
+
+
+def pv_dot(p: jax.Array, v: jax.Array, precision=None) -> jax.Array:
+  """``p @ v`` accumulated in f32."""
+  return jnp.einsum("...qk,...kd->...qd", p, v, preferred_element_type=acc_dtype(v.dtype),
+                    precision=precision)
+
+
+def tile_scores(s: jax.Array, *, score_fn: Any, mask_fn: Any, b, h, q_idx, kv_idx,
+                q_len: int | None = None, kv_len: int | None = None,
+                apply_mask: bool = True) -> tuple[jax.Array, jax.Array | None]:
+  """Apply the score mod and the mask to scaled f32 scores ``s``.
+
+  Args:
+    s: scaled scores, f32.
+    score_fn / mask_fn: the score part and the mask part of the mods (either may be None).
+    b, h, q_idx, kv_idx: int32 indices broadcasting against ``s`` (absolute positions).
+    q_len / kv_len: when given, positions at or past them are masked (ragged tails).
+    apply_mask: False for tiles the BlockMask marks full: the mask mod is skipped.
+
+  Returns:
+    ``(s, visible)``: masked scores (``MASK_VALUE`` where not visible) and the boolean visibility,
+    or ``None`` when every entry is visible.
+  """
+  if score_fn is not None:
+    s = score_fn(s, b, h, q_idx, kv_idx).astype(s.dtype)
+  visible = None
+  if q_len is not None:
+    visible = q_idx < q_len
+  if kv_len is not None:
+    ok = kv_idx < kv_len
+    visible = ok if visible is None else visible & ok
+  if mask_fn is not None and apply_mask:
+    m = mask_fn(b, h, q_idx, kv_idx)
+    visible = m if visible is None else visible & m
+  if visible is not None:
+    s = jnp.where(visible, s, MASK_VALUE)
+  return s, visible
+
+
+def init_stats(shape: tuple[int, ...], dtype=f32) -> tuple[jax.Array, jax.Array]:
+  """Running max (``MASK_VALUE``) and running sum (0) for rows of ``shape``."""
+  return jnp.full(shape, MASK_VALUE, dtype), jnp.zeros(shape, dtype)
+
+
+def online_softmax_step(s: jax.Array, visible: jax.Array | None, m_prev: jax.Array,
+                        l_prev: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """One FlashAttention step over a tile of scores ``s`` ``(..., q, k)``.
+
+  Returns ``(p, alpha, m_new, l_new)``: unnormalised probabilities of the tile, the factor that
+  rescales the previous accumulator, and the new running max and sum.
+  """
+  m_new = jnp.maximum(m_prev, s.max(axis=-1))
+  alpha = jnp.exp(m_prev - m_new)
+  p = jnp.exp(s - m_new[..., None])
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
+  l_new = alpha * l_prev + p.sum(axis=-1)
+  return p, alpha, m_new, l_new
+
+
+def finalize(acc: jax.Array, m: jax.Array, l: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Normalise the accumulator: ``(out f32, lse)``; rows with ``l = 0`` give 0 and ``-inf``."""
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+  return jnp.where((l > 0)[..., None], out, 0.0), safe_lse(m, l)
+
+
+def probabilities(s: jax.Array, visible: jax.Array | None, lse: jax.Array) -> jax.Array:
+  """Softmax probabilities recomputed from scores and the saved LSE (backward passes)."""
+  p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
+  return jnp.where(jnp.isfinite(lse)[..., None], p, 0.0)
