@@ -1,0 +1,25 @@
+"""The examples run end to end, as a user runs them (a subprocess of this interpreter)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_runs_and_every_kernel_agrees():
+  # --seq 128 keeps Pallas interpret mode cheap on CPU; the default (256) is what the README runs.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the user's single CPU device
+  proc = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--seq", "128"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out
+  assert "FAILED" not in out and "DISAGREE" not in out, out
+  last = proc.stdout.strip().splitlines()[-1]
+  assert last.startswith("All ") and "agree with standard_attention" in last, out
+  # Every public *_attention kernel (bar the ones the script says it cannot compare) took part.
+  from attnax import kernels
+  skipped = ("paged_attention", "ring_attention", "ring_attention_reference", "linear_attention")
+  expected = [n for n in kernels.__all__ if n.endswith("_attention") and n not in skipped]
+  assert last.split(": ", 1)[1].split(", ") == expected, out
