@@ -1,6 +1,9 @@
 """attnax: attention kernels for JAX with Pallas GPU kernels and a Flax NNX module."""
 
 from attnax import kernels
+from attnax.attention import AttentionType, MultiHeadAttention
+from attnax.flax_interop import flax_attention_fn
+from attnax.rope import apply_rope
 
-__all__ = ["kernels"]
+__all__ = ["kernels", "MultiHeadAttention", "AttentionType", "flax_attention_fn", "apply_rope"]
 __version__ = "0.1.0"
