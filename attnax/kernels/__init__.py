@@ -28,4 +28,6 @@ __all__ = [
 # --- pure-JAX kernels: memory_efficient_attention, flash_attention
 # --- pallas: pallas_flash_attention and varlen helpers
 # --- aether: aether_attention, AetherAttention, compute_block_geometry
+from attnax.kernels.aether import AetherAttention, aether_attention, compute_block_geometry  # noqa: E402
+__all__ += ["aether_attention", "AetherAttention", "compute_block_geometry"]
 # --- linear_attention, ring_attention, ring_attention_reference, paged_attention

@@ -1,0 +1,169 @@
+"""aether_attention: certified geometric block-sparse attention (DESIGN.md section 6).
+
+AETHER is a planner, not a second attention kernel. One call:
+
+  _checks.check_qkv            ValueError with names and shapes
+  -> plan_aether               key-block geometry (centroids, radii) -> certified BlockMask:
+                               pruned tiles EMPTY, kept tiles PARTIAL/FULL as the mask dictates
+                               (decisions under stop_gradient)
+  -> dense block-sparse kernel pallas_flash_attention / flash_attention with block_mask=, so the
+                               forward and the backward run the same schedule and the gradient is
+                               exactly the gradient of the pruned forward
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Any
+
+import jax
+
+from attnax.kernels import _checks
+from attnax.kernels import score_mods as sm
+from attnax.kernels.aether.certify import AetherPlan, AetherStats, RULES, plan_aether, tile_mask_mod
+from attnax.kernels.reference import standard_attention
+
+__all__ = ["aether_attention", "AetherAttention", "AetherStats", "IMPLEMENTATIONS"]
+
+IMPLEMENTATIONS = ("pallas", "flash", "reference")
+
+
+def _kernel(implementation: str | None):
+  """The dense block-sparse kernel for ``implementation`` (None: Pallas when importable, else flash)."""
+  if implementation is None:
+    for name in ("pallas", "flash"):
+      try:
+        return name, _kernel(name)[1]
+      except ImportError:
+        continue
+    return "reference", None
+  if implementation == "pallas":
+    return "pallas", importlib.import_module("attnax.kernels.pallas").pallas_flash_attention
+  if implementation == "flash":
+    return "flash", importlib.import_module("attnax.kernels.flash").flash_attention
+  if implementation == "reference":
+    return "reference", None
+  raise ValueError(f"aether_attention: implementation must be one of {IMPLEMENTATIONS} or None, "
+                   f"got {implementation!r}")
+
+
+def _check_settings(epsilon, threshold, block_q, block_k, rule):
+  try:
+    epsilon = float(epsilon)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    raise ValueError(f"aether_attention: epsilon must be a static Python float, got "
+                     f"{type(epsilon).__name__}") from None
+  if not (epsilon >= 0 and math.isfinite(epsilon)):
+    raise ValueError(f"aether_attention: epsilon must be finite and >= 0, got {epsilon}")
+  if threshold is not None:
+    try:
+      threshold = float(threshold)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+      raise ValueError(f"aether_attention: threshold must be a static Python float or None, got "
+                       f"{type(threshold).__name__}") from None
+    if math.isnan(threshold):
+      raise ValueError("aether_attention: threshold must not be NaN")
+  _checks.check_block("block_q", block_q)
+  _checks.check_block("block_k", block_k)
+  if rule not in RULES:
+    raise ValueError(f"aether_attention: rule must be one of {RULES}, got {rule!r}")
+  return epsilon, threshold
+
+
+def aether_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, epsilon: float = 1e-3,
+                     threshold: float | None = None, block_q: int = 128, block_k: int = 128,
+                     score_mod: Any = None, mask_mod: Any = None, scale: float | None = None,
+                     return_lse: bool = False, return_stats: bool = False,
+                     implementation: str | None = None, rule: str = "budget") -> Any:
+  """Attention that skips key blocks whose softmax mass is certified to be negligible.
+
+  Each key block's centroid ``mu_b`` and radius ``r_b`` bound all its scores
+  (``q.k <= q.mu_b + ||q|| r_b``); a ``(block_q, block_k)`` tile is skipped only when, for every
+  query row of the tile (and every query head sharing the kv head), the skipped keys' softmax
+  numerator is at most ``epsilon`` times the kept one. Hence, per row: the skipped probability mass
+  is at most ``epsilon``, the LSE is low by at most ``epsilon`` and
+  ``|out - dense| <= 2 epsilon max|v|``; no row is ever empty and nothing is NaN. The backward
+  runs the forward's schedule: its gradient is the exact gradient of the pruned forward.
+
+  Mods: masks give block sparsity (partial tiles always run; only fully visible blocks certify);
+  ``alibi_mod`` and ``additive_bias_mod`` add their per-block bounds; any other score mod is
+  computed densely (no pruning, still correct).
+
+  Args:
+    q: ``(B, Hq, Sq, D)``.
+    k: ``(B, Hkv, Sk, D)``, ``Hq % Hkv == 0``.
+    v: ``(B, Hkv, Sk, Dv)``.
+    epsilon: certified bound (static float >= 0); ``0`` computes dense attention.
+    threshold: the AETHER pull request's absolute rule instead: skip a tile when the bound ``U`` of
+      every row is below ``threshold`` (certifies nothing, but never skips a row's last block).
+    block_q, block_k: the kernel tile (decision granularity).
+    score_mod, mask_mod, scale, return_lse: as every attnax kernel.
+    return_stats: also return an :class:`AetherStats` (last element of the tuple):
+      ``skipped_fraction`` ``(B, Hq)`` and per-row ``mass_bound`` ``(B, Hq, Sq)``.
+    implementation: the dense block-sparse kernel: ``"pallas"`` (default when importable),
+      ``"flash"`` (pure JAX), or ``"reference"`` (materialised scores; tests and small inputs).
+    rule: ``"budget"`` (default, tighter) or ``"margin"`` (``delta = log(Sk / epsilon)``).
+
+  Returns:
+    ``out`` ``(B, Hq, Sq, Dv)``; with ``return_lse`` also lse f32 ``(B, Hq, Sq)``; with
+    ``return_stats`` the stats last.
+  """
+  b, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel="aether_attention")
+  scale = _checks.default_scale(scale, d)
+  epsilon, threshold = _check_settings(epsilon, threshold, block_q, block_k, rule)
+  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod)
+  impl, kernel = _kernel(implementation)
+
+  plan: AetherPlan = plan_aether(q, k, scale=scale, score_fn=score_fn, mask_fn=mask_fn,
+                                 block_q=block_q, block_k=block_k, epsilon=epsilon,
+                                 threshold=threshold, rule=rule, with_stats=return_stats)
+  if impl == "reference":
+    keep = tile_mask_mod(plan.block_mask, hq)
+    res = standard_attention(q, k, v, score_mod=score_mod, mask_mod=sm.and_masks(mask_mod, keep),
+                             scale=scale, return_lse=True)
+  else:
+    res = kernel(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale, return_lse=True,
+                 block_q=block_q, block_k=block_k, block_mask=plan.block_mask)
+  out, lse = res
+  outs = (out, lse) if return_lse else (out,)
+  if return_stats:
+    outs = outs + (plan.stats(b, hq),)
+  return outs if len(outs) > 1 else outs[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class AetherAttention:
+  """AETHER's settings, itself an :class:`~attnax.kernels.AttentionFn`.
+
+  Frozen and hashable, so it can be a static argument of ``jax.jit`` or a module attribute::
+
+    attn = MultiHeadAttention(rngs, num_heads=8, in_features=512,
+                              attention_fn=AetherAttention(epsilon=1e-4, block_k=64))
+
+  Calling it is ``aether_attention(q, k, v, score_mod=..., mask_mod=..., scale=...,
+  return_lse=..., **settings)``; with ``return_stats=True`` the stats come last.
+  """
+  epsilon: float = 1e-3
+  threshold: float | None = None
+  block_q: int = 128
+  block_k: int = 128
+  implementation: str | None = None
+  rule: str = "budget"
+  return_stats: bool = False
+
+  def __post_init__(self):
+    _check_settings(self.epsilon, self.threshold, self.block_q, self.block_k, self.rule)
+    if self.implementation is not None and self.implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"AetherAttention: implementation must be one of {IMPLEMENTATIONS} or None, "
+                       f"got {self.implementation!r}")
+
+  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any = None,
+               mask_mod: Any = None, scale: float | None = None, return_lse: bool = False) -> Any:
+    """``(B, Hq, Sq, D)``, ``(B, Hkv, Sk, D)``, ``(B, Hkv, Sk, Dv)`` -> ``(B, Hq, Sq, Dv)`` (or tuple)."""
+    return aether_attention(q, k, v, epsilon=self.epsilon, threshold=self.threshold,
+                            block_q=self.block_q, block_k=self.block_k, score_mod=score_mod,
+                            mask_mod=mask_mod, scale=scale, return_lse=return_lse,
+                            return_stats=self.return_stats, implementation=self.implementation,
+                            rule=self.rule)
