@@ -26,6 +26,9 @@ __all__ = [
 
 # Each kernel family adds its import and its names below its own marker (one owner per section).
 # --- pure-JAX kernels: memory_efficient_attention, flash_attention
+from attnax.kernels.memory_efficient import memory_efficient_attention  # noqa: E402
+from attnax.kernels.flash import flash_attention  # noqa: E402
+__all__ += ["memory_efficient_attention", "flash_attention"]
 # --- pallas: pallas_flash_attention and varlen helpers
 # --- aether: aether_attention, AetherAttention, compute_block_geometry
 from attnax.kernels.aether import AetherAttention, aether_attention, compute_block_geometry  # noqa: E402

@@ -1,0 +1,139 @@
+"""memory_efficient_attention: Rabe & Staats chunked attention in pure JAX (arXiv 2112.05682).
+
+Queries are cut into chunks of ``query_chunk_size`` rows and keys into chunks of ``key_chunk_size``
+columns. For one query chunk, a ``lax.scan`` walks the key chunks and folds each into a running
+max / sum / accumulator (the online softmax of :mod:`attnax.kernels.tiles`); the per-key-chunk
+computation is wrapped in ``jax.checkpoint``, so ordinary autodiff saves only the small carries and
+recomputes the ``(query_chunk, key_chunk)`` scores in the backward. Peak memory is therefore
+``O(query_chunk_size * key_chunk_size)`` per (batch, head), never ``O(Sq * Sk)``.
+
+Sequence lengths need not be multiples of the chunk sizes: the full chunks run in the loops and the
+remainder chunk runs once more with its own (static, smaller) shape, so nothing is padded and no
+position past the end ever exists. Mods see absolute ``q_idx``/``kv_idx`` (chunk offset + position).
+Grouped-query attention reshapes q to ``(B, Hkv, G, Sq, D)`` and folds the group into the rows of
+each matmul; k and v are never repeated.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from attnax.kernels import _checks
+from attnax.kernels import score_mods as sm
+from attnax.kernels import tiles
+
+__all__ = ["memory_efficient_attention"]
+
+
+def _chunk_attention(q_c: jax.Array, q_start: Any, k: jax.Array, v: jax.Array, *, scale: float,
+                     key_chunk: int, score_fn: Any, mask_fn: Any, b_idx: jax.Array,
+                     h_idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Attention of one query chunk over every key chunk.
+
+  Args:
+    q_c: ``(B, Hkv, G, c, D)`` queries of the chunk starting at absolute row ``q_start``.
+    k: ``(B, Hkv, Sk, D)``; v: ``(B, Hkv, Sk, Dv)``.
+    b_idx, h_idx: int32 ``(B, 1, 1, 1, 1)`` and ``(1, Hkv, G, 1, 1)`` absolute batch / query head.
+
+  Returns:
+    ``(out, lse)``: out f32 ``(B, Hkv, G, c, Dv)``, lse f32 ``(B, Hkv, G, c)``.
+  """
+  bsz, hkv, g, c, d = q_c.shape
+  sk, dv = k.shape[2], v.shape[-1]
+  q_idx = (q_start + jnp.arange(c, dtype=jnp.int32)).reshape(1, 1, 1, c, 1)
+  q_rows = q_c.reshape(bsz, hkv, g * c, d)   # the group folded into the rows of the matmuls
+
+  def make_step(size: int):
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def step(carry, k_start):
+      acc, m, l = carry
+      k_c = jax.lax.dynamic_slice_in_dim(k, k_start, size, axis=2)
+      v_c = jax.lax.dynamic_slice_in_dim(v, k_start, size, axis=2)
+      s = tiles.qk_dot(q_rows, k_c).reshape(bsz, hkv, g, c, size) * scale
+      kv_idx = (k_start + jnp.arange(size, dtype=jnp.int32)).reshape(1, 1, 1, 1, size)
+      s, visible = tiles.tile_scores(s, score_fn=score_fn, mask_fn=mask_fn, b=b_idx, h=h_idx,
+                                     q_idx=q_idx, kv_idx=kv_idx)
+      p, alpha, m, l = tiles.online_softmax_step(s, visible, m, l)
+      p = p.astype(v.dtype) if jnp.dtype(v.dtype).itemsize < 4 else p
+      pv = tiles.pv_dot(p.reshape(bsz, hkv, g * c, size), v_c).reshape(bsz, hkv, g, c, dv)
+      return acc * alpha[..., None] + pv, m, l
+    return step
+
+  m, l = tiles.init_stats((bsz, hkv, g, c))
+  carry = (jnp.zeros((bsz, hkv, g, c, dv), jnp.float32), m, l)
+  n_full, rem = divmod(sk, key_chunk)
+  if n_full:
+    full_step = make_step(key_chunk)
+    starts = jnp.arange(n_full, dtype=jnp.int32) * key_chunk
+    carry, _ = jax.lax.scan(lambda cr, st: (full_step(cr, st), None), carry, starts)
+  if rem:
+    carry = make_step(rem)(carry, jnp.int32(n_full * key_chunk))
+  return tiles.finalize(*carry)
+
+
+def memory_efficient_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any = None,
+                               mask_mod: Any = None, scale: float | None = None,
+                               return_lse: bool = False, query_chunk_size: int = 1024,
+                               key_chunk_size: int = 4096) -> Any:
+  """Chunked attention with O(chunk) memory (Rabe & Staats): ``softmax(mod(scale * q k^T)) v``.
+
+  Same result as :func:`~attnax.kernels.standard_attention` without materialising the
+  ``(Sq, Sk)`` scores: queries are processed ``query_chunk_size`` rows at a time, keys
+  ``key_chunk_size`` columns at a time, and key chunks are combined by their running max and sum.
+  Each key chunk is ``jax.checkpoint``-ed, so the gradient (ordinary autodiff) recomputes the
+  chunk's scores instead of storing them. Works under ``jit``, ``grad`` and ``vmap``.
+
+  Args:
+    q: ``(B, Hq, Sq, D)``.
+    k: ``(B, Hkv, Sk, D)``, ``Hq % Hkv == 0`` (query head ``h`` reads kv head ``h // (Hq // Hkv)``).
+    v: ``(B, Hkv, Sk, Dv)``.
+    score_mod: :class:`~attnax.kernels.ScoreMod` applied to the scaled scores, with absolute
+      ``q_idx``/``kv_idx``.
+    mask_mod: :class:`~attnax.kernels.MaskMod`; False entries get probability 0.
+    scale: score scale, default ``D ** -0.5``.
+    return_lse: also return the f32 log-sum-exp ``(B, Hq, Sq)``.
+    query_chunk_size: rows per query chunk (static); clipped to ``Sq``.
+    key_chunk_size: columns per key chunk (static); clipped to ``Sk``.
+
+  Returns:
+    ``out`` ``(B, Hq, Sq, Dv)`` in q's dtype, or ``(out, lse)``. A query that sees no key gets
+    output 0, lse ``-inf`` and zero gradients.
+  """
+  bsz, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel="memory_efficient_attention")
+  scale = _checks.default_scale(scale, d)
+  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod)
+  cq = min(_checks.check_block("query_chunk_size", query_chunk_size), sq)
+  ck = min(_checks.check_block("key_chunk_size", key_chunk_size), sk)
+  g = hq // hkv
+
+  qg = q.reshape(bsz, hkv, g, sq, d)
+  i32 = jnp.int32
+  b_idx = jnp.arange(bsz, dtype=i32).reshape(bsz, 1, 1, 1, 1)
+  h_idx = (jnp.arange(hkv, dtype=i32)[:, None] * g + jnp.arange(g, dtype=i32)).reshape(1, hkv, g, 1, 1)
+  attend = functools.partial(_chunk_attention, k=k, v=v, scale=scale, key_chunk=ck,
+                             score_fn=score_fn, mask_fn=mask_fn, b_idx=b_idx, h_idx=h_idx)
+
+  def one_chunk(start):
+    q_c = jax.lax.dynamic_slice_in_dim(qg, start, cq, axis=3)
+    out, lse = attend(q_c, start)
+    return out.astype(q.dtype), lse
+
+  outs, lses = [], []
+  n_full, rem = divmod(sq, cq)
+  if n_full:
+    o, l = jax.lax.map(one_chunk, jnp.arange(n_full, dtype=i32) * cq)   # (n, B, Hkv, G, cq, ...)
+    outs.append(jnp.moveaxis(o, 0, 3).reshape(bsz, hkv, g, n_full * cq, dv))
+    lses.append(jnp.moveaxis(l, 0, 3).reshape(bsz, hkv, g, n_full * cq))
+  if rem:
+    o, l = attend(qg[:, :, :, n_full * cq:], jnp.int32(n_full * cq))
+    outs.append(o.astype(q.dtype))
+    lses.append(l)
+  out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+  lse = jnp.concatenate(lses, axis=3) if len(lses) > 1 else lses[0]
+  out = out.reshape(bsz, hq, sq, dv)
+  lse = lse.reshape(bsz, hq, sq)
+  return (out, lse) if return_lse else out
