@@ -1,0 +1,601 @@
+"""Ring attention: one sequence spread over the devices of a mesh axis.
+
+Each device holds a contiguous shard (or, with ``zigzag=True``, two chunks) of the sequence of
+``q``, ``k`` and ``v``. For ``n`` shards the forward runs ``n`` steps: at every step a device attends
+its queries to the K/V shard it currently holds, producing a partial ``(out, lse)`` that is merged
+into its running result by :func:`~attnax.kernels.merge.merge_two`, while K/V move one device along
+the ring with ``lax.ppermute``. The backward is a second ring (``jax.custom_vjp``): K/V travel again
+and the dK/dV accumulators travel with them, arriving home after ``n`` hops; dQ stays put. Memory
+per device is that of one shard plus one ``(block_q, shard)`` tile of scores.
+
+Mods see absolute positions: the q/kv indices handed to a ``score_mod``/``mask_mod`` are positions
+in the whole (natural-order) sequence, whatever the layout, so ``document_mask_mod(doc_ids)`` with
+``doc_ids`` of the full sequence, ALiBi, or a causal mask mean what they mean on one device.
+
+Causal load balancing (``zigzag=True``): the sequence is cut into ``2n`` chunks and device ``i``
+holds chunks ``i`` and ``2n-1-i``, so every device has the same visible area; a
+``(q chunk, kv chunk)`` pair that the mask hides is skipped (``lax.cond`` on the mask of each
+``(block_q, chunk)`` tile), which is what makes the balance pay. :func:`to_zigzag` and
+:func:`from_zigzag` permute a natural-order sequence into and out of that layout.
+
+This module also holds the shared tile maths for attention over *packed GQA* blocks on absolute
+positions (:func:`attend_packed`, :func:`attend_packed_bwd`), which the paged kernel reuses: the
+``G = Hq // Hkv`` query heads that read one kv head are packed into one matrix, so K/V are never
+repeated. The per-step work is :func:`_segment_fwd` / :func:`_segment_bwd`; a Pallas step kernel can
+replace those two functions without touching the ring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from attnax.kernels import _checks, merge, tiles
+from attnax.kernels import score_mods as sm
+
+__all__ = [
+    "ring_attention", "ring_attention_reference", "zigzag_indices", "to_zigzag", "from_zigzag",
+    "attend_packed", "attend_packed_bwd", "Positions", "pack_gqa", "unpack_gqa",
+]
+
+f32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------- packed GQA tiles
+
+
+def pack_gqa(x: jax.Array, num_kv_heads: int) -> jax.Array:
+  """``(B, Hq, L, ...) -> (B, Hkv, G, L, ...)``: query head ``h`` goes to ``(h // G, h % G)``."""
+  b, hq, length = x.shape[:3]
+  return x.reshape(b, num_kv_heads, hq // num_kv_heads, length, *x.shape[3:])
+
+
+def unpack_gqa(x: jax.Array) -> jax.Array:
+  """``(B, Hkv, G, L, ...) -> (B, Hkv * G, L, ...)``, the inverse of :func:`pack_gqa`."""
+  b, hkv, g, length = x.shape[:4]
+  return x.reshape(b, hkv * g, length, *x.shape[4:])
+
+
+def _flat(x: jax.Array) -> jax.Array:
+  """``(B, Hkv, G, L, X) -> (B, Hkv, G * L, X)``."""
+  b, hkv, g, length, last = x.shape
+  return x.reshape(b, hkv, g * length, last)
+
+
+def _low(x: jax.Array, like_dtype) -> jax.Array:
+  """Probabilities enter a matmul in the inputs' dtype when that is 16-bit (as in the kernels)."""
+  return x.astype(like_dtype) if jnp.dtype(like_dtype).itemsize < 4 else x
+
+
+@dataclasses.dataclass(frozen=True)
+class Positions:
+  """Absolute indices for the mods, broadcasting against packed scores ``(B, Hkv, G, Lq, Lk)``.
+
+  Attributes:
+    b: batch row, ``(B, 1, 1, 1, 1)``.
+    h: query head ``kv_head * G + g``, ``(1, Hkv, G, 1, 1)``.
+    q: absolute query positions, ``(1 or B, 1, 1, Lq, 1)``.
+    kv: absolute key positions, ``(1 or B, 1, 1, 1, Lk)``.
+    q_len, kv_len: positions at or past these are masked (padding, cache lengths); scalars or
+      arrays broadcasting like ``q`` / ``kv``; ``None`` for none.
+  """
+  b: Any
+  h: Any
+  q: Any
+  kv: Any
+  q_len: Any = None
+  kv_len: Any = None
+
+  @staticmethod
+  def make(batch: int, num_kv_heads: int, groups: int, q_pos: jax.Array, kv_pos: jax.Array,
+           q_len: Any = None, kv_len: Any = None) -> "Positions":
+    """From 1-D (or ``(B, L)``) position vectors."""
+    i32 = jnp.int32
+    q_pos = jnp.asarray(q_pos, i32)
+    kv_pos = jnp.asarray(kv_pos, i32)
+    return Positions(
+        b=jnp.arange(batch, dtype=i32).reshape(-1, 1, 1, 1, 1),
+        h=jnp.arange(num_kv_heads * groups, dtype=i32).reshape(1, num_kv_heads, groups, 1, 1),
+        q=q_pos.reshape(-1, 1, 1, q_pos.shape[-1], 1),
+        kv=kv_pos.reshape(-1, 1, 1, 1, kv_pos.shape[-1]),
+        q_len=q_len, kv_len=kv_len)
+
+  def any_visible(self, mask_fn: Any) -> jax.Array:
+    """Scalar bool: does any (query, key) pair of the tile survive ``mask_fn`` and the lengths?"""
+    vis = jnp.asarray(True)
+    if mask_fn is not None:
+      vis = mask_fn(self.b, self.h, self.q, self.kv)
+    if self.q_len is not None:
+      vis = vis & (self.q < self.q_len)
+    if self.kv_len is not None:
+      vis = vis & (self.kv < self.kv_len)
+    return jnp.any(vis)
+
+
+def _raw_scores(q5: jax.Array, k: jax.Array, scale: float) -> jax.Array:
+  """Scaled f32 scores ``(B, Hkv, G, Lq, Lk)`` of packed ``q5`` ``(B, Hkv, G, Lq, D)`` and ``k``."""
+  b, hkv, g, lq, d = q5.shape
+  return tiles.qk_dot(q5.reshape(b, hkv, g * lq, d), k).reshape(b, hkv, g, lq, k.shape[2]) * scale
+
+
+def _modded_scores(s: jax.Array, pos: Positions, score_fn: Any, mask_fn: Any,
+                   softcap: float | None) -> tuple[jax.Array, jax.Array | None]:
+  """Soft-cap (``softcap * tanh(s / softcap)``), then the score mod, then the mask."""
+  if softcap is not None:
+    s = softcap * jnp.tanh(s / softcap)
+  return tiles.tile_scores(s, score_fn=score_fn, mask_fn=mask_fn, b=pos.b, h=pos.h, q_idx=pos.q,
+                           kv_idx=pos.kv, q_len=pos.q_len, kv_len=pos.kv_len)
+
+
+def attend_packed(q5: jax.Array, k: jax.Array, v: jax.Array, pos: Positions, *, scale: float,
+                  score_fn: Any = None, mask_fn: Any = None,
+                  softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """Attention of packed queries to one block of keys, on absolute positions.
+
+  Args:
+    q5: ``(B, Hkv, G, Lq, D)`` queries packed per kv head.
+    k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``.
+    pos: the absolute indices the mods see (and the length masks).
+    scale, score_fn, mask_fn, softcap: the score pipeline (scale, soft-cap, score mod, mask).
+
+  Returns:
+    ``(out, lse)``: f32 ``(B, Hkv, G, Lq, Dv)`` normalised over this block only, and f32
+    ``(B, Hkv, G, Lq)`` (``-inf`` and output 0 for rows that see no key): ready for an LSE merge.
+  """
+  s, vis = _modded_scores(_raw_scores(q5, k, scale), pos, score_fn, mask_fn, softcap)
+  m, l = tiles.init_stats(s.shape[:-1], s.dtype)
+  p, _, m, l = tiles.online_softmax_step(s, vis, m, l)
+  acc = tiles.pv_dot(_flat(_low(p, v.dtype)), v).reshape(s.shape[:-1] + (v.shape[-1],))
+  return tiles.finalize(acc, m, l)
+
+
+def attend_packed_bwd(q5: jax.Array, k: jax.Array, v: jax.Array, do5: jax.Array,
+                      delta: jax.Array, lse: jax.Array, pos: Positions, mod_floats: tuple,
+                      rebuild: Callable[[tuple], tuple[Any, Any]], *, scale: float,
+                      softcap: float | None = None):
+  """Gradients of one (query block, key block) pair, FlashAttention-2 style.
+
+  Args:
+    q5, k, v, pos, scale, softcap: as :func:`attend_packed`.
+    do5: output cotangent ``(B, Hkv, G, Lq, Dv)``.
+    delta: ``rowsum(do * out) - dlse``, f32 ``(B, Hkv, G, Lq)``, of the *final* output.
+    lse: the final f32 log-sum-exp ``(B, Hkv, G, Lq)`` (over every key, not just this block).
+    mod_floats: the float arrays the mods carry; ``rebuild(mod_floats) -> (score_fn, mask_fn)``.
+
+  Returns:
+    ``(dq5, dk, dv, d_mod_floats)``, all f32: this block's contribution to each gradient. The score
+    mod (and soft-cap) are differentiated with ``jax.vjp``, so any elementwise mod is exact.
+  """
+  s_raw = _raw_scores(q5, k, scale)
+
+  def scores_of(s_raw, floats):
+    score_fn, mask_fn = rebuild(floats)
+    return _modded_scores(s_raw, pos, score_fn, mask_fn, softcap)
+
+  s, vjp_fn, vis = jax.vjp(scores_of, s_raw, mod_floats, has_aux=True)
+  p = tiles.probabilities(s, vis, lse)                       # (B, Hkv, G, Lq, Lk)
+  do_f = _flat(do5)
+  dv = tiles.pv_dot(jnp.swapaxes(_flat(_low(p, v.dtype)), -1, -2), do_f)
+  dp = tiles.qk_dot(do_f, v).reshape(p.shape)
+  ds = p * (dp - delta[..., None])
+  ds_raw, d_floats = vjp_fn(ds)
+  ds_f = _flat(_low(ds_raw * scale, q5.dtype))
+  dq = tiles.pv_dot(ds_f, k).reshape(q5.shape[:-1] + (k.shape[-1],))
+  dk = tiles.pv_dot(jnp.swapaxes(ds_f, -1, -2), _flat(q5))
+  return dq.astype(f32), dk.astype(f32), dv.astype(f32), d_floats
+
+
+# ----------------------------------------------------------------------------- mods as operands
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModSpec:
+  """The static part of the pair ``(score_fn, mask_fn)``: tree structure and non-array leaves.
+
+  The array leaves travel as operands (replicated into ``shard_map``; float ones differentiated),
+  which is also how a Pallas step kernel would receive them.
+  """
+  treedef: Any
+  slots: tuple   # per leaf: ("f", i) float array, ("a", i) other array, ("s", value) static
+
+  def rebuild(self, floats: tuple, others: tuple) -> tuple[Any, Any]:
+    leaves = []
+    for kind, val in self.slots:
+      leaves.append(floats[val] if kind == "f" else others[val] if kind == "a" else val)
+    return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def _split_mods(mods: tuple[Any, Any]) -> tuple[tuple, tuple, _ModSpec]:
+  leaves, treedef = jax.tree_util.tree_flatten(mods)
+  floats, others, slots = [], [], []
+  for leaf in leaves:
+    if isinstance(leaf, (jax.Array, np.ndarray)):
+      if jnp.issubdtype(leaf.dtype, jnp.floating):
+        slots.append(("f", len(floats)))
+        floats.append(jnp.asarray(leaf))
+      else:
+        slots.append(("a", len(others)))
+        others.append(jnp.asarray(leaf))
+    else:
+      slots.append(("s", leaf))
+  return tuple(floats), tuple(others), _ModSpec(treedef, tuple(slots))
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+  """Static settings of one ring_attention call."""
+  num_shards: int
+  zigzag: bool
+  scale: float
+  block_q: int
+  spec: _ModSpec
+  axis_name: Any = None
+
+  def segments(self, shard: Any, shard_len: int) -> list[tuple[int, int, Any]]:
+    """``(local start, length, absolute start)`` of the contiguous pieces of shard ``shard``."""
+    if not self.zigzag:
+      return [(0, shard_len, shard * shard_len)]
+    c = shard_len // 2
+    return [(0, c, shard * c), (c, c, (2 * self.num_shards - 1 - shard) * c)]
+
+
+def zigzag_indices(seq_len: int, num_shards: int) -> np.ndarray:
+  """Gather indices that put a natural-order sequence into zig-zag order.
+
+  The sequence is cut into ``2 * num_shards`` equal chunks; shard ``i`` (the ``i``-th contiguous
+  ``seq_len / num_shards`` slice of the result) holds chunks ``i`` and ``2 * num_shards - 1 - i``.
+  Returns int32 ``(seq_len,)`` with ``zigzag = natural[indices]``.
+  """
+  n2 = 2 * int(num_shards)
+  if seq_len % n2:
+    raise ValueError(f"zig-zag needs seq_len ({seq_len}) divisible by 2 * num_shards ({n2})")
+  c = seq_len // n2
+  order = [i for r in range(num_shards) for i in (r, n2 - 1 - r)]
+  return np.concatenate([np.arange(i * c, (i + 1) * c) for i in order]).astype(np.int32)
+
+
+def to_zigzag(x: jax.Array, num_shards: int, axis: int = 2) -> jax.Array:
+  """Permute the sequence ``axis`` of ``x`` from natural into zig-zag order (see :func:`zigzag_indices`)."""
+  return jnp.take(x, zigzag_indices(x.shape[axis], num_shards), axis=axis)
+
+
+def from_zigzag(x: jax.Array, num_shards: int, axis: int = 2) -> jax.Array:
+  """Inverse of :func:`to_zigzag`: zig-zag order back to natural order along ``axis``."""
+  inv = np.argsort(zigzag_indices(x.shape[axis], num_shards)).astype(np.int32)
+  return jnp.take(x, inv, axis=axis)
+
+
+# ----------------------------------------------------------------------------- one ring step
+
+
+def _pad_axis3(x: jax.Array, total: int, value: float = 0.0) -> jax.Array:
+  extra = total - x.shape[3]
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[3] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _blocks(x: jax.Array, nb: int, bq: int) -> jax.Array:
+  """``(B, Hkv, G, nb * bq, ...) -> (nb, B, Hkv, G, bq, ...)``."""
+  s = x.shape
+  return jnp.moveaxis(x.reshape(s[:3] + (nb, bq) + s[4:]), 3, 0)
+
+
+def _unblocks(x: jax.Array, length: int) -> jax.Array:
+  """Inverse of :func:`_blocks`, dropping the padding past ``length``."""
+  x = jnp.moveaxis(x, 0, 3)
+  s = x.shape
+  return x.reshape(s[:3] + (s[3] * s[4],) + s[5:])[:, :, :, :length]
+
+
+def _block_positions(cfg: _Ring, q5_shape, lk: int, q_abs, kv_abs, i, bq: int, lq: int):
+  b, hkv, g = q5_shape[:3]
+  q_pos = q_abs + i * bq + jnp.arange(bq, dtype=jnp.int32)
+  kv_pos = kv_abs + jnp.arange(lk, dtype=jnp.int32)
+  q_len = (q_abs + lq) if lq % bq else None
+  return Positions.make(b, hkv, g, q_pos, kv_pos, q_len=q_len)
+
+
+def _segment_fwd(q5, k, v, q_abs, kv_abs, cfg: _Ring, floats, others):
+  """Packed queries ``(B, Hkv, G, Lq, D)`` at absolute ``q_abs + i`` against keys at ``kv_abs + j``.
+
+  Loops over query blocks of ``cfg.block_q`` (memory ``block_q * Lk`` scores); a block the mask
+  hides entirely is skipped. Returns f32 ``(out (B, Hkv, G, Lq, Dv), lse (B, Hkv, G, Lq))``.
+  """
+  score_fn, mask_fn = cfg.spec.rebuild(floats, others)
+  lq, lk, dv = q5.shape[3], k.shape[2], v.shape[-1]
+  bq = min(cfg.block_q, lq)
+  nb = -(-lq // bq)
+  qb = _blocks(_pad_axis3(q5, nb * bq), nb, bq)
+
+  def one(xs):
+    qi, i = xs
+    pos = _block_positions(cfg, q5.shape, lk, q_abs, kv_abs, i, bq, lq)
+    compute = lambda: attend_packed(qi, k, v, pos, scale=cfg.scale, score_fn=score_fn,
+                                    mask_fn=mask_fn)
+    if mask_fn is None:
+      return compute()
+    empty = lambda: (jnp.zeros(qi.shape[:-1] + (dv,), f32), jnp.full(qi.shape[:-1], -jnp.inf, f32))
+    return lax.cond(pos.any_visible(mask_fn), compute, empty)
+
+  out, lse = lax.map(one, (qb, jnp.arange(nb, dtype=jnp.int32)))
+  return _unblocks(out, lq), _unblocks(lse, lq)
+
+
+def _segment_bwd(q5, k, v, do5, delta5, lse5, q_abs, kv_abs, cfg: _Ring, floats, others):
+  """Gradients of :func:`_segment_fwd` given the final ``lse`` and ``delta``.
+
+  A scan over query blocks carries the f32 dK, dV (and mod-array) accumulators of this key segment.
+  Returns ``(dq5, dk, dv, d_floats)`` f32.
+  """
+  _, mask_fn = cfg.spec.rebuild(floats, others)
+  rebuild = lambda fl: cfg.spec.rebuild(fl, others)
+  lq, lk = q5.shape[3], k.shape[2]
+  bq = min(cfg.block_q, lq)
+  nb = -(-lq // bq)
+  xs = (_blocks(_pad_axis3(q5, nb * bq), nb, bq), _blocks(_pad_axis3(do5, nb * bq), nb, bq),
+        _blocks(_pad_axis3(delta5, nb * bq), nb, bq),
+        _blocks(_pad_axis3(lse5, nb * bq, -jnp.inf), nb, bq), jnp.arange(nb, dtype=jnp.int32))
+
+  def body(carry, x):
+    qi, doi, dli, lsei, i = x
+    pos = _block_positions(cfg, q5.shape, lk, q_abs, kv_abs, i, bq, lq)
+
+    def compute():
+      dq, dk, dv, dfl = attend_packed_bwd(qi, k, v, doi, dli, lsei, pos, floats, rebuild,
+                                          scale=cfg.scale)
+      return dq, jax.tree.map(jnp.add, carry, (dk, dv, dfl))
+
+    if mask_fn is None:
+      dq, carry = compute()
+    else:
+      skip = lambda: (jnp.zeros(qi.shape, f32), carry)
+      dq, carry = lax.cond(pos.any_visible(mask_fn), compute, skip)
+    return carry, dq
+
+  init = (jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32),
+          tuple(jnp.zeros(f.shape, f32) for f in floats))
+  (dk, dv, dfl), dq = lax.scan(body, init, xs)
+  return _unblocks(dq, lq), dk, dv, dfl
+
+
+def _step_fwd(q5, k, v, q_shard, kv_shard, cfg: _Ring, floats, others):
+  """One ring step: local queries of shard ``q_shard`` against the K/V of shard ``kv_shard``.
+
+  Zig-zag shards are two chunks each: the four (q chunk, kv chunk) pairs are separate segments
+  (merged by LSE per q chunk), so a pair the mask hides costs nothing.
+  """
+  outs, lses = [], []
+  for qs, ql, qa in cfg.segments(q_shard, q5.shape[3]):
+    acc = None
+    for ks, kl, ka in cfg.segments(kv_shard, k.shape[2]):
+      part = _segment_fwd(q5[:, :, :, qs:qs + ql], k[:, :, ks:ks + kl], v[:, :, ks:ks + kl],
+                          qa, ka, cfg, floats, others)
+      acc = part if acc is None else merge.merge_two(*acc, *part)
+    outs.append(acc[0])
+    lses.append(acc[1])
+  return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+
+
+def _step_bwd(q5, k, v, do5, delta5, lse5, q_shard, kv_shard, cfg: _Ring, floats, others):
+  """Gradients of :func:`_step_fwd`: ``(dq5, dk, dv, d_floats)``, f32."""
+  q_segs = cfg.segments(q_shard, q5.shape[3])
+  kv_segs = cfg.segments(kv_shard, k.shape[2])
+  dq = [0.0] * len(q_segs)
+  dk = [0.0] * len(kv_segs)
+  dv = [0.0] * len(kv_segs)
+  dfl = tuple(jnp.zeros(f.shape, f32) for f in floats)
+  for a, (qs, ql, qa) in enumerate(q_segs):
+    qsl = slice(qs, qs + ql)
+    for c, (ks, kl, ka) in enumerate(kv_segs):
+      ksl = slice(ks, ks + kl)
+      g = _segment_bwd(q5[:, :, :, qsl], k[:, :, ksl], v[:, :, ksl], do5[:, :, :, qsl],
+                       delta5[:, :, :, qsl], lse5[:, :, :, qsl], qa, ka, cfg, floats, others)
+      dq[a] = dq[a] + g[0]
+      dk[c] = dk[c] + g[1]
+      dv[c] = dv[c] + g[2]
+      dfl = jax.tree.map(jnp.add, dfl, g[3])
+  return (jnp.concatenate(dq, axis=3), jnp.concatenate(dk, axis=2), jnp.concatenate(dv, axis=2),
+          dfl)
+
+
+# ----------------------------------------------------------------------------- the ring
+
+
+def _ring_fwd_local(q, k, v, floats, others, *, cfg: _Ring):
+  """Per-device forward inside ``shard_map``: local shards in, local ``(out, lse)`` out."""
+  n, axis = cfg.num_shards, cfg.axis_name
+  r = lax.axis_index(axis)
+  perm = [(j, (j + 1) % n) for j in range(n)]
+  q5 = pack_gqa(q, k.shape[1])
+  step = lambda k, v, t: _step_fwd(q5, k, v, r, (r - t) % n, cfg, floats, others)
+
+  def body(t, carry):
+    out, lse, k, v = carry
+    k_next, v_next = lax.ppermute(k, axis, perm), lax.ppermute(v, axis, perm)  # overlaps the step
+    out, lse = merge.merge_two(out, lse, *step(k, v, t))
+    return out, lse, k_next, v_next
+
+  init = (jnp.zeros(q5.shape[:-1] + (v.shape[-1],), f32), jnp.full(q5.shape[:-1], -jnp.inf, f32))
+  out, lse, k, v = lax.fori_loop(0, n - 1, body, init + (k, v))
+  out, lse = merge.merge_two(out, lse, *step(k, v, n - 1))
+  return unpack_gqa(out).astype(q.dtype), unpack_gqa(lse)
+
+
+def _ring_bwd_local(q, k, v, out, lse, dout, dlse, floats, others, *, cfg: _Ring):
+  """Per-device backward: K/V ride the ring again with their dK/dV accumulators."""
+  n, axis = cfg.num_shards, cfg.axis_name
+  r = lax.axis_index(axis)
+  perm = [(j, (j + 1) % n) for j in range(n)]
+  hkv = k.shape[1]
+  q5, do5 = pack_gqa(q, hkv), pack_gqa(dout, hkv)
+  delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1) - dlse.astype(f32)
+  delta5, lse5 = pack_gqa(delta, hkv), pack_gqa(lse, hkv)
+  step = lambda k, v, t: _step_bwd(q5, k, v, do5, delta5, lse5, r, (r - t) % n, cfg, floats,
+                                   others)
+
+  def body(t, carry):
+    dq, k, v, dk, dv, dfl = carry
+    k_next, v_next = lax.ppermute(k, axis, perm), lax.ppermute(v, axis, perm)
+    g = step(k, v, t)
+    dk = lax.ppermute(dk + g[1], axis, perm)
+    dv = lax.ppermute(dv + g[2], axis, perm)
+    return dq + g[0], k_next, v_next, dk, dv, jax.tree.map(jnp.add, dfl, g[3])
+
+  init = (jnp.zeros(q5.shape, f32), k, v, jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32),
+          tuple(jnp.zeros(f.shape, f32) for f in floats))
+  dq, k, v, dk, dv, dfl = lax.fori_loop(0, n - 1, body, init)
+  g = step(k, v, n - 1)
+  dq = dq + g[0]
+  dk = lax.ppermute(dk + g[1], axis, perm)     # the n-th hop brings dK/dV home
+  dv = lax.ppermute(dv + g[2], axis, perm)
+  dfl = lax.psum(jax.tree.map(jnp.add, dfl, g[3]), axis)
+  dfl = tuple(d.astype(f.dtype) for d, f in zip(dfl, floats))
+  return unpack_gqa(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dfl
+
+
+def _ring_call(q, k, v, floats, others, cfg: _Ring, mesh: Mesh):
+  """``(out, lse)`` of the global arrays, with the ring forward and the ring backward."""
+  seq, seq_lse = P(None, None, cfg.axis_name, None), P(None, None, cfg.axis_name)
+  shard = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
+  fwd = shard(functools.partial(_ring_fwd_local, cfg=cfg),
+              in_specs=(seq, seq, seq, P(), P()), out_specs=(seq, seq_lse))
+  bwd = shard(functools.partial(_ring_bwd_local, cfg=cfg),
+              in_specs=(seq, seq, seq, seq, seq_lse, seq, seq_lse, P(), P()),
+              out_specs=(seq, seq, seq, P()))
+
+  @jax.custom_vjp
+  def ring(q, k, v, floats, others):
+    return fwd(q, k, v, floats, others)
+
+  def ring_fwd(q, k, v, floats, others):
+    out, lse = fwd(q, k, v, floats, others)
+    return (out, lse), (q, k, v, floats, others, out, lse)
+
+  def ring_bwd(res, cts):
+    q, k, v, floats, others, out, lse = res
+    dout, dlse = cts
+    dq, dk, dv, dfl = bwd(q, k, v, out, lse, dout, dlse, floats, others)
+    return dq, dk, dv, dfl, tuple(None for _ in others)
+
+  ring.defvjp(ring_fwd, ring_bwd)
+  return ring(q, k, v, floats, others)
+
+
+def _prepare(q, k, v, *, kernel, num_shards, causal, zigzag, score_mod, mask_mod, scale, block_q,
+             axis_name=None):
+  _, _, _, sq, sk, d, _ = _checks.check_qkv(q, k, v, kernel=kernel)
+  _checks.check_block("block_q", block_q)
+  unit = 2 * num_shards if zigzag else num_shards
+  for name, length in (("q", sq), ("k/v", sk)):
+    if length % unit:
+      raise ValueError(f"{kernel}: the {name} sequence length ({length}) must be divisible by "
+                       f"{'2 * ' if zigzag else ''}num_shards = {unit}"
+                       f"{' (zig-zag chunks)' if zigzag else ''}; q {q.shape}, k {k.shape}")
+  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod)
+  if causal:
+    mask_fn = sm.and_masks(sm.CausalMask(0), mask_fn)
+  floats, others, spec = _split_mods((score_fn, mask_fn))
+  cfg = _Ring(num_shards=num_shards, zigzag=bool(zigzag), scale=_checks.default_scale(scale, d),
+              block_q=block_q, spec=spec, axis_name=axis_name)
+  return cfg, floats, others
+
+
+def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis_name: Any,
+                   causal: bool = False, zigzag: bool = False, score_mod: Any = None,
+                   mask_mod: Any = None, scale: float | None = None, return_lse: bool = False,
+                   block_q: int = 512) -> Any:
+  """Sequence-parallel (ring) attention over the mesh axis ``axis_name``.
+
+  ``q``, ``k``, ``v`` are global arrays whose sequence axis is split evenly over the ``n`` devices
+  of ``axis_name`` (``shard_map`` with ``PartitionSpec(None, None, axis_name, None)``; other mesh
+  axes replicate). Each device keeps its query shard and passes K/V around the ring with
+  ``lax.ppermute``; at every step it attends to the K/V it holds (mods on absolute positions) and
+  merges the partial ``(out, lse)`` by log-sum-exp. The gradient is a second ring
+  (``jax.custom_vjp``): dK/dV travel with their K/V, so memory stays per shard.
+
+  Args:
+    q: ``(B, Hq, Sq, D)``; k: ``(B, Hkv, Sk, D)``; v: ``(B, Hkv, Sk, Dv)``; ``Hq % Hkv == 0``.
+      ``Sq`` and ``Sk`` divisible by ``n`` (by ``2n`` with ``zigzag``).
+    mesh: the ``jax.sharding.Mesh``; axis_name: the axis that carries the sequence.
+    causal: add a causal mask ``kv_idx <= q_idx`` on absolute positions.
+    zigzag: the sequence axis of ``q``, ``k``, ``v`` (and of ``out``/``lse``) is in zig-zag order,
+      as made by :func:`to_zigzag` with ``num_shards = n``: device ``i`` holds chunks ``i`` and
+      ``2n-1-i`` of ``2n``, which balances causal work. Permute once at the model's input and
+      back with :func:`from_zigzag` at its output. Mods still see natural-order positions.
+    score_mod, mask_mod: mods evaluated on absolute (natural-order) positions; their arrays (e.g.
+      document ids of the whole sequence) are replicated to every device, and float arrays (ALiBi
+      slopes, a bias table) receive gradients.
+    scale: default ``D ** -0.5``.
+    return_lse: also return the f32 lse ``(B, Hq, Sq)`` (sharded like ``out``; differentiable).
+    block_q: query block of each step's local attention (scores held: ``block_q * Sk / n``).
+
+  Returns:
+    ``out`` ``(B, Hq, Sq, Dv)`` in q's dtype (sharded over ``axis_name``), or ``(out, lse)``.
+  """
+  if not isinstance(mesh, Mesh):
+    raise ValueError(f"ring_attention: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+  if axis_name not in mesh.axis_names:
+    raise ValueError(f"ring_attention: axis_name {axis_name!r} is not an axis of the mesh "
+                     f"{dict(mesh.shape)}")
+  n = int(mesh.shape[axis_name])
+  cfg, floats, others = _prepare(q, k, v, kernel="ring_attention", num_shards=n, causal=causal,
+                                 zigzag=zigzag, score_mod=score_mod, mask_mod=mask_mod,
+                                 scale=scale, block_q=block_q, axis_name=axis_name)
+  out, lse = _ring_call(q, k, v, floats, others, cfg, mesh)
+  return (out, lse) if return_lse else out
+
+
+def ring_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, num_shards: int,
+                             causal: bool = False, zigzag: bool = False, score_mod: Any = None,
+                             mask_mod: Any = None, scale: float | None = None,
+                             return_lse: bool = False, block_q: int = 512) -> Any:
+  """:func:`ring_attention`'s maths on one device, for tests.
+
+  The same shards, the same step order (device ``r`` at step ``t`` holds the K/V of shard
+  ``(r - t) mod n``), the same per-step kernel and the same LSE merges, as a plain loop over shards
+  and steps with no communication. Differentiable by ordinary autodiff.
+
+  Args:
+    num_shards: ``n``, the ring size being emulated. Other arguments as :func:`ring_attention`
+      (with ``zigzag=True`` the inputs and outputs are in zig-zag order).
+
+  Returns:
+    ``out`` ``(B, Hq, Sq, Dv)``, or ``(out, lse)``.
+  """
+  n = int(num_shards)
+  if n < 1:
+    raise ValueError(f"ring_attention_reference: num_shards must be >= 1, got {num_shards}")
+  cfg, floats, others = _prepare(q, k, v, kernel="ring_attention_reference", num_shards=n,
+                                 causal=causal, zigzag=zigzag, score_mod=score_mod,
+                                 mask_mod=mask_mod, scale=scale, block_q=block_q)
+  hkv = k.shape[1]
+  lq, lk = q.shape[2] // n, k.shape[2] // n
+  q5 = pack_gqa(q, hkv)
+  outs, lses = [], []
+  for r in range(n):
+    qr = q5[:, :, :, r * lq:(r + 1) * lq]
+    out = jnp.zeros(qr.shape[:-1] + (v.shape[-1],), f32)
+    lse = jnp.full(qr.shape[:-1], -jnp.inf, f32)
+    for t in range(n):
+      src = (r - t) % n
+      part = _step_fwd(qr, k[:, :, src * lk:(src + 1) * lk], v[:, :, src * lk:(src + 1) * lk],
+                       jnp.int32(r), jnp.int32(src), cfg, floats, others)
+      out, lse = merge.merge_two(out, lse, *part)
+    outs.append(out)
+    lses.append(lse)
+  out = unpack_gqa(jnp.concatenate(outs, axis=3)).astype(q.dtype)
+  lse = unpack_gqa(jnp.concatenate(lses, axis=3))
+  return (out, lse) if return_lse else out
