@@ -1,0 +1,1 @@
+"""Stand-in: see xprof_stub/xprof/__init__.py."""
