@@ -1,0 +1,96 @@
+"""pallas_flash_attention on the GPU (Triton lowering): realistic shapes against the references.
+
+Run on the accelerator machine: ``python3 -m pytest -m gpu tests/kernels/pallas -x -q``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnax.kernels import (causal_mod, compose_score_mods, alibi_mod, document_mask_mod,
+                            sliding_window_mod)
+from attnax.kernels.pallas import pallas_flash_attention, pack_sequences, varlen_attention
+from tests.helpers import (kernel_grads, random_qkv, reference_attention, reference_grads,
+                           rel_err, tol)
+
+pytestmark = pytest.mark.gpu
+
+
+def _check(q, k, v, *, grads=True, **kw):
+  out, lse = pallas_flash_attention(q, k, v, return_lse=True, **kw)
+  assert not np.isnan(np.asarray(out, np.float32)).any()
+  ref, ref_lse = reference_attention(q, k, v, return_lse=True, **kw)
+  assert rel_err(out, ref) < tol(q.dtype), rel_err(out, ref)
+  fin = np.isfinite(ref_lse)
+  assert np.array_equal(np.isfinite(np.asarray(lse)), fin)
+  assert rel_err(np.where(fin, lse, 0), np.where(fin, ref_lse, 0)) < tol(q.dtype)
+  if grads:
+    ct = jax.random.normal(jax.random.key(7), out.shape, jnp.float32).astype(q.dtype)
+    got = kernel_grads(pallas_flash_attention, q, k, v, ct, **kw)
+    want = reference_grads(q, k, v, ct, **kw)
+    for name, g, w in zip("qkv", got, want):
+      assert rel_err(g, w) < tol(q.dtype, grad=True), (name, rel_err(g, w))
+
+
+def test_causal_gqa_bf16_d128():
+  q, k, v = random_qkv(0, batch=1, q_heads=4, kv_heads=2, q_len=2048, kv_len=2048,
+                       head_dim=128, dtype=jnp.bfloat16)
+  _check(q, k, v, score_mod=causal_mod())
+
+
+def test_dense_ragged_bf16_d128():
+  q, k, v = random_qkv(1, batch=2, q_heads=2, kv_heads=2, q_len=1000, kv_len=4096,
+                       head_dim=128, dtype=jnp.bfloat16)
+  _check(q, k, v, grads=False)
+
+
+def test_window_alibi_f16_d64():
+  q, k, v = random_qkv(2, batch=1, q_heads=4, kv_heads=1, q_len=4096, kv_len=4096,
+                       head_dim=64, dtype=jnp.float16)
+  _check(q, k, v, score_mod=compose_score_mods(alibi_mod(4), sliding_window_mod(512)))
+
+
+def test_document_f32_d256():
+  q, k, v = random_qkv(3, batch=1, q_heads=2, kv_heads=2, q_len=1024, kv_len=1024,
+                       head_dim=256, dtype=jnp.float32)
+  ids = jnp.repeat(jnp.arange(4), jnp.array([100, 400, 300, 224]), total_repeat_length=1024)
+  _check(q, k, v, score_mod=compose_score_mods(document_mask_mod(ids), causal_mod()))
+
+
+def test_padded_head_dim_softcap_bf16():
+  q, k, v = random_qkv(4, batch=1, q_heads=2, kv_heads=2, q_len=1536, kv_len=1536,
+                       head_dim=96, dtype=jnp.bfloat16, scale=3.0)
+  out = pallas_flash_attention(q, k, v, score_mod=causal_mod(), softcap=20.0)
+  cap = lambda s, b, h, i, j: 20.0 * jnp.tanh(s / 20.0)
+  ref = reference_attention(q, k, v, score_mod=compose_score_mods(cap, causal_mod()))
+  assert rel_err(out, ref) < tol(q.dtype)
+  ct = jax.random.normal(jax.random.key(8), out.shape, jnp.float32).astype(q.dtype)
+  got = kernel_grads(pallas_flash_attention, q, k, v, ct, score_mod=causal_mod(), softcap=20.0)
+  want = reference_grads(q, k, v, ct, score_mod=compose_score_mods(cap, causal_mod()))
+  for g, w in zip(got, want):
+    assert rel_err(g, w) < tol(q.dtype, grad=True)
+
+
+def test_matches_cudnn_causal_bf16():
+  q, k, v = random_qkv(5, batch=2, q_heads=8, kv_heads=8, q_len=4096, kv_len=4096,
+                       head_dim=128, dtype=jnp.bfloat16)
+  out = pallas_flash_attention(q, k, v, score_mod=causal_mod())
+  t = lambda x: jnp.swapaxes(x, 1, 2)
+  ref = t(jax.nn.dot_product_attention(t(q), t(k), t(v), is_causal=True,
+                                       implementation="cudnn"))
+  assert rel_err(out, ref) < tol(q.dtype)
+
+
+def test_varlen_bf16():
+  lens = [700, 1300, 48, 2000]
+  seqs = [random_qkv(10 + i, batch=1, q_heads=4, kv_heads=2, q_len=n, kv_len=n, head_dim=128,
+                     dtype=jnp.bfloat16) for i, n in enumerate(lens)]
+  q, cu = pack_sequences([s[0] for s in seqs])
+  k, _ = pack_sequences([s[1] for s in seqs])
+  v, _ = pack_sequences([s[2] for s in seqs])
+  out = varlen_attention(q, k, v, cu, score_mod=causal_mod())
+  for i, (qs, ks, vs) in enumerate(seqs):
+    ref = reference_attention(qs, ks, vs, score_mod=causal_mod())
+    got = out[:, :, int(cu[i]):int(cu[i + 1])]
+    assert rel_err(got, ref) < tol(jnp.bfloat16)
