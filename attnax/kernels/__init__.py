@@ -34,3 +34,10 @@ __all__ += ["memory_efficient_attention", "flash_attention"]
 from attnax.kernels.aether import AetherAttention, aether_attention, compute_block_geometry  # noqa: E402
 __all__ += ["aether_attention", "AetherAttention", "compute_block_geometry"]
 # --- linear_attention, ring_attention, ring_attention_reference, paged_attention
+from attnax.kernels.linear import favor_projection, linear_attention  # noqa: E402
+from attnax.kernels.ring import (  # noqa: E402
+    from_zigzag, ring_attention, ring_attention_reference, to_zigzag, zigzag_indices,
+)
+from attnax.kernels.paged import paged_attention  # noqa: E402
+__all__ += ["linear_attention", "favor_projection", "ring_attention", "ring_attention_reference",
+            "to_zigzag", "from_zigzag", "zigzag_indices", "paged_attention"]
