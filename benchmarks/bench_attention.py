@@ -761,6 +761,15 @@ class Runner:
       f.write("\n".join(self.md) + "\n")
 
 
+def applies(kname: str, case: Case) -> bool:
+  """Whether a kernel named in --kernels but not in a case's list is worth adding to it."""
+  if kname == "aether":
+    return bool(case.aether)
+  if kname == "cudnn-mask":
+    return bool(case.window or case.docs)
+  return True
+
+
 def _expand(spec: str, groups: dict, known: dict, what: str) -> list[str]:
   out: list[str] = []
   for tok in [t.strip() for t in spec.split(",") if t.strip()]:
@@ -831,7 +840,7 @@ def main(argv=None):
       case = quick_case(case)
     ks = list(case.kernels)
     if kfilter is not None:
-      extra = [k for k in kfilter if k not in ks and (k != "aether" or case.aether)]
+      extra = [k for k in kfilter if k not in ks and applies(k, case)]
       ks = [k for k in ks if k in kfilter] + extra
     if args.quick and "attnax-standard" not in ks and (kfilter is None or
                                                        "attnax-standard" in kfilter):
