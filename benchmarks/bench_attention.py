@@ -145,8 +145,9 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("docs32k", batch=1, heads=16, seq=32768, docs=8, kernels=MASK_KERNELS,
          note="cudnn: dense causal over all 32768 (no document mask; the baseline to beat); "
               "cudnn-mask: documents as a dense mask; mha: segment_ids; tokamax: k_start mask"),
-    Case("s1m-causal", batch=1, heads=8, seq=1 << 20, causal=True, kernels=DENSE_ATTNAX,
-         note="attnax only"),
+    Case("s1m-causal", batch=1, heads=8, seq=1 << 20, causal=True, kernels=("attnax-pallas",),
+         note="attnax only; add attnax-flash with --kernels attnax-pallas,attnax-flash (pure JAX: "
+              "minutes per call at this size)"),
 ] + [_aether_case(s, tag, keys)
      for s, tag in ((4096, "4k"), (32768, "32k"), (131072, "128k"), (1 << 20, "1m"))
      for keys in ("iid", "clustered")]}
@@ -533,6 +534,12 @@ class Runner:
         if self.past_deadline():
           cell["na"] = "deadline"
           continue
+        est = self._estimate(cells.get((kname, "fwd")), mode)
+        if est is not None and args.deadline_s > 0 and \
+            time.time() - self.t_start + est > args.deadline_s:
+          cell["na"] = f"would pass the deadline (about {est:.0f} s)"
+          self._progress(case, cell)
+          continue
         try:
           if kern.gpu_only and not self.on_gpu:
             raise Unsupported("needs a GPU")
@@ -591,6 +598,13 @@ class Runner:
       self.records.append(cell)
     del inp
     gc.collect()
+
+  def _estimate(self, fwd_cell, mode):
+    """Rough seconds for a fwd+bwd cell from the same kernel's fwd cell (compile + 3 calls)."""
+    if mode != "fwd+bwd" or not fwd_cell or "ms" not in fwd_cell:
+      return None
+    call = (1 + BWD_FLOP_FACTOR) * fwd_cell["ms"] / 1e3
+    return 2 * fwd_cell["compile_s"] + 3 * call
 
   def _progress(self, case, cell):
     if "na" in cell:
