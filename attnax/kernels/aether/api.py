@@ -14,11 +14,13 @@ AETHER is a planner, not a second attention kernel. One call:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 from typing import Any
 
 import jax
+import numpy as np
 
 from attnax.kernels import _checks
 from attnax.kernels import score_mods as sm
@@ -47,6 +49,35 @@ def _kernel(implementation: str | None):
     return "reference", None
   raise ValueError(f"aether_attention: implementation must be one of {IMPLEMENTATIONS} or None, "
                    f"got {implementation!r}")
+
+
+def _partition(tree: Any):
+  """Split a pytree of mods into its array leaves and a hashable static remainder (or None)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  is_arr = [isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves]
+  static = (treedef, tuple(None if a else x for x, a in zip(leaves, is_arr)), tuple(is_arr))
+  try:
+    hash(static)
+  except TypeError:
+    return None, None
+  return [x for x, a in zip(leaves, is_arr) if a], static
+
+
+@functools.partial(jax.jit, static_argnames=("static", "settings"))
+def _plan_jit(q, k, arrays, *, static, settings):
+  treedef, others, is_arr = static
+  it = iter(arrays)
+  leaves = [next(it) if a else x for x, a in zip(others, is_arr)]
+  score_fn, mask_fn = jax.tree.unflatten(treedef, leaves)
+  return plan_aether(q, k, score_fn=score_fn, mask_fn=mask_fn, **dict(settings))
+
+
+def _plan(q, k, *, score_fn, mask_fn, **settings) -> AetherPlan:
+  """plan_aether, compiled once per (shapes, mods' structure, settings) when the mods allow it."""
+  arrays, static = _partition((score_fn, mask_fn))
+  if static is None:
+    return plan_aether(q, k, score_fn=score_fn, mask_fn=mask_fn, **settings)
+  return _plan_jit(q, k, arrays, static=static, settings=tuple(sorted(settings.items())))
 
 
 def _check_settings(epsilon, threshold, block_q, block_k, rule):
@@ -116,7 +147,7 @@ def aether_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, epsilon: float
   score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod)
   impl, kernel = _kernel(implementation)
 
-  plan: AetherPlan = plan_aether(q, k, scale=scale, score_fn=score_fn, mask_fn=mask_fn,
+  plan: AetherPlan = _plan(q, k, scale=scale, score_fn=score_fn, mask_fn=mask_fn,
                                  block_q=block_q, block_k=block_k, epsilon=epsilon,
                                  threshold=threshold, rule=rule, with_stats=return_stats)
   if impl == "reference":
