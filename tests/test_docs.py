@@ -37,7 +37,7 @@ def test_kernels_page_is_the_spec_verbatim():
 
 def test_docs_build_without_warnings(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-E", "-b", "html",
+      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-N", "-E", "-b", "html",
        str(ROOT / "docs"), str(tmp_path / "html")],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   warnings = [l for l in proc.stderr.splitlines() if "WARNING" in l or "ERROR" in l]
