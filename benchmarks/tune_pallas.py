@@ -5,7 +5,7 @@ and JAX's own Pallas ``mha``: sweeps FlashConfig variants on S=4096 (bf16, D=128
 forward and backward tilings, then measures the target cases with them. Prints a table and writes
 JSON lines to ``$OUT/tune_pallas.jsonl`` (or ``--out``).
 
-  PYTHONPATH=$PWD python3 benchmarks/tune_pallas.py [--quick] [--skip-1m]
+  PYTHONPATH=$PWD python3 benchmarks/tune_pallas.py [--sections configs,bwd,fwd,targets,1m]
 """
 
 from __future__ import annotations
@@ -132,76 +132,89 @@ def measure(name, case, attn, args, fl_f, fl_b, do_bwd=True, ref=None):
   return rec
 
 
-def main():
-  global OUT
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "tune_pallas.jsonl"))
-  ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--skip-1m", action="store_true")
-  ap.add_argument("--skip-sweep", action="store_true")
-  a = ap.parse_args()
-  OUT = a.out
-  print("device", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
-  d = 128
-  base = default_config(128, interpret=False)
+def _cfg(f, dq, dkv):
+  return FlashConfig(128, 128, *f, *dq, *dkv)
 
-  # ---------------------------------------------------------------- sweep at S=4096, B=4, H=16
-  best_f, best_b = {}, {}
-  b, h, s = 4, 16, 4096
-  args = qkv(b, h, s, d)
-  fwd_variants = [
-      (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-      (128, 128, 8, 2), (128, 64, 8, 4), (64, 128, 4, 3),
-  ]
-  bwd_variants = [
-      (128, 32, 128, 32, 8, 2), (128, 64, 128, 64, 8, 2), (64, 64, 64, 64, 4, 2),
-      (128, 32, 128, 32, 4, 3), (64, 32, 64, 32, 4, 3), (128, 64, 128, 32, 8, 3),
-      (128, 32, 64, 64, 8, 2),
-  ]
-  if a.quick:
-    fwd_variants, bwd_variants = fwd_variants[:2], bwd_variants[:2]
-  for causal in (False, True):
-    case = f"sweep S={s} {'causal' if causal else 'dense'}"
-    sm = causal_mod() if causal else None
-    frac = 0.5 if causal else 1.0
-    ref = cudnn_attn(causal)(*args)
-    measure("cudnn", case, cudnn_attn(causal), args, flops(b, h, s, s, d, frac),
-            flops(b, h, s, s, d, frac, True))
-    measure("jax_pallas_mha", case, mha_attn(causal), args, flops(b, h, s, s, d, frac),
-            flops(b, h, s, s, d, frac, True))
-    if a.skip_sweep:
-      continue
-    for fr, fc, w, st in fwd_variants:
-      cfg = dataclasses.replace(base, fwd_rows=fr, fwd_cols=fc, fwd_num_warps=w,
-                                fwd_num_stages=st)
-      r = measure(f"ours fwd {fr}x{fc} w{w} s{st}", case, ours(sm, cfg), args,
-                  flops(b, h, s, s, d, frac), 0, do_bwd=False, ref=ref)
-      if "fwd_ms" in r and r["fwd_ms"] < best_f.get(causal, (1e9,))[0]:
-        best_f[causal] = (r["fwd_ms"], (fr, fc, w, st))
-    if not causal:  # the BlockMask list walk instead of the dense range walk
-      always = lambda bb, hh, i, j: i >= 0
-      fr, fc, w, st = best_f[causal][1] if causal in best_f else (128, 64, 8, 3)
-      cfg = dataclasses.replace(base, fwd_rows=fr, fwd_cols=fc, fwd_num_warps=w,
-                                fwd_num_stages=st)
-      measure("ours fwd via lists (mask_mod=all)", case, ours(None, cfg, mask_mod=always), args,
-              flops(b, h, s, s, d, frac), 0, do_bwd=False)
-    for qr, qc, kr, kc, w, st in bwd_variants:
-      fwdv = best_f.get(causal, (0, (128, 64, 8, 3)))[1]
-      cfg = FlashConfig(128, 128, fwdv[0], fwdv[1], fwdv[2], fwdv[3], qr, qc, kr, kc, w, st)
-      r = measure(f"ours bwd dq {qr}x{qc} dkv {kr}x{kc} w{w} s{st}", case, ours(sm, cfg), args,
-                  flops(b, h, s, s, d, frac), flops(b, h, s, s, d, frac, True))
-      if "fwdbwd_ms" in r and r["fwdbwd_ms"] < best_b.get(causal, (1e9,))[0]:
-        best_b[causal] = (r["fwdbwd_ms"], (qr, qc, kr, kc, w, st))
-  print("best fwd", best_f, "best bwd", best_b, flush=True)
 
-  def best_cfg(causal):
-    f = best_f.get(causal, (0, (base.fwd_rows, base.fwd_cols, base.fwd_num_warps,
-                                base.fwd_num_stages)))[1]
-    bb = best_b.get(causal, (0, (base.dq_rows, base.dq_cols, base.dkv_rows, base.dkv_cols,
-                                 base.bwd_num_warps, base.bwd_num_stages)))[1]
-    return FlashConfig(128, 128, *f, *bb)
+def section_configs():
+  """Every default config compiles and runs (shared memory fits) for each head dim and dtype."""
+  for d in (32, 64, 96, 128, 256):
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+      args = qkv(1, 2, 1024, d, dtype, seed=d)
+      rec = dict(case=f"config D={d} {jnp.dtype(dtype).name}", impl="attnax default")
+      try:
+        do = jnp.ones(args[0].shape, dtype)
+        g = fwdbwd_fn(ours(causal_mod()))(*args, do)
+        rec["ok"] = bool(all(jnp.isfinite(x.astype(jnp.float32)).all() for x in g))
+      except Exception as e:
+        rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      log(**rec)
 
-  # ---------------------------------------------------------------- target cases
+
+def section_bwd(causal, b=4, h=16, s=4096, d=128):
+  """Time the dQ and dK/dV kernels separately for several tilings."""
+  from attnax.kernels.pallas import api, triton as tk
+  args = qkv(b, h, s, d, seed=5)
+  frac = 0.5 if causal else 1.0
+  # per kernel: 2 (QK, dO V) + 1 (dQ) or 2 (dV, dK) matmuls of the fwd's size each
+  fl_dq = flops(b, h, s, s, d, frac) * 1.5
+  fl_dkv = flops(b, h, s, s, d, frac) * 2.0
+  variants = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2),
+              (64, 32, 4, 2), (64, 128, 4, 2), (128, 128, 8, 1), (32, 64, 4, 2), (64, 64, 8, 3)]
+  best = {}
+  for which in ("dq", "dkv"):
+    for var in variants:
+      cfg = _cfg((128, 128, 8, 3), var, var)
+      rec = dict(case=f"bwd S={s} {'causal' if causal else 'dense'} D={d}", impl=f"{which} {var}")
+      try:
+        plan = api._plan(*args, score_mod=causal_mod() if causal else None, mask_mod=None,
+                         scale=None, block_q=None, block_k=None, block_mask=None, softcap=None,
+                         cu_seqlens_q=None, cu_seqlens_k=None, backend="triton", num_warps=None,
+                         num_stages=None, config=cfg)
+        sp = plan.spec
+        out, lse = jax.jit(lambda q, k, v: tk.forward(sp, q, k, v, plan.lists, plan.leaves))(
+            plan.q, plan.k, plan.v)
+        do = jax.random.normal(jax.random.key(2), out.shape, jnp.float32).astype(out.dtype)
+        delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), -1)
+        if which == "dq":
+          fn = jax.jit(lambda q, k, v, do, lse, delta: tk.backward_dq(
+              sp, q, k, v, do, lse, delta, plan.lists, plan.leaves))
+          fl = fl_dq
+        else:
+          fn = jax.jit(lambda q, k, v, do, lse, delta: tk.backward_dkv(
+              sp, q, k, v, do, lse, delta, plan.tlists, plan.leaves))
+          fl = fl_dkv
+        t = bench(fn, plan.q, plan.k, plan.v, do, lse, delta)
+        rec.update(ms=t * 1e3, tflops=fl / t / 1e12)
+        if t < best.get(which, (1e9,))[0]:
+          best[which] = (t, var)
+      except Exception as e:
+        rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      log(**rec)
+  return best
+
+
+def section_fwd(causal, d=128, b=4, h=16, s=4096, variants=None):
+  args = qkv(b, h, s, d, seed=6)
+  frac = 0.5 if causal else 1.0
+  variants = variants or [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 4, 3)]
+  best = None
+  for var in variants:
+    cfg = _cfg(var, (64, 64, 4, 2), (64, 64, 4, 2))
+    r = measure(f"fwd {var}", f"fwd S={s} {'causal' if causal else 'dense'} D={d}",
+                ours(causal_mod() if causal else None, cfg), args, flops(b, h, s, s, d, frac), 0,
+                do_bwd=False)
+    if "fwd_ms" in r and (best is None or r["fwd_ms"] < best[0]):
+      best = (r["fwd_ms"], var)
+  if not causal:
+    always = lambda bb, hh, i, j: i >= 0
+    measure(f"fwd {best[1]} via lists (mask_mod=all)", f"fwd S={s} dense D={d}",
+            ours(None, _cfg(best[1], (64, 64, 4, 2), (64, 64, 4, 2)), mask_mod=always), args,
+            flops(b, h, s, s, d, frac), 0, do_bwd=False)
+  return best
+
+
+def section_targets(cfg_dense, cfg_causal, d=128):
   for s, b in ((4096, 4), (16384, 1)):
     args = qkv(b, 16, s, d, seed=1)
     for causal in (False, True):
@@ -209,68 +222,99 @@ def main():
       frac = 0.5 if causal else 1.0
       fl = (flops(b, 16, s, s, d, frac), flops(b, 16, s, s, d, frac, True))
       measure("cudnn", case, cudnn_attn(causal), args, *fl)
-      if s == 16384:
-        measure("jax_pallas_mha", case, mha_attn(causal), args, *fl)
-      measure("attnax default", case, ours(causal_mod() if causal else None), args, *fl)
-      measure("attnax tuned", case, ours(causal_mod() if causal else None, best_cfg(causal)),
-              args, *fl)
-
-  # sliding window 1024 at S=32768 (B=1, H=16)
+      measure("jax_pallas_mha", case, mha_attn(causal), args, *fl)
+      measure("attnax", case, ours(causal_mod() if causal else None,
+                                   cfg_causal if causal else cfg_dense), args, *fl)
   s, w = 32768, 1024
   args = qkv(1, 16, s, d, seed=2)
-  case = f"S={s} window {w}"
+  case = f"S={s} H=16 window {w}"
   frac = (w * s - w * (w - 1) / 2) / (s * s)
   fl = (flops(1, 16, s, s, d, frac), flops(1, 16, s, s, d, frac, True))
   measure("cudnn local_window_size", case, cudnn_attn(window=w), args, *fl)
   measure("cudnn dense mask", case, cudnn_attn(dense_window=w), args, *fl)
-  measure("attnax tuned", case, ours(sliding_window_mod(w), best_cfg(True)), args, *fl)
-
-  # 8 documents of 4096 packed into 32768, causal within each, vs dense causal over 32768
-  s = 32768
+  measure("attnax", case, ours(sliding_window_mod(w), cfg_causal), args, *fl)
   args = qkv(1, 16, s, d, seed=3)
   cu = jnp.arange(9, dtype=jnp.int32) * 4096
   fl_doc = (flops(8, 16, 4096, 4096, d, 0.5), flops(8, 16, 4096, 4096, d, 0.5, True))
   fl_c = (flops(1, 16, s, s, d, 0.5), flops(1, 16, s, s, d, 0.5, True))
-  measure("cudnn causal 32768", "S=32768 causal (dense)", cudnn_attn(True), args, *fl_c)
-  measure("attnax causal 32768", "S=32768 causal (dense)", ours(causal_mod(), best_cfg(True)),
-          args, *fl_c)
-  measure("attnax varlen 8x4096 causal", "8 docs x 4096 packed",
-          ours(causal_mod(), best_cfg(True), cu_seqlens_q=cu), args, *fl_doc)
+  measure("cudnn causal", "S=32768 H=16 causal", cudnn_attn(True), args, *fl_c)
+  measure("attnax causal", "S=32768 H=16 causal", ours(causal_mod(), cfg_causal), args, *fl_c)
+  measure("attnax varlen causal", "8 docs x 4096 packed in 32768",
+          ours(causal_mod(), cfg_causal, cu_seqlens_q=cu), args, *fl_doc)
 
-  # 1M tokens causal, B=1, H=8: forward and backward once each
-  if not a.skip_1m:
-    s = 1 << 20
-    args = qkv(1, 8, s, d, seed=4)
-    rec = dict(case="S=1048576 B=1 H=8 causal", impl="attnax tuned")
-    try:
-      attn = ours(causal_mod(), best_cfg(True))
-      f = jax.jit(attn).lower(*args).compile()
-      jax.block_until_ready(f(*args))
-      t = time.perf_counter()
-      out = jax.block_until_ready(f(*args))
-      rec["fwd_ms"] = (time.perf_counter() - t) * 1e3
-      rec["fwd_tflops"] = flops(1, 8, s, s, d, 0.5) / rec["fwd_ms"] * 1e3 / 1e12
-      rec["finite"] = bool(jnp.isfinite(out.astype(jnp.float32)).all())
-      del out
-      do = jax.random.normal(jax.random.key(1), args[0].shape, jnp.bfloat16)
-      g = fwdbwd_fn(attn).lower(*args, do).compile()
-      t = time.perf_counter()
-      grads = jax.block_until_ready(g(*args, do))
-      rec["fwdbwd_ms"] = (time.perf_counter() - t) * 1e3
-      rec["fwdbwd_tflops"] = flops(1, 8, s, s, d, 0.5, True) / rec["fwdbwd_ms"] * 1e3 / 1e12
-      rec["grads_finite"] = bool(all(jnp.isfinite(x.astype(jnp.float32)).all() for x in grads))
-    except Exception as e:
-      rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-      traceback.print_exc()
-    log(**rec)
 
-  # ---------------------------------------------------------------- table
-  print("\n| case | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | err |")
-  print("|---|---|---|---|---|---|---|")
+def section_1m(cfg):
+  s = 1 << 20
+  d = 128
+  args = qkv(1, 8, s, d, seed=4)
+  rec = dict(case="S=1048576 B=1 H=8 causal", impl="attnax")
+  try:
+    attn = ours(causal_mod(), cfg)
+    f = jax.jit(attn).lower(*args).compile()
+    jax.block_until_ready(f(*args))
+    t = time.perf_counter()
+    out = jax.block_until_ready(f(*args))
+    rec["fwd_ms"] = (time.perf_counter() - t) * 1e3
+    rec["fwd_tflops"] = flops(1, 8, s, s, d, 0.5) / rec["fwd_ms"] * 1e3 / 1e12
+    rec["finite"] = bool(jnp.isfinite(out.astype(jnp.float32)).all())
+    del out
+    do = jax.random.normal(jax.random.key(1), args[0].shape, jnp.bfloat16)
+    g = fwdbwd_fn(attn).lower(*args, do).compile()
+    t = time.perf_counter()
+    grads = jax.block_until_ready(g(*args, do))
+    rec["fwdbwd_ms"] = (time.perf_counter() - t) * 1e3
+    rec["fwdbwd_tflops"] = flops(1, 8, s, s, d, 0.5, True) / rec["fwdbwd_ms"] * 1e3 / 1e12
+    rec["grads_finite"] = bool(all(jnp.isfinite(x.astype(jnp.float32)).all() for x in grads))
+  except Exception as e:
+    rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    traceback.print_exc()
+  log(**rec)
+
+
+def table():
+  print("\n| case | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | ms | TFLOP/s | err |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in ROWS:
     fm = lambda k: f"{r[k]:.3f}" if k in r else "-"
     print(f"| {r['case']} | {r['impl']} | {fm('fwd_ms')} | {fm('fwd_tflops')} | "
-          f"{fm('fwdbwd_ms')} | {fm('fwdbwd_tflops')} | {r.get('error', '')[:60]} |")
+          f"{fm('fwdbwd_ms')} | {fm('fwdbwd_tflops')} | {fm('ms')} | {fm('tflops')} | "
+          f"{r.get('error', '')[:70]} |")
+
+
+def main():
+  global OUT
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "tune_pallas.jsonl"))
+  ap.add_argument("--sections", default="configs,bwd,fwd,targets")
+  a = ap.parse_args()
+  OUT = a.out
+  secs = a.sections.split(",")
+  print("device", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
+  base = default_config(128, interpret=False)
+  fwd_best = {c: (0, (base.fwd_rows, base.fwd_cols, base.fwd_num_warps, base.fwd_num_stages))
+              for c in (False, True)}
+  bdef = (0, (base.dq_rows, base.dq_cols, base.dq_num_warps, base.dq_num_stages))
+  bwd_best = {c: {"dq": bdef, "dkv": bdef} for c in (False, True)}
+  if "configs" in secs:
+    section_configs()
+  if "bwd" in secs:
+    for causal in (False, True):
+      bwd_best[causal].update(section_bwd(causal))
+  if "fwd" in secs:
+    for causal in (False, True):
+      fwd_best[causal] = section_fwd(causal) or fwd_best[causal]
+    for d in (64, 256):
+      section_fwd(True, d=d, variants=[(128, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 2),
+                                       (128, 64, 8, 2), (64, 32, 4, 2)])
+  cfgs = {c: _cfg(fwd_best[c][1], bwd_best[c]["dq"][1], bwd_best[c]["dkv"][1])
+          for c in (False, True)}
+  print("chosen", cfgs, flush=True)
+  log(case="chosen", impl=str(cfgs))
+  if "targets" in secs:
+    section_targets(cfgs[False], cfgs[True])
+  if "1m" in secs:
+    section_1m(cfgs[True])
+  table()
 
 
 if __name__ == "__main__":

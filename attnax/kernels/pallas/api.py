@@ -42,7 +42,7 @@ class FlashConfig:
   ``block_q``/``block_k`` is the BlockMask tiling (the unit of block skipping). Each pass may run
   finer: a program owns ``*_rows`` rows of a tile and walks the other axis in ``*_cols`` chunks;
   every fine size divides its coarse block (``None``: the coarse block). For dK/dV the rows are
-  keys and the chunks are queries.
+  keys and the chunks are queries. ``*_num_warps``/``*_num_stages`` are Triton's launch knobs.
   """
   block_q: int = 128
   block_k: int = 128
@@ -52,28 +52,41 @@ class FlashConfig:
   fwd_num_stages: int = 3
   dq_rows: int | None = None
   dq_cols: int | None = None
+  dq_num_warps: int = 4
+  dq_num_stages: int = 2
   dkv_rows: int | None = None
   dkv_cols: int | None = None
-  bwd_num_warps: int = 8
-  bwd_num_stages: int = 2
+  dkv_num_warps: int = 4
+  dkv_num_stages: int = 2
 
 
-# Per head-dim defaults for the Triton lowering on H100 (tuned with benchmarks/tune_pallas.py).
+def _cfg(fwd, dq, dkv, block=128):
+  return FlashConfig(block, block, *fwd, *dq, *dkv)
+
+
+# Defaults for the Triton lowering on H100, by (padded head dim, bytes per element): forward
+# (rows, cols, warps, stages), dQ (rows, cols, warps, stages), dK/dV (rows, cols, warps, stages).
+# Measured with benchmarks/tune_pallas.py (bf16, D=128); the others are sized to fit shared memory.
 _GPU_DEFAULTS = {
-    32: FlashConfig(128, 128, 128, 64, 4, 3, 128, 32, 128, 32, 4, 3),
-    64: FlashConfig(128, 128, 128, 64, 4, 3, 128, 32, 128, 32, 4, 3),
-    128: FlashConfig(128, 128, 128, 64, 8, 3, 128, 32, 128, 32, 8, 2),
-    256: FlashConfig(128, 128, 64, 32, 8, 2, 64, 32, 64, 32, 8, 1),
+    (32, 2): _cfg((128, 128, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
+    (64, 2): _cfg((128, 128, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
+    (128, 2): _cfg((128, 128, 8, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
+    (256, 2): _cfg((64, 64, 4, 2), (64, 32, 4, 1), (64, 32, 4, 1)),
+    (32, 4): _cfg((128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2)),
+    (64, 4): _cfg((128, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
+    (128, 4): _cfg((64, 64, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1)),
+    (256, 4): _cfg((32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
 }
 
 
-def default_config(head_dim: int, *, interpret: bool) -> FlashConfig:
-  """The default :class:`FlashConfig` for a (padded) head dim and backend."""
+def default_config(head_dim: int, *, interpret: bool, dtype: Any = jnp.bfloat16) -> FlashConfig:
+  """The default :class:`FlashConfig` for a (padded) head dim, dtype and backend."""
   if interpret:
     # The interpreter's cost is per grid step and per loop iteration: small coarse tiles, no split.
-    return FlashConfig(block_q=32, block_k=32, fwd_num_warps=4, bwd_num_warps=4)
-  d = min(k for k in _GPU_DEFAULTS if k >= min(head_dim, 256))
-  return _GPU_DEFAULTS[d]
+    return FlashConfig(block_q=32, block_k=32)
+  d = min(k for k in (32, 64, 128, 256) if k >= min(head_dim, 256))
+  size = 4 if jnp.dtype(dtype).itemsize >= 4 else 2
+  return _GPU_DEFAULTS[(d, size)]
 
 
 def _clamp_block(b: int, length: int) -> int:
@@ -179,6 +192,17 @@ def _flat_i32(x):
   return jnp.asarray(x, jnp.int32).reshape(-1)
 
 
+def _walk_lists(counts, indices, full_counts, full_indices):
+  """The kernels' six schedule arrays for one direction (flattened): partial counts and indices,
+  full counts and indices, and the full list's first index and contiguous-prefix length."""
+  n = full_indices.shape[-1]
+  pos = jnp.arange(n, dtype=jnp.int32)
+  first = full_indices[..., 0]
+  contig = (full_indices == first[..., None] + pos) & (pos < full_counts[..., None])
+  ncontig = jnp.cumprod(contig.astype(jnp.int32), axis=-1).sum(-1)
+  return tuple(map(_flat_i32, (counts, indices, full_counts, full_indices, first, ncontig)))
+
+
 def _pad_to(x, axis_sizes):
   pads = [(0, s - d) for d, s in zip(x.shape, axis_sizes)]
   return x if all(p == (0, 0) for p in pads) else jnp.pad(x, pads)
@@ -204,7 +228,8 @@ def _plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, 
       raise ValueError(f"softcap must be > 0, got {softcap}")
 
   d_pad, dv_pad = max(16, _pow2(d)), max(16, _pow2(dv))
-  cfg = config if config is not None else default_config(max(d_pad, dv_pad), interpret=interpret)
+  cfg = config if config is not None else default_config(max(d_pad, dv_pad), interpret=interpret,
+                                                         dtype=q.dtype)
   if not isinstance(cfg, FlashConfig):
     raise ValueError(f"config must be a FlashConfig, got {type(cfg).__name__}")
   if block_mask is not None:
@@ -229,24 +254,22 @@ def _plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, 
       raise ValueError(f"config.{name}={val} must be >= 16 and divide its block ({coarse})")
     return val
 
-  warps_f = num_warps if num_warps is not None else cfg.fwd_num_warps
-  warps_b = num_warps if num_warps is not None else cfg.bwd_num_warps
-  stages_f = num_stages if num_stages is not None else cfg.fwd_num_stages
-  stages_b = num_stages if num_stages is not None else cfg.bwd_num_stages
+  warps = lambda w: num_warps if num_warps is not None else w
+  stages = lambda st: num_stages if num_stages is not None else st
 
   dense = mask_fn is None and block_mask is None
   if dense:
-    lists = tlists = tuple(jnp.zeros((1,), jnp.int32) for _ in range(4))
+    lists = tlists = tuple(jnp.zeros((1,), jnp.int32) for _ in range(tk.NUM_LISTS))
     bm_batch = bm_heads = 1
   else:
     if block_mask is None:
       block_mask = bm_lib.create_block_mask(mask_fn, q_len=sq, kv_len=sk, block_q=bq,
                                             block_k=bk, batch=b, heads=hq)
     bm_batch, bm_heads = block_mask.tiles.shape[:2]
-    lists = tuple(map(_flat_i32, (block_mask.kv_counts, block_mask.kv_indices,
-                                  block_mask.full_kv_counts, block_mask.full_kv_indices)))
-    tlists = tuple(map(_flat_i32, (block_mask.q_counts, block_mask.q_indices,
-                                   block_mask.full_q_counts, block_mask.full_q_indices)))
+    lists = _walk_lists(block_mask.kv_counts, block_mask.kv_indices, block_mask.full_kv_counts,
+                        block_mask.full_kv_indices)
+    tlists = _walk_lists(block_mask.q_counts, block_mask.q_indices, block_mask.full_q_counts,
+                         block_mask.full_q_indices)
 
   mods, leaves = tk.split_mods(score_fn, mask_fn)
   q_pad, kv_pad = -(-sq // bq) * bq, -(-sk // bk) * bk
@@ -255,10 +278,11 @@ def _plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, 
       head_dim=d_pad, v_dim=dv_pad, scale=scale, softcap=softcap, block_q=bq, block_k=bk,
       bm_batch=int(bm_batch), bm_heads=int(bm_heads), dense=dense,
       fwd_rows=fine(cfg.fwd_rows, bq, "fwd_rows"), fwd_cols=fine(cfg.fwd_cols, bk, "fwd_cols"),
-      fwd_warps=warps_f, fwd_stages=stages_f,
+      fwd_warps=warps(cfg.fwd_num_warps), fwd_stages=stages(cfg.fwd_num_stages),
       dq_rows=fine(cfg.dq_rows, bq, "dq_rows"), dq_cols=fine(cfg.dq_cols, bk, "dq_cols"),
       dkv_rows=fine(cfg.dkv_rows, bk, "dkv_rows"), dkv_cols=fine(cfg.dkv_cols, bq, "dkv_cols"),
-      bwd_warps=warps_b, bwd_stages=stages_b, mods=mods, unit_grad=softcap is None and
+      dq_warps=warps(cfg.dq_num_warps), dq_stages=stages(cfg.dq_num_stages),
+      dkv_warps=warps(cfg.dkv_num_warps), dkv_stages=stages(cfg.dkv_num_stages), mods=mods, unit_grad=softcap is None and
       _unit_grad(score_fn), interpret=interpret)
   qp = _pad_to(q, (b, hq, q_pad, d_pad))
   kp = _pad_to(k, (b, hkv, kv_pad, d_pad))
@@ -362,9 +386,11 @@ def _attention(q, k, v, tree, options):
   return out[:, :, :plan.q_len, :plan.v_dim], lse[:, :, :plan.q_len]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _attention_jit(key, options, q, k, v, arrays):
+def _attention_static(key, options, q, k, v, arrays):
   return _attention(q, k, v, _join_static(key, arrays), options)
+
+
+_attention_jit = jax.jit(_attention_static, static_argnums=(0, 1))
 
 
 def pallas_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any = None,

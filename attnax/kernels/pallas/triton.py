@@ -159,8 +159,10 @@ class KernelSpec:
   dq_cols: int
   dkv_rows: int         # kv rows per dK/dV program
   dkv_cols: int         # q chunk
-  bwd_warps: int
-  bwd_stages: int
+  dq_warps: int
+  dq_stages: int
+  dkv_warps: int
+  dkv_stages: int
   mods: ModSpec
   unit_grad: bool       # d(modded score)/d(score) == 1 wherever visible: skip the jvp
   interpret: bool
@@ -212,9 +214,15 @@ def _scores(q, k, spec: KernelSpec, score_fn, mask_fn, b, h, q_idx, kv_idx, mask
   return s, visible, ds
 
 
-def _walk(spec: KernelSpec, cnt_ref, idx_ref, fcnt_ref, fidx_ref, row, n_other, n_dense,
-          dense_masked_last, dense_masked_all, visit, carry):
-  """Visit full tiles (unmasked) then partial tiles (masked) of one BlockMask row."""
+def _walk(spec: KernelSpec, refs, row, n_other, n_dense, dense_masked_last, dense_masked_all,
+          visit, carry):
+  """Visit full tiles (unmasked) then partial tiles (masked) of one BlockMask row.
+
+  ``refs`` = (partial counts, partial indices, full counts, full indices, full-list first index,
+  length of the full list's contiguous prefix). The contiguous prefix (all full tiles of causal,
+  window and document masks) is walked as a range: no index load feeds the tile loads, so Triton
+  can pipeline them; the rest of the full list and the partial list are read from the lists.
+  """
   if spec.dense:
     body = lambda t, c: visit(t, c, dense_masked_all)
     n_full = n_dense - (1 if dense_masked_last else 0)
@@ -222,17 +230,23 @@ def _walk(spec: KernelSpec, cnt_ref, idx_ref, fcnt_ref, fidx_ref, row, n_other, 
     if dense_masked_last:
       carry = visit(n_dense - 1, carry, True)
     return carry
+  cnt_ref, idx_ref, fcnt_ref, fidx_ref, first_ref, ncontig_ref = refs
   base = row * n_other
-  n = fcnt_ref[row]
-  carry = lax.fori_loop(0, n, lambda t, c: visit(fidx_ref[base + t], c, False), carry)
+  n, n1, first = fcnt_ref[row], ncontig_ref[row], first_ref[row]
+  carry = lax.fori_loop(0, n1, lambda t, c: visit(first + t, c, False), carry)
+  carry = lax.fori_loop(n1, n, lambda t, c: visit(fidx_ref[base + t], c, False), carry)
   n = cnt_ref[row]
   return lax.fori_loop(0, n, lambda t, c: visit(idx_ref[base + t], c, True), carry)
+
+
+NUM_LISTS = 6
 
 
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, cnt_ref, idx_ref, fcnt_ref, fidx_ref, *rest, spec):
+def _fwd_kernel(q_ref, k_ref, v_ref, *rest, spec):
+  list_refs, rest = rest[:NUM_LISTS], rest[NUM_LISTS:]
   leaf_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.fwd_rows, spec.fwd_cols
@@ -258,8 +272,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, cnt_ref, idx_ref, fcnt_ref, fidx_ref, *rest
 
   row = spec.bm_index(b, h) * spec.nq + q_start // spec.block_q
   ragged_k = spec.kv_len != spec.kv_pad
-  acc, m, l = _walk(spec, cnt_ref, idx_ref, fcnt_ref, fidx_ref, row, spec.nk, spec.nk, ragged_k,
-                    False, visit, (acc, m, l))
+  acc, m, l = _walk(spec, list_refs, row, spec.nk, spec.nk, ragged_k, False, visit, (acc, m, l))
   out, lse = tiles.finalize(acc, m, l)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse
@@ -304,8 +317,8 @@ def forward(spec: KernelSpec, q, k, v, lists, leaves):
 # ----------------------------------------------------------------------------- backward: dQ
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cnt_ref, idx_ref, fcnt_ref,
-               fidx_ref, *rest, spec):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
+  list_refs, rest = rest[:NUM_LISTS], rest[NUM_LISTS:]
   leaf_refs, dq_ref = rest[:-1], rest[-1]
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.dq_rows, spec.dq_cols
@@ -332,16 +345,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cnt_ref, idx_ref
 
   row = spec.bm_index(b, h) * spec.nq + q_start // spec.block_q
   ragged_k = spec.kv_len != spec.kv_pad
-  dq = _walk(spec, cnt_ref, idx_ref, fcnt_ref, fidx_ref, row, spec.nk, spec.nk, ragged_k, False,
-             visit, jnp.zeros((rows, spec.head_dim), f32))
+  dq = _walk(spec, list_refs, row, spec.nk, spec.nk, ragged_k, False, visit,
+             jnp.zeros((rows, spec.head_dim), f32))
   dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- backward: dK, dV
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cnt_ref, idx_ref, fcnt_ref,
-                fidx_ref, *rest, spec):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
+  list_refs, rest = rest[:NUM_LISTS], rest[NUM_LISTS:]
   leaf_refs, (dk_ref, dv_ref) = rest[:-2], rest[-2:]
   j, b, hk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.dkv_rows, spec.dkv_cols
@@ -376,8 +389,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cnt_ref, idx_re
       return dk, dv
 
     row = spec.bm_index(b, h) * spec.nk + k_start // spec.block_k
-    return _walk(spec, cnt_ref, idx_ref, fcnt_ref, fidx_ref, row, spec.nq, spec.nq, False,
-                 ragged_k, visit, carry)
+    return _walk(spec, list_refs, row, spec.nq, spec.nq, False, ragged_k, visit, carry)
 
   carry = (jnp.zeros((rows, spec.head_dim), f32), jnp.zeros((rows, spec.v_dim), f32))
   if spec.groups == 1:
@@ -388,14 +400,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cnt_ref, idx_re
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(spec: KernelSpec, q, k, v, do, lse, delta, lists, tlists, leaves):
-  """``(dq, dk, dv)`` on padded inputs. ``delta`` is ``rowsum(out * dout) - dlse`` (f32)."""
+def backward_dq(spec: KernelSpec, q, k, v, do, lse, delta, lists, leaves):
+  """dQ on padded inputs (one program per q tile and query head)."""
   g = spec.groups
-  whole = [_whole(x) for x in lists] + [_whole(x) for x in leaves]
-  twhole = [_whole(x) for x in tlists] + [_whole(x) for x in leaves]
-
   rows = spec.dq_rows
-  dq = pl.pallas_call(
+  return pl.pallas_call(
       lambda *refs: _dq_kernel(*refs, spec=spec),
       grid=(spec.q_pad // rows, spec.batch, spec.q_heads),
       in_specs=[
@@ -406,14 +415,18 @@ def backward(spec: KernelSpec, q, k, v, do, lse, delta, lists, tlists, leaves):
           pl.BlockSpec((None, None, rows, spec.v_dim), lambda i, b, h: (b, h, i, 0)),
           pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, i)),
           pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, i)),
-      ] + whole,
+      ] + [_whole(x) for x in lists] + [_whole(x) for x in leaves],
       out_specs=pl.BlockSpec((None, None, rows, spec.head_dim), lambda i, b, h: (b, h, i, 0)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), name="attnax_flash_dq",
-      **_launch(spec, spec.bwd_warps, spec.bwd_stages),
+      **_launch(spec, spec.dq_warps, spec.dq_stages),
   )(q, k, v, do, lse, delta, *lists, *leaves)
 
+
+def backward_dkv(spec: KernelSpec, q, k, v, do, lse, delta, tlists, leaves):
+  """(dK, dV) on padded inputs: one program per kv tile and kv head, looping over its group."""
+  g = spec.groups
   rows = spec.dkv_rows
-  dk, dv = pl.pallas_call(
+  return pl.pallas_call(
       lambda *refs: _dkv_kernel(*refs, spec=spec),
       grid=(spec.kv_pad // rows, spec.batch, spec.kv_heads),
       in_specs=[
@@ -423,13 +436,19 @@ def backward(spec: KernelSpec, q, k, v, do, lse, delta, lists, tlists, leaves):
           pl.BlockSpec((None, g, spec.q_pad, spec.v_dim), lambda j, b, h: (b, h, 0, 0)),
           pl.BlockSpec((None, g, spec.q_pad), lambda j, b, h: (b, h, 0)),
           pl.BlockSpec((None, g, spec.q_pad), lambda j, b, h: (b, h, 0)),
-      ] + twhole,
+      ] + [_whole(x) for x in tlists] + [_whole(x) for x in leaves],
       out_specs=[
           pl.BlockSpec((None, None, rows, spec.head_dim), lambda j, b, h: (b, h, j, 0)),
           pl.BlockSpec((None, None, rows, spec.v_dim), lambda j, b, h: (b, h, j, 0)),
       ],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       name="attnax_flash_dkv",
-      **_launch(spec, spec.bwd_warps, spec.bwd_stages),
+      **_launch(spec, spec.dkv_warps, spec.dkv_stages),
   )(q, k, v, do, lse, delta, *tlists, *leaves)
+
+
+def backward(spec: KernelSpec, q, k, v, do, lse, delta, lists, tlists, leaves):
+  """``(dq, dk, dv)`` on padded inputs. ``delta`` is ``rowsum(out * dout) - dlse`` (f32)."""
+  dq = backward_dq(spec, q, k, v, do, lse, delta, lists, leaves)
+  dk, dv = backward_dkv(spec, q, k, v, do, lse, delta, tlists, leaves)
   return dq, dk, dv
