@@ -1,4 +1,4 @@
-"""Sphinx configuration for attnax's documentation (build: sphinx-build -W -b html docs docs/_build/html)."""
+"""Sphinx configuration for attnax (build: sphinx-build -W -b html docs docs/_build/html)."""
 
 import pathlib
 import re
