@@ -33,9 +33,14 @@ IMPLEMENTATIONS = ("pallas", "flash", "reference")
 
 
 def _kernel(implementation: str | None):
-  """The dense block-sparse kernel for ``implementation`` (None: Pallas when importable, else flash)."""
+  """The dense block-sparse kernel for ``implementation``.
+
+  ``None``: the Pallas kernel on a GPU (when importable), the pure-JAX flash kernel elsewhere (the
+  Pallas interpreter is far slower than XLA on a CPU), the materialised reference as a last resort.
+  """
   if implementation is None:
-    for name in ("pallas", "flash"):
+    order = ("pallas", "flash") if jax.default_backend() == "gpu" else ("flash", "pallas")
+    for name in order:
       try:
         return name, _kernel(name)[1]
       except ImportError:
@@ -133,8 +138,9 @@ def aether_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, epsilon: float
     score_mod, mask_mod, scale, return_lse: as every attnax kernel.
     return_stats: also return an :class:`AetherStats` (last element of the tuple):
       ``skipped_fraction`` ``(B, Hq)`` and per-row ``mass_bound`` ``(B, Hq, Sq)``.
-    implementation: the dense block-sparse kernel: ``"pallas"`` (default when importable),
-      ``"flash"`` (pure JAX), or ``"reference"`` (materialised scores; tests and small inputs).
+    implementation: the dense block-sparse kernel: ``"pallas"`` (the default on a GPU),
+      ``"flash"`` (pure JAX; the default elsewhere), or ``"reference"`` (materialised scores;
+      tests and small inputs).
     rule: ``"budget"`` (default, tighter) or ``"margin"`` (``delta = log(Sk / epsilon)``).
 
   Returns:
