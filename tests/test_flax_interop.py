@@ -1,0 +1,171 @@
+"""Flax interop: attnax kernels inside flax.nnx.MultiHeadAttention, and Flax weights in attnax's module.
+
+Flax's own ``nnx.MultiHeadAttention`` (default ``dot_product_attention``) is the independent
+reference: outputs and parameter gradients must agree at DESIGN.md's tolerances. Kernels are
+discovered as in ``tests/test_attention.py``; ``linear_attention`` is not softmax attention, so it
+cannot match Flax and is left out here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import attnax
+from attnax import MultiHeadAttention, flax_attention_fn
+from attnax.kernels import alibi_mod, causal_mod, standard_attention
+from tests.helpers import rel_err, tol
+from tests.test_attention import KERNELS, SOFTMAX, grad_leaves_close, inputs, probe
+
+B, S, F, H, HKV, QKV = 2, 11, 48, 4, 2, 128
+
+
+def flax_mha(seed=0, **kw):
+  cfg = dict(num_heads=H, in_features=F, qkv_features=QKV, num_kv_heads=HKV, decode=False)
+  cfg.update(kw)
+  return nnx.MultiHeadAttention(rngs=nnx.Rngs(seed), **cfg)
+
+
+def call(model, *args, **kwargs):
+  return nnx.jit(lambda model, *args: model(*args, **kwargs))(model, *args)
+
+
+def grads(model, ct, *args, **kwargs):
+  loss = lambda model: jnp.sum(model(*args, **kwargs) * ct)
+  return nnx.jit(nnx.grad(loss))(model)
+
+
+def by_path(state):
+  """``{path: array}`` of a parameter state, so Flax's and attnax's trees can be matched by name."""
+  return {tuple(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
+
+
+# ----------------------------------------------------------------------------- adapter
+
+
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_adapter_in_flax_module_matches_flax(name):
+  """Same Flax module, Flax's attention vs an attnax kernel: GQA, a causal mask array, is_causal."""
+  kernel = KERNELS[name]
+  probe(kernel, q_len=S, kv_len=S, mask_mod=lambda b, h, i, j: j <= i)
+  ours = flax_mha(attention_fn=flax_attention_fn(kernel))
+  ref = flax_mha()
+  x, ct = inputs(1, B, S, F), inputs(2, B, S, F)
+  mask = nnx.make_causal_mask(jnp.ones((B, S)))                      # (B, 1, S, S)
+  for kw in (dict(), dict(mask=mask), dict(is_causal=True)):
+    assert rel_err(call(ours, x, **kw), call(ref, x, **kw)) < tol(jnp.float32), kw
+  grad_leaves_close(grads(ours, ct, x, mask=mask), grads(ref, ct, x, mask=mask))
+
+
+def test_adapter_cross_attention_bias_mods_and_batch_dims():
+  xq, xkv = inputs(3, 2, 3, 7, F), inputs(4, 2, 3, 9, F)
+  bias = 0.3 * inputs(5, 3, 1, 7, 9)                                 # (batch2, 1, Sq, Sk)
+  mask = inputs(6, 2, 3, 1, 7, 9) > -1.0                             # (b1, b2, 1, Sq, Sk)
+  ours = flax_mha(attention_fn=flax_attention_fn(standard_attention))
+  ref = flax_mha()
+  out = call(ours, xq, xkv, mask=mask)
+  assert out.shape == (2, 3, 7, F)
+  assert rel_err(out, call(ref, xq, xkv, mask=mask)) < tol(jnp.float32)
+  # Flax's dot_product_attention adds a bias; drive both through the attention functions directly.
+  q, k, v = inputs(7, 3, 7, H, 32), inputs(8, 3, 9, HKV, 32), inputs(9, 3, 9, HKV, 32)
+  fn = flax_attention_fn(standard_attention)
+  want = nnx.dot_product_attention(q, k, v, bias=bias, mask=mask[0])
+  assert rel_err(fn(q, k, v, bias=bias, mask=mask[0]), want) < tol(jnp.float32)
+  # Mods given to the adapter apply at every call, before Flax's bias/mask.
+  fn_mod = flax_attention_fn(standard_attention, score_mod=alibi_mod(num_heads=H),
+                             mask_mod=lambda b, h, i, j: j <= i + 2)
+  slopes = attnax.kernels.alibi_slopes(H)
+  rel = jnp.arange(9)[None, :] - jnp.arange(7)[:, None]
+  alibi = slopes[:, None, None] * rel                                # (H, Sq, Sk)
+  want = nnx.dot_product_attention(q, k, v, bias=bias + alibi, mask=mask[0] & (rel <= 2))
+  assert rel_err(fn_mod(q, k, v, bias=bias, mask=mask[0]), want) < tol(jnp.float32)
+
+
+def test_adapter_in_flax_decoding():
+  """Flax's own KV cache (one token at a time, an occupancy mask) through an attnax kernel."""
+  ours = flax_mha(attention_fn=flax_attention_fn(standard_attention), decode=True)
+  ref = flax_mha(decode=True)
+  x = inputs(10, B, 6, F)
+  for m in (ours, ref):
+    m.init_cache((B, 6, F))
+  step = nnx.jit(lambda m, x: m(x))
+  for t in range(6):
+    a, b = step(ours, x[:, t:t + 1]), step(ref, x[:, t:t + 1])
+    assert rel_err(a, b) < tol(jnp.float32), t
+
+
+def test_adapter_errors():
+  fn = flax_attention_fn(standard_attention)
+  q = inputs(11, 1, 4, H, 32)
+  with pytest.raises(ValueError, match="sow_weights"):
+    fn(q, q, q, module=object())
+  with pytest.raises(ValueError, match="input_positions"):
+    fn(q, q, q, input_positions=jnp.arange(4))
+
+  def no_dropout(q, k, v, *, score_mod=None, mask_mod=None, scale=None):
+    return standard_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale)
+
+  with pytest.raises(ValueError, match="dropout"):
+    flax_attention_fn(no_dropout)(q, q, q, dropout_rate=0.1, dropout_rng=jax.random.key(0))
+  # Deterministic calls never need dropout support.
+  flax_attention_fn(no_dropout)(q, q, q, dropout_rate=0.1, deterministic=True)
+  with pytest.raises(ValueError, match="AttentionFn"):
+    flax_attention_fn(lambda q, k, v, block_tables: q)
+
+
+def test_adapter_dropout_reaches_the_kernel():
+  fn = flax_attention_fn(standard_attention)
+  q, k, v = inputs(12, 1, 6, H, 32), inputs(13, 1, 6, H, 32), inputs(14, 1, 6, H, 32)
+  plain = fn(q, k, v)
+  dropped = fn(q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(3), deterministic=False)
+  again = fn(q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(3), deterministic=False)
+  assert rel_err(dropped, again) == 0.0 and rel_err(dropped, plain) > 1e-2
+
+
+# ----------------------------------------------------------------------------- from_flax
+
+
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_from_flax_matches_flax_outputs_and_gradients(name):
+  kernel = KERNELS[name]
+  probe(kernel, q_len=S, kv_len=S)
+  ref = flax_mha(normalize_qk=True)
+  ours = MultiHeadAttention.from_flax(ref, attention_fn=kernel)
+  assert ours.qk_norm == "layer" and ours.num_kv_heads == HKV
+  x, ct = inputs(15, B, S, F), inputs(16, B, S, F)
+  assert rel_err(call(ours, x), call(ref, x)) < tol(jnp.float32)
+  g, g_ref = by_path(grads(ours, ct, x)), by_path(grads(ref, ct, x))
+  rename = {"query_norm": "query_ln", "key_norm": "key_ln"}
+  g = {tuple(rename.get(p, p) for p in path): v for path, v in g.items()}
+  assert set(g) == set(g_ref)
+  keys = sorted(g_ref)
+  grad_leaves_close([g[k] for k in keys], [g_ref[k] for k in keys])
+
+
+def test_from_flax_cross_attention_and_causal_mod():
+  ref = flax_mha(in_kv_features=24, use_bias=False, num_kv_heads=1)
+  ours = MultiHeadAttention.from_flax(ref, score_mod=causal_mod())
+  assert ours.attention_type is attnax.AttentionType.MULTI_QUERY and not ours.use_bias
+  xq, xkv = inputs(17, B, 7, F), inputs(18, B, 9, 24)
+  assert rel_err(call(ours, xq, xkv), call(ref, xq, xkv, is_causal=True)) < tol(jnp.float32)
+
+
+def test_load_flax_params_in_place_and_mismatches():
+  ref = flax_mha(seed=3)
+  ours = MultiHeadAttention(nnx.Rngs(9), num_heads=H, in_features=F, qkv_features=QKV,
+                            num_kv_heads=HKV)
+  x = inputs(19, B, S, F)
+  assert rel_err(call(ours, x), call(ref, x)) > 1e-2
+  ours.load_flax_params(ref)
+  assert rel_err(call(ours, x), call(ref, x)) < tol(jnp.float32)
+  np.testing.assert_array_equal(ours.out.kernel[...], ref.out.kernel[...])
+  other = MultiHeadAttention(nnx.Rngs(0), num_heads=H, in_features=F, qkv_features=QKV)
+  with pytest.raises(ValueError, match=r"num_kv_heads: flax 2 vs attnax 4"):
+    other.load_flax_params(ref)
+  rms = MultiHeadAttention(nnx.Rngs(0), num_heads=H, in_features=F, qkv_features=QKV,
+                           num_kv_heads=HKV, qk_norm=True)
+  with pytest.raises(ValueError, match="normalize_qk.*RMSNorm"):
+    rms.load_flax_params(flax_mha(normalize_qk=True))
