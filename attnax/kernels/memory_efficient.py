@@ -7,9 +7,11 @@ computation is wrapped in ``jax.checkpoint``, so ordinary autodiff saves only th
 recomputes the ``(query_chunk, key_chunk)`` scores in the backward. Peak memory is therefore
 ``O(query_chunk_size * key_chunk_size)`` per (batch, head), never ``O(Sq * Sk)``.
 
-Sequence lengths need not be multiples of the chunk sizes: the full chunks run in the loops and the
-remainder chunk runs once more with its own (static, smaller) shape, so nothing is padded and no
-position past the end ever exists. Mods see absolute ``q_idx``/``kv_idx`` (chunk offset + position).
+Sequence lengths need not be multiples of the chunk sizes, and nothing is padded (no position past
+the end ever exists): the last chunk is shifted back to end at ``Sq`` (resp. ``Sk``) and overlaps
+its predecessor. The last query chunk recomputes rows already done and discards them; the last key
+chunk masks the keys already counted (they are invisible to it). So every chunk has one static
+shape and the chunk computation is compiled once. Mods see absolute ``q_idx``/``kv_idx`` (chunk offset + position).
 Grouped-query attention reshapes q to ``(B, Hkv, G, Sq, D)`` and folds the group into the rows of
 each matmul; k and v are never repeated.
 """
@@ -47,31 +49,34 @@ def _chunk_attention(q_c: jax.Array, q_start: Any, k: jax.Array, v: jax.Array, *
   q_idx = (q_start + jnp.arange(c, dtype=jnp.int32)).reshape(1, 1, 1, c, 1)
   q_rows = q_c.reshape(bsz, hkv, g * c, d)   # the group folded into the rows of the matmuls
 
-  def make_step(size: int):
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def step(carry, k_start):
-      acc, m, l = carry
-      k_c = jax.lax.dynamic_slice_in_dim(k, k_start, size, axis=2)
-      v_c = jax.lax.dynamic_slice_in_dim(v, k_start, size, axis=2)
-      s = tiles.qk_dot(q_rows, k_c).reshape(bsz, hkv, g, c, size) * scale
-      kv_idx = (k_start + jnp.arange(size, dtype=jnp.int32)).reshape(1, 1, 1, 1, size)
-      s, visible = tiles.tile_scores(s, score_fn=score_fn, mask_fn=mask_fn, b=b_idx, h=h_idx,
-                                     q_idx=q_idx, kv_idx=kv_idx)
-      p, alpha, m, l = tiles.online_softmax_step(s, visible, m, l)
-      p = p.astype(v.dtype) if jnp.dtype(v.dtype).itemsize < 4 else p
-      pv = tiles.pv_dot(p.reshape(bsz, hkv, g * c, size), v_c).reshape(bsz, hkv, g, c, dv)
-      return acc * alpha[..., None] + pv, m, l
-    return step
+  n = -(-sk // key_chunk)
+  # Every key chunk has the same static size: when Sk is not a multiple of it, the last chunk
+  # starts at Sk - key_chunk and masks the keys its predecessor already covered.
+  overlap = sk % key_chunk != 0
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def step(carry, chunk):
+    acc, m, l = carry
+    k_start = jnp.minimum(chunk * key_chunk, sk - key_chunk)
+    k_c = jax.lax.dynamic_slice_in_dim(k, k_start, key_chunk, axis=2)
+    v_c = jax.lax.dynamic_slice_in_dim(v, k_start, key_chunk, axis=2)
+    s = tiles.qk_dot(q_rows, k_c).reshape(bsz, hkv, g, c, key_chunk) * scale
+    kv_idx = (k_start + jnp.arange(key_chunk, dtype=jnp.int32)).reshape(1, 1, 1, 1, key_chunk)
+    chunk_mask = mask_fn
+    if overlap:
+      new_key = lambda j: j >= chunk * key_chunk
+      chunk_mask = ((lambda b, h, i, j: new_key(j)) if mask_fn is None else
+                    (lambda b, h, i, j: new_key(j) & mask_fn(b, h, i, j)))
+    s, visible = tiles.tile_scores(s, score_fn=score_fn, mask_fn=chunk_mask, b=b_idx, h=h_idx,
+                                   q_idx=q_idx, kv_idx=kv_idx)
+    p, alpha, m, l = tiles.online_softmax_step(s, visible, m, l)
+    p = p.astype(v.dtype) if jnp.dtype(v.dtype).itemsize < 4 else p
+    pv = tiles.pv_dot(p.reshape(bsz, hkv, g * c, key_chunk), v_c).reshape(bsz, hkv, g, c, dv)
+    return (acc * alpha[..., None] + pv, m, l), None
 
   m, l = tiles.init_stats((bsz, hkv, g, c))
   carry = (jnp.zeros((bsz, hkv, g, c, dv), jnp.float32), m, l)
-  n_full, rem = divmod(sk, key_chunk)
-  if n_full:
-    full_step = make_step(key_chunk)
-    starts = jnp.arange(n_full, dtype=jnp.int32) * key_chunk
-    carry, _ = jax.lax.scan(lambda cr, st: (full_step(cr, st), None), carry, starts)
-  if rem:
-    carry = make_step(rem)(carry, jnp.int32(n_full * key_chunk))
+  carry, _ = jax.lax.scan(step, carry, jnp.arange(n, dtype=jnp.int32))
   return tiles.finalize(*carry)
 
 
@@ -117,23 +122,22 @@ def memory_efficient_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scor
   attend = functools.partial(_chunk_attention, k=k, v=v, scale=scale, key_chunk=ck,
                              score_fn=score_fn, mask_fn=mask_fn, b_idx=b_idx, h_idx=h_idx)
 
+  # Every query chunk has the same static size: when Sq is not a multiple of it, the last chunk
+  # starts at Sq - cq and overlaps its predecessor; only its new rows are kept.
+  n = -(-sq // cq)
+  starts = jnp.minimum(jnp.arange(n, dtype=i32) * cq, sq - cq)
+
   def one_chunk(start):
     q_c = jax.lax.dynamic_slice_in_dim(qg, start, cq, axis=3)
     out, lse = attend(q_c, start)
     return out.astype(q.dtype), lse
 
-  outs, lses = [], []
-  n_full, rem = divmod(sq, cq)
-  if n_full:
-    o, l = jax.lax.map(one_chunk, jnp.arange(n_full, dtype=i32) * cq)   # (n, B, Hkv, G, cq, ...)
-    outs.append(jnp.moveaxis(o, 0, 3).reshape(bsz, hkv, g, n_full * cq, dv))
-    lses.append(jnp.moveaxis(l, 0, 3).reshape(bsz, hkv, g, n_full * cq))
-  if rem:
-    o, l = attend(qg[:, :, :, n_full * cq:], jnp.int32(n_full * cq))
-    outs.append(o.astype(q.dtype))
-    lses.append(l)
-  out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
-  lse = jnp.concatenate(lses, axis=3) if len(lses) > 1 else lses[0]
+  out, lse = jax.lax.map(one_chunk, starts)   # (n, B, Hkv, G, cq, ...)
+  keep = sq - (n - 1) * cq                    # rows of the last chunk not seen before
+  out = jnp.concatenate([jnp.moveaxis(out[:-1], 0, 3).reshape(bsz, hkv, g, (n - 1) * cq, dv),
+                         out[-1][:, :, :, cq - keep:]], axis=3)
+  lse = jnp.concatenate([jnp.moveaxis(lse[:-1], 0, 3).reshape(bsz, hkv, g, (n - 1) * cq),
+                         lse[-1][:, :, :, cq - keep:]], axis=3)
   out = out.reshape(bsz, hq, sq, dv)
   lse = lse.reshape(bsz, hq, sq)
   return (out, lse) if return_lse else out
