@@ -133,7 +133,8 @@ def measure(name, case, attn, args, fl_f, fl_b, do_bwd=True, ref=None):
 
 
 def _cfg(f, dq, dkv):
-  return FlashConfig(128, 128, *f, *dq, *dkv)
+  return FlashConfig(128, 128, *f, *dq, *dkv[:4],
+                     **({"dkv_transposed": dkv[4]} if len(dkv) > 4 else {}))
 
 
 def section_configs():
@@ -151,6 +152,12 @@ def section_configs():
       log(**rec)
 
 
+DQ_VARIANTS = [(128, 64, 8, 2), (128, 64, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
+DKV_VARIANTS = [(64, 64, 4, 2, True), (64, 64, 4, 2, False), (128, 64, 8, 2, True),
+                (128, 32, 4, 2, True), (128, 32, 8, 2, True), (64, 32, 4, 2, True),
+                (128, 64, 4, 2, True), (128, 128, 8, 1, True), (64, 128, 4, 2, True)]
+
+
 def section_bwd(causal, b=4, h=16, s=4096, d=128):
   """Time the dQ and dK/dV kernels separately for several tilings."""
   from attnax.kernels.pallas import api, triton as tk
@@ -159,12 +166,11 @@ def section_bwd(causal, b=4, h=16, s=4096, d=128):
   # per kernel: 2 (QK, dO V) + 1 (dQ) or 2 (dV, dK) matmuls of the fwd's size each
   fl_dq = flops(b, h, s, s, d, frac) * 1.5
   fl_dkv = flops(b, h, s, s, d, frac) * 2.0
-  variants = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2),
-              (64, 32, 4, 2), (64, 128, 4, 2), (128, 128, 8, 1), (32, 64, 4, 2), (64, 64, 8, 3)]
   best = {}
   for which in ("dq", "dkv"):
-    for var in variants:
-      cfg = _cfg((128, 128, 8, 3), var, var)
+    for var in (DQ_VARIANTS if which == "dq" else DKV_VARIANTS):
+      cfg = _cfg((128, 128, 8, 3), var[:4], var[:4])
+      cfg = dataclasses.replace(cfg, dkv_transposed=var[4] if len(var) > 4 else True)
       rec = dict(case=f"bwd S={s} {'causal' if causal else 'dense'} D={d}", impl=f"{which} {var}")
       try:
         plan = api._plan(*args, score_mod=causal_mod() if causal else None, mask_mod=None,
@@ -293,8 +299,10 @@ def main():
   base = default_config(128, interpret=False)
   fwd_best = {c: (0, (base.fwd_rows, base.fwd_cols, base.fwd_num_warps, base.fwd_num_stages))
               for c in (False, True)}
-  bdef = (0, (base.dq_rows, base.dq_cols, base.dq_num_warps, base.dq_num_stages))
-  bwd_best = {c: {"dq": bdef, "dkv": bdef} for c in (False, True)}
+  qdef = (0, (base.dq_rows, base.dq_cols, base.dq_num_warps, base.dq_num_stages))
+  kdef = (0, (base.dkv_rows, base.dkv_cols, base.dkv_num_warps, base.dkv_num_stages,
+              base.dkv_transposed))
+  bwd_best = {c: {"dq": qdef, "dkv": kdef} for c in (False, True)}
   if "configs" in secs:
     section_configs()
   if "bwd" in secs:
@@ -303,9 +311,8 @@ def main():
   if "fwd" in secs:
     for causal in (False, True):
       fwd_best[causal] = section_fwd(causal) or fwd_best[causal]
-    for d in (64, 256):
-      section_fwd(True, d=d, variants=[(128, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 2),
-                                       (128, 64, 8, 2), (64, 32, 4, 2)])
+    section_fwd(True, d=256, variants=[(64, 32, 4, 1), (64, 64, 4, 1), (32, 32, 4, 1),
+                                       (64, 32, 4, 2)])
   cfgs = {c: _cfg(fwd_best[c][1], bwd_best[c]["dq"][1], bwd_best[c]["dkv"][1])
           for c in (False, True)}
   print("chosen", cfgs, flush=True)

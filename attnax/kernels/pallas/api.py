@@ -58,6 +58,7 @@ class FlashConfig:
   dkv_cols: int | None = None
   dkv_num_warps: int = 4
   dkv_num_stages: int = 2
+  dkv_transposed: bool = True   # dK/dV pass on the transposed (keys x queries) tile
 
 
 def _cfg(fwd, dq, dkv, block=128):
@@ -68,10 +69,10 @@ def _cfg(fwd, dq, dkv, block=128):
 # (rows, cols, warps, stages), dQ (rows, cols, warps, stages), dK/dV (rows, cols, warps, stages).
 # Measured with benchmarks/tune_pallas.py (bf16, D=128); the others are sized to fit shared memory.
 _GPU_DEFAULTS = {
-    (32, 2): _cfg((128, 128, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
-    (64, 2): _cfg((128, 128, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
-    (128, 2): _cfg((128, 128, 8, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
-    (256, 2): _cfg((64, 64, 4, 2), (64, 32, 4, 1), (64, 32, 4, 1)),
+    (32, 2): _cfg((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)),
+    (64, 2): _cfg((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)),
+    (128, 2): _cfg((128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)),
+    (256, 2): _cfg((32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
     (32, 4): _cfg((128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2)),
     (64, 4): _cfg((128, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
     (128, 4): _cfg((64, 64, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1)),
@@ -282,7 +283,8 @@ def _plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, 
       dq_rows=fine(cfg.dq_rows, bq, "dq_rows"), dq_cols=fine(cfg.dq_cols, bk, "dq_cols"),
       dkv_rows=fine(cfg.dkv_rows, bk, "dkv_rows"), dkv_cols=fine(cfg.dkv_cols, bq, "dkv_cols"),
       dq_warps=warps(cfg.dq_num_warps), dq_stages=stages(cfg.dq_num_stages),
-      dkv_warps=warps(cfg.dkv_num_warps), dkv_stages=stages(cfg.dkv_num_stages), mods=mods, unit_grad=softcap is None and
+      dkv_warps=warps(cfg.dkv_num_warps), dkv_stages=stages(cfg.dkv_num_stages),
+      dkv_transposed=cfg.dkv_transposed, mods=mods, unit_grad=softcap is None and
       _unit_grad(score_fn), interpret=interpret)
   qp = _pad_to(q, (b, hq, q_pad, d_pad))
   kp = _pad_to(k, (b, hkv, kv_pad, d_pad))

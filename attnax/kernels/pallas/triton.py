@@ -163,6 +163,7 @@ class KernelSpec:
   dq_stages: int
   dkv_warps: int
   dkv_stages: int
+  dkv_transposed: bool
   mods: ModSpec
   unit_grad: bool       # d(modded score)/d(score) == 1 wherever visible: skip the jvp
   interpret: bool
@@ -196,7 +197,11 @@ class KernelSpec:
 
 def _scores(q, k, spec: KernelSpec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked: bool,
             need_grad: bool):
-  """Scaled, soft-capped, modded, masked scores of one tile; and d(modded)/d(raw) if needed."""
+  """Scaled, soft-capped, modded, masked scores of one tile; and d(modded)/d(raw) if needed.
+
+  ``q @ k.T``; called with the operands swapped (``k``, ``q``) and the index vectors swapped in
+  orientation it gives the transposed tile (mods are elementwise and broadcast either way).
+  """
   s_raw = lax.dot_general(q, k, _NT, preferred_element_type=f32) * spec.scale
   kv_len = spec.kv_len if (masked and spec.kv_len != spec.kv_pad) else None
 
@@ -362,6 +367,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
   k_start = j * rows
   k, v = k_ref[...], v_ref[...]
   kv_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, rows), 1)
+  kv_col = k_start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
   ragged_k = spec.kv_len != spec.kv_pad
 
   def one_head(g, carry):
@@ -375,17 +381,36 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
         do = do_ref[g, pl.ds(q_start, cols), :]
         lse = lse_ref[g, pl.ds(q_start, cols)]
         delta = delta_ref[g, pl.ds(q_start, cols)]
-        q_idx = q_start + lax.broadcasted_iota(jnp.int32, (cols, 1), 0)
-        s, visible, dmod = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked,
-                                   True)
-        p = tiles.probabilities(s, visible, lse)
-        pc = p.astype(do.dtype) if jnp.dtype(do.dtype).itemsize < 4 else p
-        dv = dv + lax.dot_general(pc, do, _TN, preferred_element_type=f32)
-        dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
-        ds = p * (dp - delta[:, None])
-        if dmod is not None:
-          ds = ds * dmod
-        dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=f32)
+        low = jnp.dtype(do.dtype).itemsize < 4
+        if spec.dkv_transposed:
+          # Work on the transposed tile (keys x queries), as the Triton tutorial does: every
+          # matmul then takes its operands as loaded (no transposes of computed tiles).
+          q_idx = q_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
+          st, visible, dmod = _scores(k, q, spec, score_fn, mask_fn, b, h, q_idx, kv_col, masked,
+                                      True)
+          # tiles.probabilities, transposed: exp(s - lse) with lse = -inf rows giving 0.
+          lse_safe = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+          pt = jnp.exp(st - lse_safe[None, :])
+          if visible is not None:
+            pt = jnp.where(visible, pt, 0.0)
+          dv = dv + lax.dot(pt.astype(do.dtype) if low else pt, do, preferred_element_type=f32)
+          dpt = lax.dot_general(v, do, _NT, preferred_element_type=f32)
+          dst = pt * (dpt - delta[None, :])
+          if dmod is not None:
+            dst = dst * dmod
+          dk = dk + lax.dot(dst.astype(q.dtype), q, preferred_element_type=f32)
+        else:
+          q_idx = q_start + lax.broadcasted_iota(jnp.int32, (cols, 1), 0)
+          s, visible, dmod = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked,
+                                     True)
+          p = tiles.probabilities(s, visible, lse)
+          pc = p.astype(do.dtype) if low else p
+          dv = dv + lax.dot_general(pc, do, _TN, preferred_element_type=f32)
+          dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
+          ds = p * (dp - delta[:, None])
+          if dmod is not None:
+            ds = ds * dmod
+          dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=f32)
       return dk, dv
 
     row = spec.bm_index(b, h) * spec.nk + k_start // spec.block_k
