@@ -565,8 +565,8 @@ def ring_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, num_sh
   """:func:`ring_attention`'s maths on one device, for tests.
 
   The same shards, the same step order (device ``r`` at step ``t`` holds the K/V of shard
-  ``(r - t) mod n``), the same per-step kernel and the same LSE merges, as a plain loop over shards
-  and steps with no communication. Differentiable by ordinary autodiff.
+  ``(r - t) mod n``), the same per-step kernel and the same LSE merges, with the devices emulated
+  side by side (``vmap`` over shards) and no communication. Differentiable by ordinary autodiff.
 
   Args:
     num_shards: ``n``, the ring size being emulated. Other arguments as :func:`ring_attention`
@@ -583,19 +583,21 @@ def ring_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, num_sh
                                  mask_mod=mask_mod, scale=scale, block_q=block_q)
   hkv = k.shape[1]
   lq, lk = q.shape[2] // n, k.shape[2] // n
+  # Shard-major views: "device" r holds qs[r], and ks[r], vs[r] before the ring turns.
   q5 = pack_gqa(q, hkv)
-  outs, lses = [], []
-  for r in range(n):
-    qr = q5[:, :, :, r * lq:(r + 1) * lq]
-    out = jnp.zeros(qr.shape[:-1] + (v.shape[-1],), f32)
-    lse = jnp.full(qr.shape[:-1], -jnp.inf, f32)
-    for t in range(n):
-      src = (r - t) % n
-      part = _step_fwd(qr, k[:, :, src * lk:(src + 1) * lk], v[:, :, src * lk:(src + 1) * lk],
-                       jnp.int32(r), jnp.int32(src), cfg, floats, others)
-      out, lse = merge.merge_two(out, lse, *part)
-    outs.append(out)
-    lses.append(lse)
-  out = unpack_gqa(jnp.concatenate(outs, axis=3)).astype(q.dtype)
-  lse = unpack_gqa(jnp.concatenate(lses, axis=3))
+  qs = jnp.moveaxis(q5.reshape(q5.shape[:3] + (n, lq, q5.shape[-1])), 3, 0)
+  ks = jnp.moveaxis(k.reshape(k.shape[:2] + (n, lk, k.shape[-1])), 2, 0)
+  vs = jnp.moveaxis(v.reshape(v.shape[:2] + (n, lk, v.shape[-1])), 2, 0)
+  shards = jnp.arange(n, dtype=jnp.int32)
+
+  def step(t, carry):
+    # Every device r, side by side (vmap), at step t holds the K/V of shard (r - t) mod n.
+    src = (shards - t) % n
+    one = lambda qr, r, s: _step_fwd(qr, ks[s], vs[s], r, s, cfg, floats, others)
+    return merge.merge_two(*carry, *jax.vmap(one)(qs, shards, src))
+
+  init = (jnp.zeros(qs.shape[:-1] + (v.shape[-1],), f32), jnp.full(qs.shape[:-1], -jnp.inf, f32))
+  out, lse = lax.fori_loop(0, n, step, init)
+  out = unpack_gqa(jnp.concatenate(list(out), axis=3)).astype(q.dtype)
+  lse = unpack_gqa(jnp.concatenate(list(lse), axis=3))
   return (out, lse) if return_lse else out

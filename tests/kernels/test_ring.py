@@ -1,0 +1,201 @@
+"""ring_attention on 4 host devices == ring_attention_reference == standard_attention (float64)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from attnax.kernels import (additive_bias_mod, alibi_mod, causal_mod, compose_score_mods,
+                            document_mask_mod, from_zigzag, ring_attention,
+                            ring_attention_reference, standard_attention, to_zigzag,
+                            zigzag_indices)
+from tests.helpers import (kernel_grads, random_qkv, reference_attention, reference_grads, rel_err,
+                           tol)
+
+N = 4
+S = 32          # 8 tokens per device, zig-zag chunks of 4
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  if len(jax.devices()) < N:
+    pytest.skip(f"needs {N} devices (tests/conftest.py forces 4 host CPU devices)")
+  return Mesh(np.array(jax.devices()[:N]), ("sp",))
+
+
+def _docs(seed, batch=2, length=S):
+  rng = np.random.RandomState(seed)
+  return jnp.asarray(np.sort(rng.randint(0, 4, (batch, length)), axis=1), jnp.int32)
+
+
+def ring_natural(q, k, v, *, mesh, zigzag, **kw):
+  """ring_attention on natural-order arrays (permuting into and out of zig-zag order if asked)."""
+  zz = (lambda x: to_zigzag(x, N)) if zigzag else (lambda x: x)
+  unzz = (lambda x: from_zigzag(x, N)) if zigzag else (lambda x: x)
+  res = ring_attention(zz(q), zz(k), zz(v), mesh=mesh, axis_name="sp", zigzag=zigzag, **kw)
+  return jax.tree.map(unzz, res)
+
+
+def reference_natural(q, k, v, *, zigzag, **kw):
+  zz = (lambda x: to_zigzag(x, N)) if zigzag else (lambda x: x)
+  unzz = (lambda x: from_zigzag(x, N)) if zigzag else (lambda x: x)
+  res = ring_attention_reference(zz(q), zz(k), zz(v), num_shards=N, zigzag=zigzag, **kw)
+  return jax.tree.map(unzz, res)
+
+
+@pytest.mark.parametrize("zigzag,causal", [
+    (False, False), (True, True),
+    pytest.param(False, True, marks=pytest.mark.slow),
+    pytest.param(True, False, marks=pytest.mark.slow)])
+def test_ring_equals_reference_equals_standard(mesh, zigzag, causal):
+  q, k, v = random_qkv(1, q_len=S, kv_len=S)
+  kw = dict(causal=causal, block_q=3, return_lse=True)   # 3 does not divide the 4/8-token pieces
+  out, lse = jax.jit(functools.partial(ring_natural, mesh=mesh, zigzag=zigzag, **kw))(q, k, v)
+  r_out, r_lse = jax.jit(functools.partial(reference_natural, zigzag=zigzag, **kw))(q, k, v)
+  ref_out, ref_lse = reference_attention(q, k, v, score_mod=causal_mod() if causal else None,
+                                         return_lse=True)
+  assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == q.shape[:3]
+  assert rel_err(out, ref_out) < tol(jnp.float32)
+  assert rel_err(lse, ref_lse) < tol(jnp.float32)
+  # Same steps and merges: the ring and its single-device emulation agree to rounding.
+  np.testing.assert_allclose(out, r_out, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(lse, r_lse, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("zigzag", [False, True])
+def test_document_mask_and_alibi_on_absolute_positions(mesh, zigzag):
+  q, k, v = random_qkv(2, q_len=S, kv_len=S)
+  mod = compose_score_mods(alibi_mod(num_heads=4), document_mask_mod(_docs(2)))
+  out = jax.jit(functools.partial(ring_natural, mesh=mesh, zigzag=zigzag, causal=True,
+                                  score_mod=mod, block_q=4))(q, k, v)
+  ref = reference_attention(q, k, v, score_mod=compose_score_mods(causal_mod(), mod))
+  assert rel_err(out, ref) < tol(jnp.float32)
+  r = jax.jit(functools.partial(reference_natural, zigzag=zigzag, causal=True, score_mod=mod,
+                                block_q=4))(q, k, v)
+  np.testing.assert_allclose(out, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("zigzag,causal", [(False, False), (True, True)])
+def test_grads_match_float64_reference(mesh, zigzag, causal):
+  q, k, v = random_qkv(3, q_len=S, kv_len=S, q_heads=4, kv_heads=1)
+  ct = jax.random.normal(jax.random.key(30), q.shape)
+  mod = document_mask_mod(_docs(3))
+  f = functools.partial(ring_natural, mesh=mesh, zigzag=zigzag, causal=causal, score_mod=mod,
+                        block_q=4)
+  grads = jax.jit(lambda q, k, v: kernel_grads(f, q, k, v, ct))(q, k, v)
+  refs = reference_grads(q, k, v, ct, score_mod=compose_score_mods(
+      causal_mod() if causal else None, mod))
+  for g, r in zip(grads, refs):
+    assert rel_err(g, r) < tol(jnp.float32, grad=True)
+
+
+def test_grads_through_lse_and_of_mod_arrays(mesh):
+  """The backward handles a cotangent on the lse, and float mod arrays (a bias) get gradients."""
+  q, k, v = random_qkv(4, q_len=S, kv_len=S)
+  bias = jax.random.normal(jax.random.key(40), (1, 4, S, S))
+  ct = jax.random.normal(jax.random.key(41), q.shape)
+  ct_lse = jax.random.normal(jax.random.key(42), q.shape[:3])
+
+  def loss(kernel, q, k, v, bias):
+    out, lse = kernel(q, k, v, score_mod=additive_bias_mod(bias), causal_mask=True)
+    return jnp.sum(out * ct) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * ct_lse)
+
+  def ring(q, k, v, score_mod, causal_mask):
+    return ring_natural(q, k, v, mesh=mesh, zigzag=True, causal=causal_mask, score_mod=score_mod,
+                        return_lse=True, block_q=4)
+
+  def standard(q, k, v, score_mod, causal_mask):
+    return standard_attention(q, k, v, score_mod=compose_score_mods(causal_mod(), score_mod),
+                              return_lse=True)
+
+  got = jax.jit(jax.grad(functools.partial(loss, ring), argnums=(0, 1, 2, 3)))(q, k, v, bias)
+  with jax.enable_x64(True):
+    up = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    ct, ct_lse = up(ct), up(ct_lse)
+    want = jax.grad(functools.partial(loss, standard), argnums=(0, 1, 2, 3))(
+        up(q), up(k), up(v), up(bias))
+    want = [np.asarray(w) for w in want]
+  for g, w in zip(got, want):
+    assert rel_err(g, w) < tol(jnp.float32, grad=True)
+
+
+def test_fully_masked_rows_are_zero_without_nans(mesh):
+  q, k, v = random_qkv(5, q_len=S, kv_len=S)
+  mask = lambda b, h, i, j: (i % 5 != 0) & (j <= i)          # rows 0, 5, 10, ... see nothing
+  f = functools.partial(ring_natural, mesh=mesh, zigzag=True, mask_mod=mask, return_lse=True,
+                        block_q=2)
+  out, lse = jax.jit(f)(q, k, v)
+  assert np.all(np.asarray(out[:, :, ::5]) == 0) and np.all(np.isneginf(lse[:, :, ::5]))
+  ref = reference_attention(q, k, v, mask_mod=mask)
+  assert rel_err(out, ref) < tol(jnp.float32)
+  grads = jax.jit(jax.grad(lambda q, k, v: f(q, k, v)[0].sum(), argnums=(0, 1, 2)))(q, k, v)
+  assert all(np.all(np.isfinite(g)) for g in grads)
+  assert np.all(np.asarray(grads[0][:, :, ::5]) == 0)
+
+
+def test_bf16_and_cross_lengths(mesh):
+  q, k, v = random_qkv(6, q_len=16, kv_len=S, v_dim=8, dtype=jnp.bfloat16)
+  out = jax.jit(functools.partial(ring_natural, mesh=mesh, zigzag=False, block_q=8))(q, k, v)
+  assert out.dtype == jnp.bfloat16 and out.shape == (2, 4, 16, 8)
+  assert rel_err(out, reference_attention(q, k, v)) < tol(jnp.bfloat16)
+
+
+def test_two_axis_mesh_ring_over_one_axis():
+  if len(jax.devices()) < 4:
+    pytest.skip("needs 4 devices")
+  mesh2 = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("dp", "sp"))
+  q, k, v = random_qkv(7, q_len=16, kv_len=16)
+  out = jax.jit(lambda q, k, v: ring_attention(q, k, v, mesh=mesh2, axis_name="sp", causal=True,
+                                               zigzag=False, block_q=4))(q, k, v)
+  assert rel_err(out, reference_attention(q, k, v, score_mod=causal_mod())) < tol(jnp.float32)
+
+
+@pytest.mark.parametrize("n,zz", [(3, True), pytest.param(1, False, marks=pytest.mark.slow),
+                                  pytest.param(3, False, marks=pytest.mark.slow)])
+def test_reference_with_other_shard_counts(n, zz):
+  q, k, v = random_qkv(8, q_len=24, kv_len=24)
+  ref = reference_attention(q, k, v, score_mod=causal_mod())
+
+  def f(q, k, v):
+    perm = (lambda x: to_zigzag(x, n)) if zz else (lambda x: x)
+    out = ring_attention_reference(perm(q), perm(k), perm(v), num_shards=n, zigzag=zz,
+                                   causal=True, block_q=5)
+    return from_zigzag(out, n) if zz else out
+
+  assert rel_err(jax.jit(f)(q, k, v), ref) < tol(jnp.float32)
+
+
+def test_zigzag_layout():
+  idx = zigzag_indices(16, 4)           # chunks of 2: shard r holds chunks r and 7 - r
+  np.testing.assert_array_equal(idx, [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10, 11, 6, 7, 8, 9])
+  x = jnp.arange(2 * 3 * 16 * 5).reshape(2, 3, 16, 5)
+  np.testing.assert_array_equal(from_zigzag(to_zigzag(x, 4), 4), x)
+  # Causal visible area per device is balanced in zig-zag order (it is not in natural order).
+  pos = np.asarray(idx).reshape(4, 4)
+  area = [sum(p + 1 for p in row) for row in pos]
+  assert len(set(area)) == 1
+
+
+def _zeros(q_len, kv_len, q_heads=4, kv_heads=2):
+  """Shapes only: validation fails before any value is read."""
+  return (jnp.zeros((2, q_heads, q_len, 16)), jnp.zeros((2, kv_heads, kv_len, 16)),
+          jnp.zeros((2, kv_heads, kv_len, 16)))
+
+
+def test_errors(mesh):
+  q, k, v = _zeros(S, S)
+  with pytest.raises(ValueError, match="axis_name"):
+    ring_attention(q, k, v, mesh=mesh, axis_name="tp")
+  with pytest.raises(ValueError, match="divisible"):
+    ring_attention(*_zeros(12, 12), mesh=mesh, axis_name="sp", zigzag=True)
+  with pytest.raises(ValueError, match="divisible"):
+    ring_attention(*_zeros(10, 12), mesh=mesh, axis_name="sp")
+  with pytest.raises(ValueError, match="multiple of kv heads"):
+    ring_attention(*_zeros(S, S, q_heads=3, kv_heads=2), mesh=mesh, axis_name="sp")
+  with pytest.raises(ValueError, match="Mesh"):
+    ring_attention(q, k, v, mesh=None, axis_name="sp")
