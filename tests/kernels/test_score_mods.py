@@ -19,7 +19,24 @@ from attnax.kernels.score_mods import (
     document_mask_mod, mask_mod_to_boolean_mask, mask_mod_to_score_mod, prefix_lm_mod,
     sliding_window_mod,
 )
-from tests.helpers import random_qkv, rel_err, tol
+from tests.helpers import rel_err, tol
+
+
+def random_qkv(seed, batch=2, q_heads=4, kv_heads=2, q_len=37, kv_len=45, head_dim=16,
+               v_dim=None, dtype=jnp.float32, scale=1.0):
+  """``tests.helpers.random_qkv`` drawn with numpy (fresh normal inputs per seed) so that no PRNG
+  kernel is compiled per shape: CPU compile time dominates these small tests."""
+  rng = np.random.default_rng(seed)
+  v_dim = head_dim if v_dim is None else v_dim
+  q = scale * rng.standard_normal((batch, q_heads, q_len, head_dim), np.float32)
+  k = rng.standard_normal((batch, kv_heads, kv_len, head_dim), np.float32)
+  v = rng.standard_normal((batch, kv_heads, kv_len, v_dim), np.float32)
+  return tuple(jnp.asarray(x.astype(jnp.dtype(dtype))) for x in (q, k, v))
+
+
+def rand(seed, shape, dtype=np.float32):
+  """A fresh standard-normal array (numpy generator)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
 
 B, HQ, HKV, SQ, SK, D = 2, 4, 2, 13, 19, 8
 
@@ -271,7 +288,7 @@ def test_alibi_mod_num_heads():
   slopes = np.asarray(alibi_slopes(HQ), np.float64)
   _, h, i, j = grid()
   bias = full(slopes[h] * (j - i))
-  score = np.asarray(jax.random.normal(jax.random.key(0), (B, HQ, SQ, SK)))
+  score = np.asarray(rand(0, (B, HQ, SQ, SK)))
   np.testing.assert_allclose(apply_score_mod(mod, score), score + bias, rtol=1e-6, atol=1e-6)
   check_attention(mod, bias=bias, seed=4)
 
@@ -296,16 +313,16 @@ def test_alibi_mod_bad_arguments(kwargs):
 @pytest.mark.parametrize("shape", [(B, HQ, SQ, SK), (1, HQ, SQ, SK), (B, 1, 1, SK), (SQ, SK),
                                    (SK,), (HQ, 1, 1), (B, HQ, SQ, 1), ()])
 def test_additive_bias_broadcasting(shape):
-  bias = np.asarray(jax.random.normal(jax.random.key(len(shape) + sum(shape)), shape))
+  bias = np.asarray(rand(len(shape) + sum(shape), shape))
   mod = additive_bias_mod(jnp.asarray(bias))
-  score = np.asarray(jax.random.normal(jax.random.key(1), (B, HQ, SQ, SK)))
+  score = np.asarray(rand(1, (B, HQ, SQ, SK)))
   expected = score + np.broadcast_to(bias, (B, HQ, SQ, SK))
   np.testing.assert_allclose(apply_score_mod(mod, score), expected, rtol=1e-6, atol=1e-6)
   check_attention(mod, bias=np.broadcast_to(bias, (B, HQ, SQ, SK)), seed=6)
 
 
 def test_additive_bias_low_precision_bias_is_upcast():
-  bias = jax.random.normal(jax.random.key(2), (SQ, SK)).astype(jnp.bfloat16)
+  bias = rand(2, (SQ, SK)).astype(jnp.bfloat16)
   mod = additive_bias_mod(bias)
   out = apply_score_mod(mod, np.zeros((B, HQ, SQ, SK), np.float32))
   assert out.dtype == np.float32
@@ -325,8 +342,8 @@ def _double(score, b, h, q_idx, kv_idx):
 
 
 def test_compose_applies_in_order():
-  bias = np.asarray(jax.random.normal(jax.random.key(3), (SQ, SK)))
-  score = np.asarray(jax.random.normal(jax.random.key(4), (B, HQ, SQ, SK)))
+  bias = np.asarray(rand(3, (SQ, SK)))
+  score = np.asarray(rand(4, (B, HQ, SQ, SK)))
   add = additive_bias_mod(jnp.asarray(bias))
   np.testing.assert_allclose(apply_score_mod(compose_score_mods(_double, add), score),
                              2 * score + bias, rtol=1e-6, atol=1e-6)
@@ -352,7 +369,7 @@ def test_compose_rejects_mask_signature():
 def test_composed_mods_attention():
   """ALiBi + sliding window + documents + a bias, composed, against one numpy mask and bias."""
   ids = _ids(5, B, SQ)
-  bias = np.asarray(jax.random.normal(jax.random.key(5), (B, 1, SQ, SQ)))
+  bias = np.asarray(rand(5, (B, 1, SQ, SQ)))
   mod = compose_score_mods(alibi_mod(num_heads=HQ), sliding_window_mod(5),
                            document_mask_mod(jnp.asarray(ids)), additive_bias_mod(jnp.asarray(bias)))
   slopes = np.asarray(alibi_slopes(HQ), np.float64)
@@ -371,7 +388,7 @@ def test_mask_mod_to_score_mod():
   assert isinstance(mod, sm.MaskScoreMod) and mod.mask_mod is mask_fn
   b, h, i, j = grid()
   expected = full(((i + j + h) % 3 != 0) | (b == 1))
-  score = np.asarray(jax.random.normal(jax.random.key(6), (B, HQ, SQ, SK)))
+  score = np.asarray(rand(6, (B, HQ, SQ, SK)))
   got = apply_score_mod(mod, score)
   np.testing.assert_array_equal(got, np.where(expected, score.astype(np.float32), MASK_VALUE))
   assert np.isfinite(got).all()
