@@ -25,9 +25,10 @@ def check_qkv(q: Any, k: Any, v: Any, *, kernel: str = "attention",
     allowed = SUPPORTED_DTYPES + ((jnp.float64,) if allow_f64 else ())
     if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in allowed]:
       raise ValueError(f"{kernel}: {name} has unsupported dtype {x.dtype}; "
-                       "supported: float32, bfloat16, float16")
+                       f"supported: float32, bfloat16, float16; got {shapes}")
   if not (q.dtype == k.dtype == v.dtype):
-    raise ValueError(f"{kernel}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    raise ValueError(f"{kernel}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+                     f"{shapes}")
   b, hq, sq, d = q.shape
   bk, hkv, sk, dk = k.shape
   bv, hv, skv, dv = v.shape
@@ -51,12 +52,13 @@ def default_scale(scale: float | None, head_dim: int) -> float:
     return head_dim ** -0.5
   try:
     return float(scale)
-  except TypeError:
-    raise ValueError(f"scale must be a Python float (static), got {type(scale).__name__}") from None
+  except (TypeError, ValueError):
+    raise ValueError(f"scale must be a Python float (static), got {type(scale).__name__} "
+                     f"{scale!r}") from None
 
 
 def check_block(name: str, value: int) -> int:
-  if not isinstance(value, int) or value < 1:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
   return value
 
