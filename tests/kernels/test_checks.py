@@ -1,0 +1,194 @@
+"""Tests for attnax.kernels._checks: bad input raises ValueError at trace time, naming the argument
+and the shapes (DESIGN section 3), never silently broadcasting.
+
+Checked through ``check_qkv`` directly and through ``standard_attention`` (eagerly and under jit,
+where the error must come at trace time).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnax.kernels import _checks, standard_attention
+from attnax.kernels import score_mods as sm
+
+f32 = jnp.float32
+
+
+def arrays(qs, ks, vs, dtypes=(f32, f32, f32)):
+  # Zeros are fine here: only shapes and dtypes matter, nothing is computed.
+  return tuple(jnp.zeros(s, d) for s, d in zip((qs, ks, vs), dtypes))
+
+
+def shapes_in(msg, *arrs):
+  return all(str(tuple(a.shape)) in msg for a in arrs)
+
+
+GOOD = ((2, 4, 5, 8), (2, 2, 7, 8), (2, 2, 7, 6))
+
+# (name, q shape, k shape, v shape, argument/topic the message must name)
+BAD_SHAPES = [
+    ("q rank 3", (2, 5, 8), GOOD[1], GOOD[2], "q"),
+    ("k rank 5", GOOD[0], (1, 2, 2, 7, 8), GOOD[2], "k"),
+    ("v rank 2", GOOD[0], GOOD[1], (7, 6), "v"),
+    ("batch q/k", (3, 4, 5, 8), GOOD[1], GOOD[2], "batch"),
+    ("batch v", GOOD[0], GOOD[1], (1, 2, 7, 6), "batch"),
+    ("head_dim q/k", (2, 4, 5, 16), GOOD[1], GOOD[2], "head_dim"),
+    ("seq k/v", GOOD[0], GOOD[1], (2, 2, 9, 6), "sequence length"),
+    ("heads k/v", GOOD[0], GOOD[1], (2, 4, 7, 6), "heads"),
+    ("Hq % Hkv", (2, 3, 5, 8), GOOD[1], GOOD[2], "kv heads"),
+    ("Hkv > Hq", (2, 2, 5, 8), (2, 4, 7, 8), (2, 4, 7, 6), "kv heads"),
+    ("empty seq", (2, 4, 0, 8), GOOD[1], GOOD[2], "empty"),
+]
+
+
+@pytest.mark.parametrize("name,qs,ks,vs,word", BAD_SHAPES, ids=[c[0] for c in BAD_SHAPES])
+def test_bad_shapes(name, qs, ks, vs, word):
+  q, k, v = arrays(qs, ks, vs)
+  with pytest.raises(ValueError) as e:
+    _checks.check_qkv(q, k, v, kernel="my_kernel")
+  msg = str(e.value)
+  assert word in msg and "my_kernel" in msg
+  assert shapes_in(msg, q, k, v), msg
+  # The same error from a kernel, eagerly and at trace time under jit.
+  with pytest.raises(ValueError, match="standard_attention") as e:
+    standard_attention(q, k, v)
+  assert shapes_in(str(e.value), q, k, v)
+  with pytest.raises(ValueError) as e:
+    jax.jit(standard_attention).lower(q, k, v)
+  assert shapes_in(str(e.value), q, k, v)
+
+
+@pytest.mark.parametrize("dtypes,bad", [
+    ((jnp.int32, jnp.int32, jnp.int32), "q"),
+    ((f32, jnp.int8, f32), "k"),
+    ((f32, f32, jnp.bool_), "v"),
+    ((jnp.float64, jnp.float64, jnp.float64), "q"),
+])
+def test_unsupported_dtype(dtypes, bad):
+  with jax.enable_x64(True):
+    q, k, v = arrays(*GOOD, dtypes=dtypes)
+    with pytest.raises(ValueError) as e:
+      _checks.check_qkv(q, k, v, kernel="my_kernel")
+  msg = str(e.value)
+  assert f"{bad} has unsupported dtype" in msg and "my_kernel" in msg
+  assert shapes_in(msg, q, k, v), msg
+
+
+def test_float64_allowed_only_for_the_reference():
+  with jax.enable_x64(True):
+    q, k, v = arrays(*GOOD, dtypes=(jnp.float64,) * 3)
+    assert _checks.check_qkv(q, k, v, allow_f64=True) == (2, 4, 2, 5, 7, 8, 6)
+    assert standard_attention(q, k, v).dtype == jnp.float64
+
+
+@pytest.mark.parametrize("dtypes", [(f32, jnp.bfloat16, f32), (jnp.float16, jnp.float16, f32),
+                                    (jnp.bfloat16, jnp.float16, jnp.bfloat16)])
+def test_mixed_dtypes(dtypes):
+  q, k, v = arrays(*GOOD, dtypes=dtypes)
+  with pytest.raises(ValueError) as e:
+    _checks.check_qkv(q, k, v, kernel="my_kernel")
+  msg = str(e.value)
+  assert "share a dtype" in msg
+  assert all(jnp.dtype(d).name in msg for d in dtypes)
+  assert shapes_in(msg, q, k, v), msg
+  with pytest.raises(ValueError, match="share a dtype"):
+    standard_attention(q, k, v)
+
+
+def test_not_an_array():
+  q, k, v = arrays(*GOOD)
+  with pytest.raises(ValueError, match="k must be an array"):
+    _checks.check_qkv(q, [[1.0]], v)
+  with pytest.raises(ValueError, match="q must be an array"):
+    standard_attention(None, k, v)
+
+
+def test_good_shapes_pass_and_return_sizes():
+  q, k, v = arrays(*GOOD)
+  assert _checks.check_qkv(q, k, v) == (2, 4, 2, 5, 7, 8, 6)
+  for dt in (f32, jnp.bfloat16, jnp.float16):
+    q, k, v = arrays(*GOOD, dtypes=(dt,) * 3)
+    _checks.check_qkv(q, k, v)
+  # MQA and numpy inputs are fine
+  q, k, v = arrays((1, 8, 3, 4), (1, 1, 3, 4), (1, 1, 3, 4))
+  _checks.check_qkv(np.asarray(q), np.asarray(k), np.asarray(v))
+
+
+# ----------------------------------------------------------------------------- mods
+
+
+def _score3(score, b, h):
+  return score
+
+
+def _mask5(score, b, h, i, j):
+  return j <= i
+
+
+class NotAMod:
+  pass
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(score_mod=_score3), "score_mod"),
+    (dict(score_mod=lambda b, h, i, j: i >= j), "score_mod"),   # a mask mod passed as score_mod
+    (dict(mask_mod=_mask5), "mask_mod"),
+    (dict(mask_mod=lambda b, h, i: True), "mask_mod"),
+    (dict(score_mod=NotAMod()), "score_mod"),
+    (dict(mask_mod=sm.causal_mod()), "mask_mod"),               # a score mod passed as mask_mod
+])
+def test_bad_mod_signature(kwargs, name):
+  q, k, v = arrays(*GOOD)
+  with pytest.raises(ValueError) as e:
+    standard_attention(q, k, v, **kwargs)
+  msg = str(e.value)
+  assert name in msg
+  if "callable" not in msg:
+    assert ("(score, b, h, q_idx, kv_idx)" if name == "score_mod" else "(b, h, q_idx, kv_idx)") in msg
+  with pytest.raises(ValueError, match=name):
+    jax.jit(lambda q, k, v: standard_attention(q, k, v, **kwargs)).lower(q, k, v)
+
+
+def test_good_mod_signatures_pass():
+  q, k, v = arrays(*GOOD)
+  for score_mod in (None, sm.causal_mod(), lambda *a: a[0], lambda s, b, h, i, j, extra=1: s):
+    sm.check_mod(score_mod, 5, "score_mod")
+  for mask_mod in (None, sm.CausalMask(), lambda b, h, i, j: i >= j, lambda *args: True):
+    sm.check_mod(mask_mod, 4, "mask_mod")
+  standard_attention(q, k, v, score_mod=lambda *a: a[0], mask_mod=lambda *a: True)
+
+
+# ----------------------------------------------------------------------------- scale, blocks, lse
+
+
+def test_default_scale():
+  assert _checks.default_scale(None, 64) == 64 ** -0.5
+  assert _checks.default_scale(0.5, 64) == 0.5
+  assert _checks.default_scale(np.float32(0.25), 64) == 0.25
+  with pytest.raises(ValueError, match="scale"):
+    jax.jit(lambda s: _checks.default_scale(s, 4))(0.5)
+  with pytest.raises(ValueError, match="scale"):
+    _checks.default_scale("abc", 4)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, "8", None, True])
+def test_check_block_rejects(value):
+  with pytest.raises(ValueError, match="block_q"):
+    _checks.check_block("block_q", value)
+
+
+def test_check_block_accepts():
+  assert _checks.check_block("block_q", 64) == 64
+
+
+def test_check_lse():
+  q = jnp.zeros((2, 4, 5, 8))
+  _checks.check_lse(jnp.zeros((2, 4, 5)), q)
+  for bad in ((2, 4, 5, 1), (2, 4, 6), (4, 5)):
+    with pytest.raises(ValueError, match="lse") as e:
+      _checks.check_lse(jnp.zeros(bad), q)
+    assert str(bad) in str(e.value) and str((2, 4, 5)) in str(e.value)
