@@ -1,0 +1,182 @@
+"""paged_attention vs standard_attention on the gathered contiguous cache with a length mask."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnax.kernels import (alibi_mod, compose_score_mods, document_mask_mod, paged_attention,
+                            sliding_window_mod)
+from attnax.kernels.paged import gather_pages
+from tests.helpers import reference_attention, rel_err, tol
+
+PAGE = 4
+PAGES_PER_SEQ = 7          # capacity 28 tokens per sequence
+NUM_PAGES = 40
+
+
+def make_cache(seed, *, batch=4, q_heads=4, kv_heads=2, q_len=1, head_dim=16, v_dim=None,
+               lengths=(0, 13, 28, 5), dtype=jnp.float32):
+  """Random pools, a random (distinct) page assignment per sequence, ragged lengths."""
+  rng = np.random.RandomState(seed)
+  v_dim = head_dim if v_dim is None else v_dim
+  q = jnp.asarray(rng.randn(batch, q_heads, q_len, head_dim), dtype)
+  k_pages = jnp.asarray(rng.randn(kv_heads, NUM_PAGES, PAGE, head_dim), dtype)
+  v_pages = jnp.asarray(rng.randn(kv_heads, NUM_PAGES, PAGE, v_dim), dtype)
+  tables = jnp.asarray(rng.permutation(NUM_PAGES)[:batch * PAGES_PER_SEQ]
+                       .reshape(batch, PAGES_PER_SEQ), jnp.int32)
+  lengths = jnp.asarray(lengths[:batch], jnp.int32)
+  return q, k_pages, v_pages, tables, lengths
+
+
+def paged(*args, **kw):
+  return jax.jit(functools.partial(paged_attention, **kw))(*args)
+
+
+def shifted(mod, offset):
+  """A mod on absolute positions, as the contiguous reference sees it (query i is offset[b] + i)."""
+  if mod is None:
+    return None
+  return lambda s, b, h, i, j: mod(s, b, h, i + offset[b], j)
+
+
+def reference(q, k_pages, v_pages, tables, lengths, *, score_mod=None, softcap=None, **kw):
+  """float64 standard_attention on the gathered cache: keys < length, causal on absolute positions."""
+  sq = q.shape[2]
+  k, v = gather_pages(k_pages, tables), gather_pages(v_pages, tables)
+  ln = np.asarray(lengths)
+  offset = ln - sq                                    # absolute position of query 0
+  mask = lambda b, h, i, j: (j < ln[b]) & (j <= i + offset[b])
+  mods = []
+  if softcap is not None:
+    mods.append(lambda s, b, h, i, j: softcap * jnp.tanh(s / softcap))
+  if score_mod is not None:
+    mods.append(shifted(score_mod, offset))
+  mod = None
+  if mods:
+    mod = lambda s, b, h, i, j: functools.reduce(lambda s, m: m(s, b, h, i, j), mods, s)
+  return reference_attention(q, k, v, score_mod=mod, mask_mod=mask, **kw)
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (4, 1)])
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("pages_per_split", [None, 1, 3])
+def test_matches_contiguous_reference(heads, q_len, pages_per_split):
+  cache = make_cache(1, q_heads=heads[0], kv_heads=heads[1], q_len=q_len)
+  out, lse = paged(*cache, pages_per_split=pages_per_split, return_lse=True)
+  ref, ref_lse = reference(*cache, return_lse=True)
+  assert out.shape == cache[0].shape and out.dtype == jnp.float32 and lse.shape == out.shape[:3]
+  assert rel_err(out, ref) < tol(jnp.float32)
+  finite = np.isfinite(ref_lse)
+  np.testing.assert_array_equal(np.isfinite(lse), finite)
+  assert rel_err(np.asarray(lse)[finite], ref_lse[finite]) < tol(jnp.float32)
+
+
+def test_empty_sequence_gives_zeros_not_nans():
+  cache = make_cache(2, lengths=(0, 0, 1, 2), q_len=2)
+  out, lse = paged(*cache, return_lse=True)
+  assert np.all(np.isfinite(out))
+  assert np.all(np.asarray(out[:2]) == 0) and np.all(np.isneginf(lse[:2]))
+  # Length 1 with two queries: the first query sits at position -1 and sees nothing.
+  assert np.all(np.asarray(out[2, :, 0]) == 0) and np.all(np.isfinite(lse[2, :, 1]))
+  assert rel_err(out, reference(*cache)) < tol(jnp.float32)
+
+
+@pytest.mark.parametrize("mod_name", ["alibi", "document", "window", "softcap"])
+def test_mods_on_absolute_positions(mod_name):
+  cache = make_cache(3, q_len=3, lengths=(9, 28, 17, 4))
+  docs = jnp.asarray(np.sort(np.random.RandomState(3).randint(0, 3, (4, 28)), axis=1), jnp.int32)
+  mod, softcap = {
+      "alibi": (alibi_mod(num_heads=4), None),
+      "document": (compose_score_mods(alibi_mod(num_heads=4), document_mask_mod(docs)), None),
+      "window": (sliding_window_mod(5), None),
+      "softcap": (alibi_mod(num_heads=4), 2.0),
+  }[mod_name]
+  q = cache[0] * 4.0                                   # large logits: the soft-cap matters
+  cache = (q,) + cache[1:]
+  out = paged(*cache, score_mod=mod, softcap=softcap, pages_per_split=2)
+  assert rel_err(out, reference(*cache, score_mod=mod, softcap=softcap)) < tol(jnp.float32)
+
+
+def test_mask_mod_and_value_dim():
+  cache = make_cache(4, q_len=2, v_dim=8)
+  even = lambda b, h, i, j: (j % 2 == 0) | (h == 0)
+  out = paged(*cache, mask_mod=even, scale=0.3)
+  sq, ln = 2, np.asarray(cache[4])
+  k, v = gather_pages(cache[1], cache[3]), gather_pages(cache[2], cache[3])
+  mask = lambda b, h, i, j: (j < ln[b]) & (j <= i + ln[b] - sq) & even(b, h, i, j)
+  assert out.shape == (4, 4, 2, 8)
+  assert rel_err(out, reference_attention(cache[0], k, v, mask_mod=mask, scale=0.3)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision(dtype):
+  cache = make_cache(5, dtype=dtype, q_len=2)
+  out = paged(*cache, pages_per_split=2)
+  assert out.dtype == dtype
+  assert rel_err(out, reference(*cache)) < tol(dtype)
+
+
+def test_grad_wrt_query_and_pages():
+  cache = make_cache(6, q_len=2, lengths=(3, 28, 11, 0))
+  ct = jax.random.normal(jax.random.key(60), cache[0].shape)
+  f = lambda q, kp, vp: jnp.sum(paged_attention(q, kp, vp, cache[3], cache[4], pages_per_split=3)
+                                * ct)
+  dq, dkp, dvp = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(*cache[:3])
+  assert all(np.all(np.isfinite(g)) for g in (dq, dkp, dvp))
+
+  sq, ln = 2, np.asarray(cache[4])
+  mask = lambda b, h, i, j: (j < ln[b]) & (j <= i + ln[b] - sq)
+  with jax.enable_x64(True):
+    up = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    from attnax.kernels import standard_attention
+    g = lambda q, kp, vp: jnp.sum(standard_attention(
+        q, gather_pages(kp, cache[3]), gather_pages(vp, cache[3]), mask_mod=mask) * up(ct))
+    want = jax.grad(g, argnums=(0, 1, 2))(up(cache[0]), up(cache[1]), up(cache[2]))
+    want = [np.asarray(w) for w in want]
+  for got, w in zip((dq, dkp, dvp), want):
+    assert rel_err(got, w) < tol(jnp.float32, grad=True)
+
+
+def test_matches_jax_pallas_paged_attention_reference():
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", DeprecationWarning)
+      from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+  except ImportError:
+    pytest.skip("jax.experimental.pallas.ops.gpu.paged_attention is not available")
+  q, k_pages, v_pages, tables, lengths = make_cache(7, q_heads=8, kv_heads=2,
+                                                    lengths=(1, 13, 28, 5))
+  k = jnp.swapaxes(gather_pages(k_pages, tables), 1, 2)      # (B, L, Hkv, D): JAX's layout
+  v = jnp.swapaxes(gather_pages(v_pages, tables), 1, 2)
+  for cap in (None, 3.0):
+    want = jax_paged.paged_attention_reference(q[:, :, 0], k, v, lengths, attn_logits_soft_cap=cap)
+    got = paged(q, k_pages, v_pages, tables, lengths, scale=1.0, softcap=cap)   # JAX: no scale
+    assert rel_err(got[:, :, 0], want) < tol(jnp.float32)
+
+
+def test_errors():
+  q, kp, vp, bt, ln = make_cache(8)
+  with pytest.raises(ValueError, match="k_pages must have rank 4"):
+    paged_attention(q, kp[0], vp, bt, ln)
+  with pytest.raises(ValueError, match="must agree"):
+    paged_attention(q, kp, vp[:, :10], bt, ln)
+  with pytest.raises(ValueError, match="block_tables"):
+    paged_attention(q, kp, vp, bt.astype(jnp.float32), ln)
+  with pytest.raises(ValueError, match="lengths"):
+    paged_attention(q, kp, vp, bt, ln[:, None])
+  with pytest.raises(ValueError, match="batch sizes differ"):
+    paged_attention(q, kp, vp, bt[:2], ln[:2])
+  with pytest.raises(ValueError, match="head_dim"):
+    paged_attention(q[..., :8], kp, vp, bt, ln)
+  with pytest.raises(ValueError, match="multiple of kv heads"):
+    paged_attention(q[:, :3], kp, vp, bt, ln)
+  with pytest.raises(ValueError, match="backend"):
+    paged_attention(q, kp, vp, bt, ln, backend="triton")
+  with pytest.raises(ValueError, match="softcap"):
+    paged_attention(q, kp, vp, bt, ln, softcap=-1.0)
