@@ -51,8 +51,7 @@ class AttentionType(enum.Enum):
 
   :attr:`MultiHeadAttention.attention_type` reports the layout a module has; the constructor's
   ``attention_type=`` argument either picks ``num_kv_heads`` (``MULTI_HEAD``, ``MULTI_QUERY``) or is
-  checked against it. Strings such as ``"grouped_query"`` are accepted wherever an
-  ``AttentionType`` is.
+  checked against it; it also takes the names as strings (``"grouped_query"``, ``"MULTI_QUERY"``).
   """
 
   MULTI_HEAD = "multi_head"
@@ -70,6 +69,7 @@ class AttentionType(enum.Enum):
 
   @classmethod
   def parse(cls, value: Any) -> "AttentionType":
+    """An ``AttentionType`` from itself or its name / value as a string (any case)."""
     if isinstance(value, cls):
       return value
     if isinstance(value, str):
@@ -333,7 +333,6 @@ class MultiHeadAttention(nnx.Module):
 
   Attributes:
     head_dim: ``qkv_features // num_heads``.
-    attention_type: the :class:`AttentionType` of ``(num_heads, num_kv_heads)``.
     cached_key, cached_value: ``nnx.Cache`` ``(B, num_kv_heads, max_length, head_dim)`` after
       :meth:`init_cache` (keys stored after QK-norm and RoPE).
     cache_index: ``nnx.Cache`` int32 scalar, the number of positions written.
