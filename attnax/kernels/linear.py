@@ -94,23 +94,48 @@ def compute_features(x: jax.Array, kind: str | Callable, *, projection: jax.Arra
   raise ValueError(f"feature_map must be one of {FEATURE_MAPS} or a callable, got {kind!r}")
 
 
-def _causal_from_mods(score_mod: Any, mask_mod: Any) -> bool:
-  """The only mods kernelised attention can honour are causal masks (``causal_mod()``)."""
+def _causal_offset(score_mod: Any, mask_mod: Any) -> int | None:
+  """The only mods kernelised attention can honour are causal masks ``kv_idx <= q_idx + offset``.
+
+  Returns the offset (the smallest, for several causal masks), or ``None`` when there is no mask.
+  """
   score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod)
   if score_fn is not None:
     raise ValueError(
         f"linear_attention: cannot apply the score_mod {score_fn!r}: kernelised attention never "
         "forms the score matrix, so score-changing mods (ALiBi, biases, soft-caps, user "
-        "functions) cannot be honoured; only causal_mod() is accepted")
+        "functions) cannot be honoured; only causal_mod(offset) is accepted")
   if mask_fn is None:
-    return False
+    return None
   masks = mask_fn.masks if isinstance(mask_fn, sm.AndMask) else (mask_fn,)
-  if all(isinstance(m, sm.CausalMask) and m.offset == 0 for m in masks):
-    return True
+  if all(isinstance(m, sm.CausalMask) for m in masks):
+    return min(int(m.offset) for m in masks)
   raise ValueError(
-      f"linear_attention: cannot honour the mask {mask_fn!r}: only a causal mask (causal=True, "
-      "causal_mod() or CausalMask(offset=0)) is expressible by the running-state form; sliding "
-      "windows, document, prefix-LM and arbitrary masks are not")
+      f"linear_attention: cannot honour the mask {mask_fn!r}: only causal masks (causal=True, "
+      "causal_mod(offset)) are expressible by the running-state form; sliding windows, document, "
+      "prefix-LM and arbitrary masks are not")
+
+
+def _align_keys(phk, v_aug, offset: int, q_len: int, precision):
+  """Turn ``kv_idx <= q_idx + offset`` into plain causal alignment with the queries.
+
+  Keys before ``offset`` are seen by every query: they form the initial state. A negative offset
+  shifts the keys right (zero-feature padding, which adds nothing). Keys are then cut or padded to
+  ``q_len``. Returns ``(phk, v_aug, state0)`` with key ``i`` aligned to query ``i``.
+  """
+  state0 = jnp.zeros(phk.shape[:2] + (phk.shape[-1], v_aug.shape[-1]), f32)
+  if offset > 0:
+    pre = min(offset, phk.shape[2])
+    state0 = jnp.einsum("bhkf,bhkd->bhfd", phk[:, :, :pre], v_aug[:, :, :pre], precision=precision)
+    phk, v_aug = phk[:, :, pre:], v_aug[:, :, pre:]
+  elif offset < 0:
+    front = ((0, 0), (0, 0), (-offset, 0), (0, 0))
+    phk, v_aug = jnp.pad(phk, front), jnp.pad(v_aug, front)
+  length = phk.shape[2]
+  if length >= q_len:
+    return phk[:, :, :q_len], v_aug[:, :, :q_len], state0
+  back = ((0, 0), (0, 0), (0, q_len - length), (0, 0))
+  return jnp.pad(phk, back), jnp.pad(v_aug, back), state0
 
 
 def _normalise(num_aug: jax.Array) -> jax.Array:
@@ -126,11 +151,11 @@ def _noncausal(phq, phk, v_aug, precision):
   return jnp.einsum("bhgqf,bhfd->bhgqd", phq, state, precision=precision)
 
 
-def _causal_chunked(phq, phk, v_aug, chunk, precision):
+def _causal_chunked(phq, phk, v_aug, chunk, precision, state0):
   """The chunk algorithm: intra-chunk masked quadratic + inter-chunk f32 state via ``lax.scan``.
 
-  phq ``(B, Hkv, G, S, F)``, phk ``(B, Hkv, S, F)``, v_aug ``(B, Hkv, S, Dv + 1)`` ->
-  ``(B, Hkv, G, S, Dv + 1)``.
+  phq ``(B, Hkv, G, S, F)``, phk ``(B, Hkv, S, F)``, v_aug ``(B, Hkv, S, Dv + 1)``, initial state
+  ``(B, Hkv, F, Dv + 1)`` -> ``(B, Hkv, G, S, Dv + 1)``.
   """
   b, hkv, g, s, f = phq.shape
   c = min(chunk, s)
@@ -154,7 +179,6 @@ def _causal_chunked(phq, phk, v_aug, chunk, precision):
     state = state + jnp.einsum("bhef,bhed->bhfd", kc, vc, precision=precision)
     return state, inter + intra
 
-  state0 = jnp.zeros((b, hkv, f, v_aug.shape[-1]), f32)
   _, out = lax.scan(body, state0, (qs, ks, vs))
   out = jnp.moveaxis(out, 0, 3).reshape(b, hkv, g, n * c, -1)
   return out[:, :, :, :s]
@@ -175,15 +199,16 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
 
   Args:
     q: ``(B, Hq, Sq, D)``; k: ``(B, Hkv, Sk, D)``; v: ``(B, Hkv, Sk, Dv)``; ``Hq % Hkv == 0``.
-      Causal needs ``Sq == Sk``.
-    causal: query ``i`` sees keys ``j <= i``.
+    causal: query ``i`` sees keys ``j <= i`` (top-left aligned, as ``causal_mod()``).
     feature_map: ``"elu+1"``, ``"relu"``, ``"softmax"`` (FAVOR+ random features) or a callable
       ``phi(x) -> (..., F)``.
     chunk_size: tokens per chunk in the causal form (any ``S``: the tail chunk is padded).
     scale: multiplies ``q`` before ``phi`` (default ``D ** -0.5``); with ``"softmax"`` the map
       estimates ``exp(scale * q . k)`` and ``sqrt(scale)`` multiplies both ``q`` and ``k``.
-    score_mod, mask_mod: only a causal mask can be honoured (``causal_mod()`` is the same as
-      ``causal=True``); any other mod raises ``ValueError`` naming it.
+    score_mod, mask_mod: only causal masks can be honoured: ``causal_mod(offset)`` keeps
+      ``j <= i + offset`` (``offset = Sk - Sq`` aligns the queries to the end of the keys, as when
+      decoding; keys before ``offset`` enter as an initial state). Any other mod raises
+      ``ValueError`` naming it.
     return_lse: must be False: kernelised attention has no log-sum-exp (``ValueError``).
     num_features: random features ``F`` for ``"softmax"`` (default ``int(D * log(D))``, as the
       Performer); ignored when ``projection`` is given.
@@ -198,9 +223,9 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   if return_lse:
     raise ValueError("linear_attention: return_lse=True is not meaningful: kernelised attention "
                      "has no softmax normaliser, so there is no log-sum-exp to return")
-  causal = bool(causal) | _causal_from_mods(score_mod, mask_mod)
-  if causal and sq != sk:
-    raise ValueError(f"linear_attention: causal needs Sq == Sk; got q {q.shape}, k {k.shape}")
+  offset = _causal_offset(score_mod, mask_mod)
+  if causal:
+    offset = 0 if offset is None else min(offset, 0)
   _checks.check_block("chunk_size", chunk_size)
   scale = _checks.default_scale(scale, d)
   if not callable(feature_map) and feature_map not in FEATURE_MAPS:
@@ -232,8 +257,9 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   phq = compute_features(pack_gqa(qs, hkv), feature_map, projection=proj, is_query=True)
   phk = compute_features(ks, feature_map, projection=proj, is_query=False)
   v_aug = jnp.concatenate([v.astype(f32), jnp.ones(v.shape[:-1] + (1,), f32)], axis=-1)
-  if causal:
-    num = _causal_chunked(phq, phk, v_aug, chunk_size, precision)
+  if offset is not None:
+    phk, v_aug, state0 = _align_keys(phk, v_aug, offset, sq, precision)
+    num = _causal_chunked(phq, phk, v_aug, chunk_size, precision, state0)
   else:
     num = _noncausal(phq, phk, v_aug, precision)
   return unpack_gqa(_normalise(num)).astype(q.dtype)

@@ -28,8 +28,9 @@ def _features64(x, kind, proj):
   return jnp.exp(x @ proj.T - 0.5 * jnp.sum(x * x, -1, keepdims=True)) / jnp.sqrt(proj.shape[0])
 
 
-def quadratic_reference(q, k, v, *, causal, kind, scale=None, proj=None):
-  """float64 ``phi(q) phi(k)^T v / phi(q) phi(k)^T 1`` (JAX, so it can be differentiated)."""
+def quadratic_reference(q, k, v, *, causal, kind, scale=None, proj=None, offset=0):
+  """float64 ``phi(q) phi(k)^T v / phi(q) phi(k)^T 1`` (JAX, so it can be differentiated);
+  causal keeps ``j <= i + offset``."""
   d = q.shape[-1]
   scale = d ** -0.5 if scale is None else scale
   g = q.shape[1] // k.shape[1]
@@ -41,7 +42,7 @@ def quadratic_reference(q, k, v, *, causal, kind, scale=None, proj=None):
     pq, pk = _features64(q * scale, kind, proj), _features64(k, kind, proj)
   a = pq @ jnp.swapaxes(pk, -1, -2)
   if causal:
-    a = a * jnp.tril(jnp.ones(a.shape[-2:], a.dtype))
+    a = a * jnp.tril(jnp.ones(a.shape[-2:], a.dtype), k=offset)
   den = a.sum(-1, keepdims=True)
   ok = den > 0
   return jnp.where(ok, (a @ v) / jnp.where(ok, den, 1.0), 0.0)
@@ -70,8 +71,8 @@ def _opts(kind):
 
 
 @pytest.mark.parametrize("kind", ["elu+1", "relu", "softmax"])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("chunk", [8, 64])     # 8 does not divide S = 45; 64 > S (one chunk)
+# chunk 8 does not divide S = 45; 64 > S is a single chunk (the non-causal form has no chunks).
+@pytest.mark.parametrize("causal,chunk", [(False, 8), (True, 8), (True, 64)])
 def test_matches_quadratic_reference(kind, causal, chunk):
   q, k, v = random_qkv(1, q_len=45, kv_len=45)
   out = lin(q, k, v, causal=causal, feature_map=kind, chunk_size=chunk, **_opts(kind))
@@ -86,6 +87,16 @@ def test_noncausal_cross_lengths_and_value_dim(kind):
   out = lin(q, k, v, feature_map=kind, scale=0.3, **_opts(kind))
   assert out.shape == (2, 6, 9, 24)
   assert rel_err(out, ref64(q, k, v, causal=False, kind=kind, scale=0.3, proj=PROJ)) < 1e-5
+
+
+@pytest.mark.parametrize("q_len,kv_len,offset", [(9, 31, 22), (12, 7, 0), (10, 10, -3),
+                                                 (6, 8, 40), (9, 31, 5)])
+def test_causal_mod_offsets_and_cross_lengths(q_len, kv_len, offset):
+  """causal_mod(offset): keys before the offset enter as an initial state (decode alignment)."""
+  q, k, v = random_qkv(12, q_len=q_len, kv_len=kv_len)
+  out = lin(q, k, v, score_mod=causal_mod(offset), chunk_size=4)
+  ref = ref64(q, k, v, causal=True, kind="elu+1", offset=offset)
+  assert rel_err(out, ref) < tol(jnp.float32)
 
 
 @pytest.mark.parametrize("kind", ["elu+1", "relu", "softmax"])
@@ -183,7 +194,5 @@ def test_errors_name_the_problem():
     linear_attention(q, k, v, feature_map="softmax")
   with pytest.raises(ValueError, match="feature_map"):
     linear_attention(q, k, v, feature_map="tanh")
-  with pytest.raises(ValueError, match="Sq == Sk"):
-    linear_attention(*random_qkv(10, q_len=4, kv_len=8), causal=True)
   with pytest.raises(ValueError, match="multiple of kv heads"):
     linear_attention(*random_qkv(10, q_heads=3, kv_heads=2))
