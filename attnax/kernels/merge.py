@@ -21,9 +21,18 @@ def safe_lse(m: jax.Array, l: jax.Array) -> jax.Array:
   return jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
 
 
+def _logsumexp(lses: jax.Array, axis: int = 0) -> jax.Array:
+  """``logsumexp`` over ``axis`` that is ``-inf`` with zero (not NaN) gradients where every entry
+  is ``-inf`` (``jax.nn.logsumexp`` and ``jnp.logaddexp`` give NaN gradients there)."""
+  m = jax.lax.stop_gradient(jnp.max(lses, axis=axis))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  l = jnp.sum(jnp.exp(lses - jnp.expand_dims(m, axis)), axis=axis)
+  return safe_lse(m, l)
+
+
 def merge_two(out_a, lse_a, out_b, lse_b):
   """Merge two partial results; outs f32 ``(..., S, D)``, lses f32 ``(..., S)``."""
-  lse = jnp.logaddexp(lse_a, lse_b)
+  lse = _logsumexp(jnp.stack([lse_a, lse_b]))
   finite = jnp.isfinite(lse)
   ref = jnp.where(finite, lse, 0.0)
   wa = jnp.where(finite, jnp.exp(lse_a - ref), 0.0)
@@ -51,7 +60,7 @@ def merge_attentions(outs: Sequence[jax.Array] | jax.Array, lses: Sequence[jax.A
                      "trailing head_dim axis")
   out_dtype = outs.dtype if out_dtype is None else out_dtype
   lses = lses.astype(jnp.float32)
-  lse = jax.nn.logsumexp(lses, axis=0)
+  lse = _logsumexp(lses)
   finite = jnp.isfinite(lse)
   w = jnp.where(finite, jnp.exp(lses - jnp.where(finite, lse, 0.0)), 0.0)
   out = jnp.einsum("n...s,n...sd->...sd", w, outs.astype(jnp.float32))
