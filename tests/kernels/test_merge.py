@@ -238,3 +238,43 @@ def test_merge_bad_list_shapes_raise():
     merge_attentions([jnp.zeros((1, 2, 3, 4))], [jnp.zeros((1, 2, 4))])
   with pytest.raises(ValueError):
     merge_attentions([], [])
+
+
+def test_merge_gradients_zero_for_rows_no_part_sees():
+  """Rows whose every part has lse -inf: zero (not NaN) gradients to every out and lse, also when
+  the merged lse is used downstream; other rows get the softmax weights."""
+  rng = np.random.default_rng(12)
+  outs = jnp.asarray(rng.standard_normal((3, 1, 2, 4, 5)).astype(np.float32))
+  lses = rng.standard_normal((3, 1, 2, 4)).astype(np.float32)
+  lses[:, :, :, 1] = -np.inf          # row 1: every part empty
+  lses[0, :, :, 2] = -np.inf          # row 2: part 0 empty
+  outs = outs.at[:, :, :, 1].set(0.0).at[0, :, :, 2].set(0.0)
+  lses = jnp.asarray(lses)
+  ct = jnp.asarray(rng.standard_normal((1, 2, 4, 5)).astype(np.float32))
+
+  def loss(outs, lses):
+    out, lse = merge_attentions(outs, lses)
+    return jnp.sum(out * ct) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  def loss_two(outs, lses):
+    out, lse = merge_two(outs[0], lses[0], outs[1], lses[1])
+    return jnp.sum(out * ct) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  for f, n in ((loss, 3), (loss_two, 2)):
+    g_out, g_lse = jax.grad(f, argnums=(0, 1))(outs, lses)
+    g_out, g_lse = np.asarray(g_out), np.asarray(g_lse)
+    assert np.isfinite(g_out).all() and np.isfinite(g_lse).all()
+    assert (g_out[:, :, :, 1] == 0).all() and (g_lse[:, :, :, 1] == 0).all()
+    assert (g_out[0, :, :, 2] == 0).all() and (g_lse[0, :, :, 2] == 0).all()
+    # d lse / d lse_i = softmax weight; d out / d out_i = weight * ct (float64 numpy check)
+    l64 = np.asarray(lses[:n], np.float64)
+    with np.errstate(invalid="ignore"):
+      m = l64.max(0)
+      w = np.exp(l64 - m)
+      w = np.where(np.isfinite(m), w / w.sum(0), 0.0)
+    np.testing.assert_allclose(g_out[:n], w[..., None] * np.asarray(ct)[None], rtol=1e-5,
+                               atol=1e-6)
+    o64 = np.asarray(outs[:n], np.float64)
+    out64 = (w[..., None] * o64).sum(0)
+    want = w + w * ((o64 - out64[None]) * np.asarray(ct)[None]).sum(-1)
+    np.testing.assert_allclose(g_lse[:n], want, rtol=1e-4, atol=1e-6)
