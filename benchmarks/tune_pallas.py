@@ -231,6 +231,9 @@ def section_targets(cfg_dense, cfg_causal, d=128):
       measure("jax_pallas_mha", case, mha_attn(causal), args, *fl)
       measure("attnax", case, ours(causal_mod() if causal else None,
                                    cfg_causal if causal else cfg_dense), args, *fl)
+
+
+def section_sparse(cfg, d=128):
   s, w = 32768, 1024
   args = qkv(1, 16, s, d, seed=2)
   case = f"S={s} H=16 window {w}"
@@ -238,15 +241,15 @@ def section_targets(cfg_dense, cfg_causal, d=128):
   fl = (flops(1, 16, s, s, d, frac), flops(1, 16, s, s, d, frac, True))
   measure("cudnn local_window_size", case, cudnn_attn(window=w), args, *fl)
   measure("cudnn dense mask", case, cudnn_attn(dense_window=w), args, *fl)
-  measure("attnax", case, ours(sliding_window_mod(w), cfg_causal), args, *fl)
+  measure("attnax", case, ours(sliding_window_mod(w), cfg), args, *fl)
   args = qkv(1, 16, s, d, seed=3)
   cu = jnp.arange(9, dtype=jnp.int32) * 4096
   fl_doc = (flops(8, 16, 4096, 4096, d, 0.5), flops(8, 16, 4096, 4096, d, 0.5, True))
   fl_c = (flops(1, 16, s, s, d, 0.5), flops(1, 16, s, s, d, 0.5, True))
   measure("cudnn causal", "S=32768 H=16 causal", cudnn_attn(True), args, *fl_c)
-  measure("attnax causal", "S=32768 H=16 causal", ours(causal_mod(), cfg_causal), args, *fl_c)
+  measure("attnax causal", "S=32768 H=16 causal", ours(causal_mod(), cfg), args, *fl_c)
   measure("attnax varlen causal", "8 docs x 4096 packed in 32768",
-          ours(causal_mod(), cfg_causal, cu_seqlens_q=cu), args, *fl_doc)
+          ours(causal_mod(), cfg, cu_seqlens_q=cu), args, *fl_doc)
 
 
 def section_1m(cfg):
@@ -319,6 +322,8 @@ def main():
   log(case="chosen", impl=str(cfgs))
   if "targets" in secs:
     section_targets(cfgs[False], cfgs[True])
+  if "sparse" in secs:
+    section_sparse(cfgs[True])
   if "1m" in secs:
     section_1m(cfgs[True])
   table()
