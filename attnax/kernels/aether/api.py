@@ -3,12 +3,15 @@
 AETHER is a planner, not a second attention kernel. One call:
 
   _checks.check_qkv            ValueError with names and shapes
-  -> plan_aether               key-block geometry (centroids, radii) -> certified BlockMask:
-                               pruned tiles EMPTY, kept tiles PARTIAL/FULL as the mask dictates
-                               (decisions under stop_gradient)
-  -> dense block-sparse kernel pallas_flash_attention / flash_attention with block_mask=, so the
-                               forward and the backward run the same schedule and the gradient is
-                               exactly the gradient of the pruned forward
+  -> certify.prepare           the mask's BlockMask, key-block geometry (centroids, radii), the
+                               additive mods' bounds (all under stop_gradient)
+  -> certify.screen            one representative row per q tile: can anything be skipped?
+  -> lax.cond                  no: the dense kernel as is (iid data pays only the screen)
+                               yes: certify.decide -> certified BlockMask (pruned tiles EMPTY,
+                               kept tiles PARTIAL/FULL as the mask dictates), then the dense
+                               block-sparse kernel (pallas_flash_attention / flash_attention) with
+                               block_mask=, so the forward and the backward run the same schedule
+                               and the gradient is exactly the gradient of the pruned forward
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from attnax.kernels import _checks
 from attnax.kernels import score_mods as sm
-from attnax.kernels.aether.certify import AetherPlan, AetherStats, RULES, plan_aether, tile_mask_mod
+from attnax.kernels.aether import certify
+from attnax.kernels.aether.certify import AetherStats, RULES, tile_mask_mod
 from attnax.kernels.reference import standard_attention
 
 __all__ = ["aether_attention", "AetherAttention", "AetherStats", "IMPLEMENTATIONS"]
@@ -68,21 +73,69 @@ def _partition(tree: Any):
   return [x for x, a in zip(leaves, is_arr) if a], static
 
 
+def _run(q, k, v, *, score_mod, mask_mod, score_fn, mask_fn, impl, return_stats, **settings):
+  """Plan, then run the kernel: a dense call when the screen rules out every skip (``lax.cond``)."""
+  kernel = _kernel(impl)[1]
+  b, hq = q.shape[:2]
+  scale, bq, bk = settings["scale"], settings["block_q"], settings["block_k"]
+
+  def call(block_mask):
+    if impl == "reference":
+      mm = mask_mod if block_mask is None else sm.and_masks(mask_mod, tile_mask_mod(block_mask, hq))
+      return standard_attention(q, k, v, score_mod=score_mod, mask_mod=mm, scale=scale,
+                                return_lse=True)
+    kw = {} if block_mask is None else {"block_mask": block_mask}
+    return kernel(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale, return_lse=True,
+                  block_q=bq, block_k=bk, **kw)
+
+  prep = certify.prepare(q, k, score_fn=score_fn, mask_fn=mask_fn, **settings)
+  if not prep.prunes:       # epsilon = 0 or an arbitrary score mod: dense, nothing to certify
+    res = call(None)
+    return res + ((certify.unpruned_plan(prep, True).stats(b, hq),) if return_stats else ())
+
+  possible = certify.screen(prep)
+
+  def pruned():
+    plan = certify.decide(prep, possible, with_stats=return_stats)
+    res = call(plan.block_mask)
+    return res + ((plan.stats(b, hq),) if return_stats else ())
+
+  def dense():
+    res = call(None)
+    return res + ((certify.unpruned_plan(prep, True).stats(b, hq),) if return_stats else ())
+
+  return jax.lax.cond(jnp.any(possible), pruned, dense)
+
+
+def _partition(tree: Any):
+  """Split a pytree of mods into its array leaves and a hashable static remainder (or None)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  is_arr = [isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves]
+  static = (treedef, tuple(None if a else x for x, a in zip(leaves, is_arr)), tuple(is_arr))
+  try:
+    hash(static)
+  except TypeError:
+    return None, None
+  return [x for x, a in zip(leaves, is_arr) if a], static
+
+
 @functools.partial(jax.jit, static_argnames=("static", "settings"))
-def _plan_jit(q, k, arrays, *, static, settings):
+def _run_jit(q, k, v, arrays, *, static, settings):
   treedef, others, is_arr = static
   it = iter(arrays)
   leaves = [next(it) if a else x for x, a in zip(others, is_arr)]
-  score_fn, mask_fn = jax.tree.unflatten(treedef, leaves)
-  return plan_aether(q, k, score_fn=score_fn, mask_fn=mask_fn, **dict(settings))
+  score_mod, mask_mod, score_fn, mask_fn = jax.tree.unflatten(treedef, leaves)
+  return _run(q, k, v, score_mod=score_mod, mask_mod=mask_mod, score_fn=score_fn, mask_fn=mask_fn,
+              **dict(settings))
 
 
-def _plan(q, k, *, score_fn, mask_fn, **settings) -> AetherPlan:
-  """plan_aether, compiled once per (shapes, mods' structure, settings) when the mods allow it."""
-  arrays, static = _partition((score_fn, mask_fn))
+def _run_compiled(q, k, v, *, score_mod, mask_mod, score_fn, mask_fn, **settings):
+  """:func:`_run`, compiled once per (shapes, mods' structure, settings) when the mods allow it."""
+  arrays, static = _partition((score_mod, mask_mod, score_fn, mask_fn))
   if static is None:
-    return plan_aether(q, k, score_fn=score_fn, mask_fn=mask_fn, **settings)
-  return _plan_jit(q, k, arrays, static=static, settings=tuple(sorted(settings.items())))
+    return _run(q, k, v, score_mod=score_mod, mask_mod=mask_mod, score_fn=score_fn,
+                mask_fn=mask_fn, **settings)
+  return _run_jit(q, k, v, arrays, static=static, settings=tuple(sorted(settings.items())))
 
 
 def _check_settings(epsilon, threshold, block_q, block_k, rule):
@@ -151,22 +204,15 @@ def aether_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, epsilon: float
   scale = _checks.default_scale(scale, d)
   epsilon, threshold = _check_settings(epsilon, threshold, block_q, block_k, rule)
   score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod)
-  impl, kernel = _kernel(implementation)
-
-  plan: AetherPlan = _plan(q, k, scale=scale, score_fn=score_fn, mask_fn=mask_fn,
-                                 block_q=block_q, block_k=block_k, epsilon=epsilon,
-                                 threshold=threshold, rule=rule, with_stats=return_stats)
-  if impl == "reference":
-    keep = tile_mask_mod(plan.block_mask, hq)
-    res = standard_attention(q, k, v, score_mod=score_mod, mask_mod=sm.and_masks(mask_mod, keep),
-                             scale=scale, return_lse=True)
-  else:
-    res = kernel(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale, return_lse=True,
-                 block_q=block_q, block_k=block_k, block_mask=plan.block_mask)
-  out, lse = res
+  impl = _kernel(implementation)[0]
+  res = _run_compiled(q, k, v, score_mod=score_mod, mask_mod=mask_mod, score_fn=score_fn,
+                      mask_fn=mask_fn, impl=impl, return_stats=bool(return_stats), scale=scale,
+                      block_q=block_q, block_k=block_k, epsilon=epsilon, threshold=threshold,
+                      rule=rule)
+  out, lse = res[0], res[1]
   outs = (out, lse) if return_lse else (out,)
   if return_stats:
-    outs = outs + (plan.stats(b, hq),)
+    outs = outs + (res[2],)
   return outs if len(outs) > 1 else outs[0]
 
 

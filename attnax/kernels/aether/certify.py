@@ -58,7 +58,8 @@ from attnax.kernels import score_mods as sm
 from attnax.kernels.block_mask import EMPTY, FULL, PARTIAL, BlockMask, create_block_mask
 from attnax.kernels.aether.geometry import block_sizes, compute_block_geometry
 
-__all__ = ["AetherStats", "AetherPlan", "plan_aether", "TileMapMask", "tile_mask_mod",
+__all__ = ["AetherStats", "AetherPlan", "plan_aether", "prepare", "screen", "decide",
+           "unpruned_plan", "TileMapMask", "tile_mask_mod",
            "margin_delta", "score_mod_bounds", "ETA", "RULES"]
 
 f32 = jnp.float32
@@ -247,8 +248,13 @@ def _eligible(mask_fn, batch, q_heads, block_q, block_k, q_len, kv_len) -> jax.A
 
 
 def _decide_chunk(qc, rows, elig, geo, bounds, *, kv_heads, block_q, epsilon, threshold, rule,
-                  q_len, kv_len, want_rows):
+                  q_len, kv_len, want_rows, screen=False):
   """Decisions for ``T`` consecutive q tiles.
+
+  With ``screen=True`` the "tile" is one representative row per q tile (``block_q = 1``) and the
+  result is ``possible`` bool ``(B, Hkv, T)``: False only where the full rule provably skips
+  nothing in that tile (a skip needs, for every row and so for the representative one,
+  ``U - L`` small enough; the screen is looser than the rule by a rounding margin).
 
   Args:
     qc: scaled queries f32 ``(B, Hq, T * block_q, D)``.
@@ -298,6 +304,21 @@ def _decide_chunk(qc, rows, elig, geo, bounds, *, kv_heads, block_q, epsilon, th
   cand = jnp.broadcast_to(cand, (b, kv_heads, t, nb)) & ~witness   # (B, Hkv, T, nb)
   nbf = nbk.astype(f32)
 
+  if screen:
+    if threshold is not None:
+      umax = jnp.max(upper, axis=(2, 4))
+      ok = umax < threshold + 1e-3 * (1.0 + abs(threshold))
+    else:
+      cand = cand & tile_ok[..., None]
+      a = jnp.max(upper - lf[..., None], axis=(2, 4))
+      if rule == "margin":
+        ok = a <= -margin_delta(kv_len, epsilon) + 1e-2
+      else:
+        dsum = jnp.sum(jnp.where(el, nbf * jnp.exp(lower - lf[..., None]), 0.0), axis=-1)
+        dmin = jnp.min(dsum, axis=(2, 4))
+        ok = nbf * jnp.exp(a) * (1.0 + epsilon) <= 1.01 * epsilon * dmin[..., None]
+    return jnp.any(cand & ok, axis=-1), None
+
   if threshold is not None:
     umax = jnp.max(jnp.where(rv, upper, -jnp.inf), axis=(2, 4))
     skip = cand & (umax < threshold)
@@ -334,63 +355,131 @@ def _decide_chunk(qc, rows, elig, geo, bounds, *, kv_heads, block_q, epsilon, th
   return skip, mass.reshape(b, hq, rr)
 
 
-def plan_aether(q: jax.Array, k: jax.Array, *, scale: float, score_fn: Any, mask_fn: Any,
-                block_q: int, block_k: int, epsilon: float = 1e-3, threshold: float | None = None,
-                rule: str = "budget", with_stats: bool = False,
-                geometry: tuple[jax.Array, jax.Array] | None = None) -> AetherPlan:
-  """Certified block-skipping plan for ``softmax(mods(scale q k^T))``.
+@dataclasses.dataclass(frozen=True)
+class _Prep:
+  """What the screen and the decisions share: shapes, settings, the mask's tiles, geometry."""
+  q: Any
+  base: BlockMask
+  elig: Any
+  geo: Any
+  bounds: Any
+  settings: dict
+  dims: tuple   # (B, Hq, Hkv, Sq, Sk, nq, nb)
 
-  Args:
-    q: ``(B, Hq, Sq, D)``; k: ``(B, Hkv, Sk, D)`` (decisions are taken on their values; wrap them
-      in ``stop_gradient`` upstream, as :func:`aether_attention` does).
-    scale: the score scale; score_fn / mask_fn: the score part and the mask part of the mods
-      (:func:`attnax.kernels.score_mods.resolve_mods`).
-    block_q, block_k: the attention kernel's tile.
-    epsilon: certified bound on the ratio of skipped to kept softmax numerator per row.
-    threshold: the pull request's absolute rule instead (see module doc).
-    rule: ``"budget"`` (default) or ``"margin"``.
-    with_stats: also compute the per-row mass bounds ``(B, Hq, Sq)``.
-    geometry: precomputed ``compute_block_geometry(k, block_k)``.
+  @property
+  def prunes(self) -> bool:
+    return self.bounds is not None
 
-  Returns:
-    :class:`AetherPlan`.
-  """
+
+def prepare(q, k, *, scale, score_fn, mask_fn, block_q, block_k, epsilon=1e-3, threshold=None,
+            rule="budget", geometry=None) -> _Prep:
+  """The mask's BlockMask and, when pruning is possible, the key geometry and mod bounds."""
   if rule not in RULES:
     raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
   b, hq, sq, d = q.shape
   _, hkv, sk, _ = k.shape
-  g = hq // hkv
   nq, nb = -(-sq // block_q), -(-sk // block_k)
   base = create_block_mask(mask_fn, q_len=sq, kv_len=sk, block_q=block_q, block_k=block_k,
                            batch=b, heads=hq)
+  settings = dict(scale=scale, block_q=block_q, block_k=block_k, epsilon=float(epsilon),
+                  threshold=threshold, rule=rule)
+  dims = (b, hq, hkv, sq, sk, nq, nb)
   bounds = None
   if threshold is not None or epsilon > 0:
     bounds = score_mod_bounds(score_fn, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq, kv_len=sk,
                               block_k=block_k)
-  head_dep = base.tiles.shape[1] > 1
-  h_out = hq if head_dep else hkv
   if bounds is None:   # unknown score mod, or epsilon = 0: nothing is pruned
-    skipped = jnp.zeros((b, hkv, nq, nb), bool)
-    mass = jnp.zeros((b, hq, sq), f32) if with_stats else None
-    return AetherPlan(base, skipped, mass, base.tiles)
-
+    return _Prep(None, base, None, None, None, settings, dims)
   q = jax.lax.stop_gradient(q)
   k = jax.lax.stop_gradient(k)
   mu, rad = geometry if geometry is not None else compute_block_geometry(k, block_k)
   geo = (mu, rad, jnp.linalg.norm(mu, axis=-1), block_sizes(sk, block_k))
   elig = _eligible(mask_fn, b, hq, block_q, block_k, sq, sk)
+  return _Prep(q, base, elig, geo, bounds, settings, dims)
 
-  t_chunk = max(1, min(nq, _CHUNK_ELEMS // max(1, b * hq * block_q * nb)))
-  n_full = sq // (t_chunk * block_q)
-  kw = dict(kv_heads=hkv, block_q=block_q, epsilon=float(epsilon), threshold=threshold,
-            rule=rule, q_len=sq, kv_len=sk, want_rows=with_stats)
+
+def _chunk_kwargs(prep: _Prep, want_rows: bool, screen: bool = False) -> dict:
+  st = prep.settings
+  b, hq, hkv, sq, sk, nq, nb = prep.dims
+  return dict(kv_heads=hkv, block_q=1 if screen else st["block_q"], epsilon=st["epsilon"],
+              threshold=st["threshold"], rule=st["rule"], q_len=sq, kv_len=sk,
+              want_rows=want_rows, screen=screen)
+
+
+def screen(prep: _Prep) -> jax.Array:
+  """bool ``(B, Hkv, nq)``: q tiles in which the rule might skip something.
+
+  Evaluates the bounds on the first row of every q tile only (``1 / block_q`` of the decision
+  work): a tile whose representative row already rules out every skip is left alone.
+  """
+  b, hq, hkv, sq, sk, nq, nb = prep.dims
+  bq, scale = prep.settings["block_q"], prep.settings["scale"]
+  t_chunk = max(1, min(nq, _CHUNK_ELEMS // max(1, b * hq * nb)))
+  kw = _chunk_kwargs(prep, False, screen=True)
+
+  def chunk(t0, t, el):
+    rows = (t0 + jnp.arange(t, dtype=jnp.int32)) * bq      # the first row of each q tile
+    qc = jnp.take(prep.q, rows, axis=2).astype(f32) * scale
+    return _decide_chunk(qc, rows, el, prep.geo, prep.bounds, **kw)[0]
+
+  n_full = nq // t_chunk
+  parts = []
+  if n_full:
+    p = jax.lax.map(lambda i: chunk(i * t_chunk, t_chunk, jax.lax.dynamic_slice_in_dim(
+        prep.elig, i * t_chunk, t_chunk, axis=2)), jnp.arange(n_full, dtype=jnp.int32))
+    parts.append(jnp.moveaxis(p, 0, 2).reshape(b, hkv, n_full * t_chunk))
+  if n_full * t_chunk < nq:
+    t0 = n_full * t_chunk
+    parts.append(chunk(t0, nq - t0, prep.elig[:, :, t0:]))
+  return jnp.concatenate(parts, axis=2) if len(parts) > 1 else parts[0]
+
+
+def _output_heads(prep: _Prep) -> int:
+  b, hq, hkv, sq, sk, nq, nb = prep.dims
+  return hq if prep.base.tiles.shape[1] > 1 else hkv
+
+
+def unpruned_plan(prep: _Prep, with_stats: bool) -> AetherPlan:
+  """The plan that skips nothing, shaped like :func:`decide`'s (the two branches of a cond)."""
+  b, hq, hkv, sq, sk, nq, nb = prep.dims
+  st = prep.settings
+  h_out = _output_heads(prep)
+  tiles = jnp.broadcast_to(prep.base.tiles, (b, h_out, nq, nb))
+  bmask = BlockMask.from_tiles(tiles, block_q=st["block_q"], block_k=st["block_k"], q_len=sq,
+                               kv_len=sk)
+  mass = jnp.zeros((b, hq, sq), f32) if with_stats else None
+  return AetherPlan(bmask, jnp.zeros((b, hkv, nq, nb), bool), mass, prep.base.tiles)
+
+
+def decide(prep: _Prep, possible: jax.Array | None = None, with_stats: bool = False) -> AetherPlan:
+  """The certified plan; q tiles where ``possible`` (from :func:`screen`) is False are not examined."""
+  if not prep.prunes:
+    return unpruned_plan(prep, with_stats)
+  b, hq, hkv, sq, sk, nq, nb = prep.dims
+  st = prep.settings
+  bq, scale = st["block_q"], st["scale"]
+  g = hq // hkv
+  t_chunk = max(1, min(nq, _CHUNK_ELEMS // max(1, b * hq * bq * nb)))
+  n_full = sq // (t_chunk * bq)
+  kw = _chunk_kwargs(prep, with_stats)
+
+  def examine(qc, rows, el, poss):
+    t = el.shape[2]
+    none = (jnp.zeros((b, hkv, t, nb), bool),
+            jnp.zeros((b, hq, t * bq), f32) if with_stats else None)
+    run = lambda: _decide_chunk(qc, rows, el, prep.geo, prep.bounds, **kw)
+    if poss is None:
+      return run()
+    return jax.lax.cond(jnp.any(poss), run, lambda: none)
 
   def chunk(i):
-    r0 = i * (t_chunk * block_q)
-    qc = jax.lax.dynamic_slice_in_dim(q, r0, t_chunk * block_q, axis=2).astype(f32) * scale
-    rows = r0 + jnp.arange(t_chunk * block_q, dtype=jnp.int32)
-    el = jax.lax.dynamic_slice_in_dim(elig, i * t_chunk, t_chunk, axis=2)
-    return _decide_chunk(qc, rows, el, geo, bounds, **kw)
+    r0 = i * (t_chunk * bq)
+    qc = jax.lax.dynamic_slice_in_dim(prep.q, r0, t_chunk * bq, axis=2).astype(f32) * scale
+    rows = r0 + jnp.arange(t_chunk * bq, dtype=jnp.int32)
+    el = jax.lax.dynamic_slice_in_dim(prep.elig, i * t_chunk, t_chunk, axis=2)
+    poss = None if possible is None else jax.lax.dynamic_slice_in_dim(possible, i * t_chunk,
+                                                                      t_chunk, axis=2)
+    return examine(qc, rows, el, poss)
 
   skips, masses = [], []
   if n_full:
@@ -398,15 +487,16 @@ def plan_aether(q: jax.Array, k: jax.Array, *, scale: float, score_fn: Any, mask
     # (n, B, Hkv, T, nb) -> (B, Hkv, n * T, nb)
     skips.append(jnp.moveaxis(s, 0, 2).reshape(b, hkv, n_full * t_chunk, nb))
     if with_stats:
-      masses.append(jnp.moveaxis(m, 0, 2).reshape(b, hq, n_full * t_chunk * block_q))
-  r0 = n_full * t_chunk * block_q
+      masses.append(jnp.moveaxis(m, 0, 2).reshape(b, hq, n_full * t_chunk * bq))
+  r0 = n_full * t_chunk * bq
   if r0 < sq:   # the tail: fewer than t_chunk q tiles, the last one possibly ragged
-    t_tail = nq - n_full * t_chunk
-    rows_n = t_tail * block_q
-    qc = q[:, :, r0:].astype(f32) * scale
+    t0 = n_full * t_chunk
+    rows_n = (nq - t0) * bq
+    qc = prep.q[:, :, r0:].astype(f32) * scale
     qc = jnp.pad(qc, ((0, 0), (0, 0), (0, rows_n - (sq - r0)), (0, 0)))
     rows = r0 + jnp.arange(rows_n, dtype=jnp.int32)
-    s, m = _decide_chunk(qc, rows, elig[:, :, n_full * t_chunk:], geo, bounds, **kw)
+    poss = None if possible is None else possible[:, :, t0:]
+    s, m = examine(qc, rows, prep.elig[:, :, t0:], poss)
     skips.append(s)
     if with_stats:
       masses.append(m)
@@ -415,7 +505,39 @@ def plan_aether(q: jax.Array, k: jax.Array, *, scale: float, score_fn: Any, mask
   if with_stats:
     mass = (jnp.concatenate(masses, axis=2) if len(masses) > 1 else masses[0])[:, :, :sq]
 
-  sk_out = jnp.repeat(skipped, g, axis=1) if head_dep and g > 1 else skipped
-  tiles = jnp.where(sk_out, EMPTY, jnp.broadcast_to(base.tiles, (b, h_out, nq, nb)))
-  bmask = BlockMask.from_tiles(tiles, block_q=block_q, block_k=block_k, q_len=sq, kv_len=sk)
-  return AetherPlan(bmask, skipped, mass, base.tiles)
+  h_out = _output_heads(prep)
+  sk_out = jnp.repeat(skipped, g, axis=1) if h_out != hkv else skipped
+  tiles = jnp.where(sk_out, EMPTY, jnp.broadcast_to(prep.base.tiles, (b, h_out, nq, nb)))
+  bmask = BlockMask.from_tiles(tiles, block_q=bq, block_k=st["block_k"], q_len=sq, kv_len=sk)
+  return AetherPlan(bmask, skipped, mass, prep.base.tiles)
+
+
+def plan_aether(q: jax.Array, k: jax.Array, *, scale: float, score_fn: Any, mask_fn: Any,
+                block_q: int, block_k: int, epsilon: float = 1e-3, threshold: float | None = None,
+                rule: str = "budget", with_stats: bool = False,
+                geometry: tuple[jax.Array, jax.Array] | None = None,
+                use_screen: bool = True) -> AetherPlan:
+  """Certified block-skipping plan for ``softmax(mods(scale q k^T))``.
+
+  Args:
+    q: ``(B, Hq, Sq, D)``; k: ``(B, Hkv, Sk, D)`` (decisions are taken on their values, under
+      ``stop_gradient``).
+    scale: the score scale; score_fn / mask_fn: the score part and the mask part of the mods
+      (:func:`attnax.kernels.score_mods.resolve_mods`).
+    block_q, block_k: the attention kernel's tile.
+    epsilon: certified bound on the ratio of skipped to kept softmax numerator per row.
+    threshold: the pull request's absolute rule instead (see module doc).
+    rule: ``"budget"`` (default) or ``"margin"``.
+    with_stats: also compute the per-row mass bounds ``(B, Hq, Sq)``.
+    geometry: precomputed ``compute_block_geometry(k, block_k)``.
+    use_screen: examine only the q tiles the cheap :func:`screen` cannot rule out (same result).
+
+  Returns:
+    :class:`AetherPlan`.
+  """
+  prep = prepare(q, k, scale=scale, score_fn=score_fn, mask_fn=mask_fn, block_q=block_q,
+                 block_k=block_k, epsilon=epsilon, threshold=threshold, rule=rule,
+                 geometry=geometry)
+  if not prep.prunes:
+    return unpruned_plan(prep, with_stats)
+  return decide(prep, screen(prep) if use_screen else None, with_stats)
