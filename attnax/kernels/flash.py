@@ -412,16 +412,16 @@ def _zero_cotangent(x):
   return np.zeros(x.shape, jax.dtypes.float0)
 
 
-def _is_array(x) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
 def _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k, block_mask):
   """Checks and planning shared by the public function and the tile-visit counter.
 
-  Returns ``(cfg, rebuild, consts)``: ``consts = (mod arrays, BlockMask, per-head state)`` are the
-  array operands (constants for autodiff) and ``rebuild(mod_arrays)`` returns
-  ``(score_fn, mask_fn)`` around them.
+  Returns ``(cfg, rebuild, consts)``. ``consts = (score consts, mask consts, BlockMask, per-head
+  state)`` are the array operands of the custom_vjp (constants for autodiff) and
+  ``rebuild(score_consts, mask_consts)`` returns ``(score_fn, mask_fn)``.
+
+  The mods are closure-converted at the tile shapes the loops use: every traced array they hold
+  (a pytree mod's leaves, or what a user's lambda closes over) becomes an explicit operand, so the
+  custom_vjp never closes over a tracer of an enclosing ``jit``, ``vmap`` or ``grad``.
   """
   bsz, hq, hkv, sq, sk, d, _ = _checks.check_qkv(q, k, v, kernel="flash_attention")
   scale = _checks.default_scale(scale, d)
@@ -434,28 +434,33 @@ def _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k, block_mask):
     bk = getattr(block_mask, "block_k", block_k)
   bm, state, nb, nh, per_head = _plan(mask_fn, block_mask, batch=bsz, hq=hq, hkv=hkv, sq=sq,
                                       sk=sk, block_q=bq, block_k=bk)
+  g = hq // hkv
   cfg = _Config(scale=scale, block_q=bm.block_q, block_k=bm.block_k, q_len=sq, kv_len=sk,
-                groups=hq // hkv, nb=nb, nh=nh, per_head=per_head)
-  # Array leaves of the mods become operands of the custom_vjp (treated as constants); anything
-  # else (functions, Python numbers) stays in the closure.
-  leaves, treedef = jax.tree.flatten((score_fn, mask_fn))
-  slots = [_is_array(x) for x in leaves]
-  mod_arrays = tuple(x for x, a in zip(leaves, slots) if a)
-  statics = [None if a else x for x, a in zip(leaves, slots)]
+                groups=g, nb=nb, nh=nh, per_head=per_head)
+  bv, hv = bsz // nb, hkv // nh
+  idx = lambda *shape: jax.ShapeDtypeStruct(shape, i32)
+  index_args = (idx(bv, 1, 1, 1, 1), idx(1, hv, g, 1, 1), idx(1, 1, 1, cfg.block_q, 1),
+                idx(1, 1, 1, 1, cfg.block_k))
+  tile = jax.ShapeDtypeStruct((bv, hv, g, cfg.block_q, cfg.block_k), f32)
+  score_c, score_consts = (None, []) if score_fn is None else jax.closure_convert(
+      lambda *a: score_fn(*a), tile, *index_args)   # (mods hold arrays: not hashable)
+  mask_c, mask_consts = (None, []) if mask_fn is None else jax.closure_convert(
+      lambda *a: mask_fn(*a), *index_args)
 
-  def rebuild(arrays):
-    it = iter(arrays)
-    return jax.tree.unflatten(treedef, [next(it) if a else s for s, a in zip(statics, slots)])
+  def rebuild(s_consts, m_consts):
+    s_fn = None if score_c is None else lambda *a: score_c(*a, *s_consts)
+    m_fn = None if mask_c is None else lambda *a: mask_c(*a, *m_consts)
+    return s_fn, m_fn
 
-  return cfg, rebuild, (mod_arrays, bm, state)
+  return cfg, rebuild, (tuple(score_consts), tuple(mask_consts), bm, state)
 
 
 def _make_flash(cfg: _Config, rebuild):
   """The custom_vjp attention for one static configuration: ``f(q, k, v, consts) -> (out, lse)``."""
 
   def forward(q, k, v, consts):
-    mod_arrays, bm, state = consts
-    score_fn, mask_fn = rebuild(mod_arrays)
+    s_consts, m_consts, bm, state = consts
+    score_fn, mask_fn = rebuild(s_consts, m_consts)
     out, lse, _ = _flash_forward(cfg, score_fn, mask_fn, bm, state, q, k, v)
     return out, lse
 
@@ -470,8 +475,8 @@ def _make_flash(cfg: _Config, rebuild):
   def bwd(res, cts):
     q, k, v, out, lse, consts = res
     dout, dlse = cts
-    mod_arrays, bm, state = consts
-    score_fn, mask_fn = rebuild(mod_arrays)
+    s_consts, m_consts, bm, state = consts
+    score_fn, mask_fn = rebuild(s_consts, m_consts)
     dq, dk, dv, _, _ = _flash_backward(cfg, score_fn, mask_fn, bm, state, q, k, v, out, lse,
                                        dout, dlse)
     return dq, dk, dv, jax.tree.map(_zero_cotangent, consts)
@@ -533,9 +538,9 @@ def tile_visits(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any = No
   and the number of nonempty tiles of the BlockMask the loops walk. Skipping works when all four
   agree (and are below the dense ``nq * nk`` per group).
   """
-  cfg, rebuild, (mod_arrays, bm, state) = _prepare(q, k, v, score_mod, mask_mod, scale, block_q,
-                                                   block_k, block_mask)
-  score_fn, mask_fn = rebuild(mod_arrays)
+  cfg, rebuild, (s_consts, m_consts, bm, state) = _prepare(q, k, v, score_mod, mask_mod, scale,
+                                                           block_q, block_k, block_mask)
+  score_fn, mask_fn = rebuild(s_consts, m_consts)
   out, lse, fwd = _flash_forward(cfg, score_fn, mask_fn, bm, state, q, k, v)
   dout = jnp.ones_like(out) if dout is None else dout
   *_, dq, dkv = _flash_backward(cfg, score_fn, mask_fn, bm, state, q, k, v, out, lse, dout,
