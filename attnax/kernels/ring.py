@@ -300,7 +300,8 @@ def _unblocks(x: jax.Array, length: int) -> jax.Array:
   return x.reshape(s[:3] + (s[3] * s[4],) + s[5:])[:, :, :, :length]
 
 
-def _block_positions(cfg: _Ring, q5_shape, lk: int, q_abs, kv_abs, i, bq: int, lq: int):
+def _block_positions(q5_shape, lk: int, q_abs, kv_abs, i, bq: int, lq: int) -> Positions:
+  """Positions of query block ``i`` (``bq`` rows; rows past ``lq`` are padding) and of the keys."""
   b, hkv, g = q5_shape[:3]
   q_pos = q_abs + i * bq + jnp.arange(bq, dtype=jnp.int32)
   kv_pos = kv_abs + jnp.arange(lk, dtype=jnp.int32)
@@ -322,7 +323,7 @@ def _segment_fwd(q5, k, v, q_abs, kv_abs, cfg: _Ring, floats, others):
 
   def one(xs):
     qi, i = xs
-    pos = _block_positions(cfg, q5.shape, lk, q_abs, kv_abs, i, bq, lq)
+    pos = _block_positions(q5.shape, lk, q_abs, kv_abs, i, bq, lq)
     compute = lambda: attend_packed(qi, k, v, pos, scale=cfg.scale, score_fn=score_fn,
                                     mask_fn=mask_fn)
     if mask_fn is None:
@@ -351,7 +352,7 @@ def _segment_bwd(q5, k, v, do5, delta5, lse5, q_abs, kv_abs, cfg: _Ring, floats,
 
   def body(carry, x):
     qi, doi, dli, lsei, i = x
-    pos = _block_positions(cfg, q5.shape, lk, q_abs, kv_abs, i, bq, lq)
+    pos = _block_positions(q5.shape, lk, q_abs, kv_abs, i, bq, lq)
 
     def compute():
       dq, dk, dv, dfl = attend_packed_bwd(qi, k, v, doi, dli, lsei, pos, floats, rebuild,
