@@ -30,6 +30,14 @@ from attnax.kernels.memory_efficient import memory_efficient_attention  # noqa: 
 from attnax.kernels.flash import flash_attention  # noqa: E402
 __all__ += ["memory_efficient_attention", "flash_attention"]
 # --- pallas: pallas_flash_attention and varlen helpers
+from attnax.kernels.pallas import (  # noqa: E402
+    cu_seqlens_to_doc_ids, pack_sequences, pallas_flash_attention, pallas_flash_attention_bwd,
+    pallas_flash_attention_fwd, seqlens_to_cu_seqlens, seqlens_to_doc_ids, unpack_sequences,
+    varlen_attention,
+)
+__all__ += ["pallas_flash_attention", "pallas_flash_attention_fwd", "pallas_flash_attention_bwd",
+            "varlen_attention", "pack_sequences", "unpack_sequences", "seqlens_to_doc_ids",
+            "cu_seqlens_to_doc_ids", "seqlens_to_cu_seqlens"]
 # --- aether: aether_attention, AetherAttention, compute_block_geometry
 from attnax.kernels.aether import AetherAttention, aether_attention, compute_block_geometry  # noqa: E402
 __all__ += ["aether_attention", "AetherAttention", "compute_block_geometry"]
