@@ -147,6 +147,9 @@ class _Held:
     it = iter(self.arrays)
     return jax.tree.unflatten(treedef, [next(it) if s is None else s for s in static])
 
+  def __repr__(self) -> str:
+    return repr(self.get())
+
   def tree_flatten(self):
     return self.arrays, self.static
 
@@ -174,6 +177,7 @@ def _ranges(block: int, length: int) -> tuple[jax.Array, jax.Array]:
 class KVLengthMask:
   """Keep ``kv_idx < length``: the cache slots written so far (``length`` int32 ``(1,)``)."""
   length: jax.Array
+
   def __call__(self, b, h, q_idx, kv_idx):
     return kv_idx < sm.take(self.length, kv_idx)
 
