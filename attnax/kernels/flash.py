@@ -54,7 +54,6 @@ class _Config:
   groups: int        # G = Hq // Hkv
   nb: int            # batch rows walked sequentially (the BlockMask's B'); B // nb vectorised
   nh: int            # kv heads walked sequentially (1 or Hkv); Hkv // nh vectorised
-  per_head: bool     # the BlockMask is per query head: tiles carry a per-head state
 
   @property
   def ragged_q(self) -> bool:
@@ -69,10 +68,12 @@ class _Config:
 
 
 def _plan(mask_fn: Any, block_mask: BlockMask | None, *, batch: int, hq: int, hkv: int, sq: int,
-          sk: int, block_q: int, block_k: int) -> tuple[BlockMask, jax.Array | None, int, int, bool]:
-  """The BlockMask the loops walk, the per-head tile states (or None), and ``(nb, nh, per_head)``.
+          sk: int, block_q: int, block_k: int) -> tuple[BlockMask, jax.Array | None]:
+  """The BlockMask the loops walk and the per-query-head tile states (or None).
 
-  The returned BlockMask has leading axes ``(nb, nh)`` with ``nb in (1, B)``, ``nh in (1, Hkv)``.
+  The returned BlockMask has leading axes ``(nb, nh)`` with ``nb in (1, B)``, ``nh in (1, Hkv)``;
+  the states, when the given tiles are per query head (``H' = Hq``, ``G > 1``), are int8
+  ``(nb, Hkv, G, nq, nk)``.
   """
   g = hq // hkv
   given = block_mask is not None
@@ -111,8 +112,7 @@ def _plan(mask_fn: Any, block_mask: BlockMask | None, *, batch: int, hq: int, hk
     bm = BlockMask.from_tiles(union, block_q=bm.block_q, block_k=bm.block_k, q_len=sq, kv_len=sk)
   elif given:
     bm = BlockMask.from_tiles(t, block_q=bm.block_q, block_k=bm.block_k, q_len=sq, kv_len=sk)
-  nb, nh = bm.tiles.shape[:2]
-  return bm, state, nb, nh, state is not None
+  return bm, state
 
 
 def _split_lead(x: jax.Array, nb: int, nh: int) -> jax.Array:
@@ -432,11 +432,12 @@ def _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k, block_mask):
   else:
     bq = getattr(block_mask, "block_q", block_q)
     bk = getattr(block_mask, "block_k", block_k)
-  bm, state, nb, nh, per_head = _plan(mask_fn, block_mask, batch=bsz, hq=hq, hkv=hkv, sq=sq,
-                                      sk=sk, block_q=bq, block_k=bk)
+  bm, state = _plan(mask_fn, block_mask, batch=bsz, hq=hq, hkv=hkv, sq=sq, sk=sk, block_q=bq,
+                    block_k=bk)
   g = hq // hkv
+  nb, nh = bm.tiles.shape[:2]
   cfg = _Config(scale=scale, block_q=bm.block_q, block_k=bm.block_k, q_len=sq, kv_len=sk,
-                groups=g, nb=nb, nh=nh, per_head=per_head)
+                groups=g, nb=nb, nh=nh)
   bv, hv = bsz // nb, hkv // nh
   idx = lambda *shape: jax.ShapeDtypeStruct(shape, i32)
   index_args = (idx(bv, 1, 1, 1, 1), idx(1, hv, g, 1, 1), idx(1, 1, 1, cfg.block_q, 1),
