@@ -4,6 +4,16 @@ One call flows: ``_checks`` -> mods split into score part and mask part -> plan 
 :class:`~attnax.kernels.BlockMask` from the mask part, a caller's precomputed one, or "dense" when
 nothing is masked) -> padding to the tiling -> :mod:`attnax.kernels.pallas.triton` kernels (Triton
 lowering on GPU, the Pallas interpreter on CPU) -> ``(out, lse)``.
+
+GQA: forward and dQ programs are per query head and read kv head ``h // G`` through their BlockSpec
+index map (no repeated copy of K/V; the G programs of a group read the same K/V tiles, mostly from
+L2). The dK/dV program of a kv head loops over the G query heads of its group and accumulates dK/dV
+in registers, so no reduction over a repeated copy is needed. Because programs are per query head,
+a caller's BlockMask with ``H' = Hq`` is used exactly (each head its own lists; no union over the
+group is needed), ``H' = Hkv`` is shared by the group, ``H' = 1`` by all heads.
+
+Gradients: the custom_vjp differentiates q, k, v (and ``lse`` as an output); arrays carried by mods
+(bias tables, ALiBi slopes, ids) receive zero cotangents.
 """
 
 from __future__ import annotations

@@ -99,37 +99,52 @@ def test_all_mods_softcap_empty_rows_grads():
 def test_block_mask_skipping_matches_kept_tiles():
   # A caller's BlockMask (as the AETHER planner passes), per query head (H' = Hq) under GQA:
   # EMPTY tiles must be skipped in the forward and both backward passes, so the result is the
-  # reference restricted to the kept tiles. Ragged tails make the last row/column partial.
-  bq = bk = 16
-  q, k, v = random_qkv(5, batch=1, q_heads=4, kv_heads=2, q_len=60, kv_len=76, head_dim=16)
-  nq, nk = 4, 5
+  # reference restricted to the kept tiles. Ragged tails make the last row/column partial. Every
+  # pass runs finer than the BlockMask tiles (16-row programs, 16-wide chunks of 32x32 tiles).
+  bq = bk = 32
+  q, k, v = random_qkv(5, batch=1, q_heads=4, kv_heads=2, q_len=64, kv_len=76, head_dim=16)
+  nq, nk = 2, 3
   rng = np.random.RandomState(1)
   tiles = rng.choice([bm_lib.EMPTY, bm_lib.PARTIAL, bm_lib.FULL], size=(1, 4, nq, nk),
                      p=[0.4, 0.2, 0.4]).astype(np.int8)
-  tiles[..., 0, :] = bm_lib.EMPTY            # q block 0 sees nothing in any head
-  tiles[0, 0, 1] = bm_lib.FULL               # a full row, in one head only
-  block_mask = BlockMask.from_tiles(jnp.asarray(tiles), block_q=bq, block_k=bk, q_len=60,
+  tiles[0, 3, 0, :] = bm_lib.EMPTY           # q block 0 of head 3 sees nothing
+  tiles[0, 0, 1] = bm_lib.FULL               # a full row (its ragged last tile turns partial)
+  tiles[0, 1, :, 0] = bm_lib.FULL            # full tiles interleaved with dropped ones
+  tiles[0, 1, :, 1] = bm_lib.EMPTY
+  block_mask = BlockMask.from_tiles(jnp.asarray(tiles), block_q=bq, block_k=bk, q_len=64,
                                     kv_len=76)
   kept = jnp.asarray(tiles != bm_lib.EMPTY)
   kept_mask = lambda b, h, i, j: kept[0, h, i // bq, j // bk]
-  cfg = FlashConfig(bq, bk, dq_cols=16, dkv_rows=16)
+  cfg = FlashConfig(bq, bk, fwd_rows=16, fwd_cols=16, dq_rows=16, dq_cols=16, dkv_rows=16,
+                    dkv_cols=16)
   out, lse = run(q, k, v, block_mask=block_mask, config=cfg)
   ref, ref_lse = reference_attention(q, k, v, return_lse=True, mask_mod=kept_mask)
   assert_close(out, lse, ref, ref_lse, f32)
   ct = cotangent(6, out.shape)
   got = run_grads(q, k, v, ct, block_mask=block_mask, config=cfg)
   assert_grads(got, reference_grads(q, k, v, ct, mask_mod=kept_mask), f32)
+  # FULL tiles skip the elementwise mask: a causal mod under an all-FULL BlockMask is applied only
+  # on the ragged (hence partial) last kv column.
+  full = BlockMask.from_tiles(jnp.full((1, 1, nq, nk), bm_lib.FULL, jnp.int8), block_q=bq,
+                              block_k=bk, q_len=64, kv_len=76)
+  out, lse = run(q, k, v, score_mod=causal_mod(), block_mask=full, config=cfg)
+  ref, ref_lse = reference_attention(q, k, v, return_lse=True,
+                                     mask_mod=lambda b, h, i, j: (j < 2 * bk) | (j <= i))
+  assert_close(out, lse, ref, ref_lse, f32)
 
 
 def test_bf16_causal_bottom_right_grads():
+  # Also the dK/dV variant on the untransposed tile.
   q, k, v = random_qkv(7, batch=1, q_heads=2, kv_heads=1, q_len=40, kv_len=72, head_dim=32,
                        dtype=jnp.bfloat16)
-  kw = dict(score_mod=causal_mod(72 - 40))
+  kw = dict(score_mod=causal_mod(72 - 40), config=FlashConfig(32, 32, dkv_transposed=False))
   out, lse = run(q, k, v, **kw)
   assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
-  assert_close(out, lse, *reference_attention(q, k, v, return_lse=True, **kw), jnp.bfloat16)
+  ref_kw = dict(score_mod=kw["score_mod"])
+  assert_close(out, lse, *reference_attention(q, k, v, return_lse=True, **ref_kw), jnp.bfloat16)
   ct = cotangent(8, out.shape).astype(jnp.bfloat16)
-  assert_grads(run_grads(q, k, v, ct, **kw), reference_grads(q, k, v, ct, **kw), jnp.bfloat16)
+  assert_grads(run_grads(q, k, v, ct, **kw), reference_grads(q, k, v, ct, **ref_kw),
+               jnp.bfloat16)
 
 
 def test_fwd_bwd_entry_points():
