@@ -34,7 +34,8 @@ from attnax.kernels import score_mods as sm
 from attnax.kernels.reference import standard_attention
 from attnax.rope import apply_rope, rope_frequencies
 
-__all__ = ["MultiHeadAttention", "AttentionType", "is_attention_fn", "accepts_keyword"]
+__all__ = ["MultiHeadAttention", "AttentionType", "ModBuffer", "is_attention_fn",
+           "accepts_keyword"]
 
 
 # ----------------------------------------------------------------------------- AttentionType
@@ -121,41 +122,30 @@ def _is_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-@jax.tree_util.register_pytree_node_class
-class _Held:
-  """A mod stored on a module: its array leaves are pytree data (module state), the rest static.
+class ModBuffer(nnx.Variable):
+  """An array carried by a score or mask mod (ALiBi slopes, document ids, a bias table).
 
-  Score/mask mods may carry arrays (ALiBi slopes, document ids) and may also be plain Python
-  functions; NNX needs the arrays as data and everything else hashable and static.
+  Module state like ``nnx.Cache``, not a trained parameter: ``nnx.Param`` filters (optimisers,
+  ``nnx.grad``) leave it out, while ``nnx.state``, ``nnx.update``, ``nnx.vmap``/``nnx.scan`` over
+  layers and checkpoints carry it.
   """
 
-  def __init__(self, arrays: tuple, static: tuple):
-    self.arrays = tuple(arrays)
-    self.static = static  # (treedef, per leaf: None for an array, else the leaf itself)
 
-  @classmethod
-  def wrap(cls, mod: Any) -> "_Held | None":
-    if mod is None:
-      return None
-    leaves, treedef = jax.tree.flatten(mod)
-    arrays = tuple(jnp.asarray(x) for x in leaves if _is_array(x))
-    static = tuple(None if _is_array(x) else x for x in leaves)
-    return cls(arrays, (treedef, static))
+def _split_mod(mod: Any) -> tuple[Any, nnx.List]:
+  """A mod -> (hashable static description, ``nnx.List`` of :class:`ModBuffer`)."""
+  if mod is None:
+    return None, nnx.List([])
+  leaves, treedef = jax.tree.flatten(mod)
+  buffers = nnx.List([ModBuffer(jnp.asarray(x)) for x in leaves if _is_array(x)])
+  return (treedef, tuple(None if _is_array(x) else x for x in leaves)), buffers
 
-  def get(self) -> Any:
-    treedef, static = self.static
-    it = iter(self.arrays)
-    return jax.tree.unflatten(treedef, [next(it) if s is None else s for s in static])
 
-  def __repr__(self) -> str:
-    return repr(self.get())
-
-  def tree_flatten(self):
-    return self.arrays, self.static
-
-  @classmethod
-  def tree_unflatten(cls, static, arrays):
-    return cls(tuple(arrays), static)
+def _join_mod(static: Any, buffers: nnx.List) -> Any:
+  if static is None:
+    return None
+  treedef, leaves = static
+  it = iter(buffers)
+  return jax.tree.unflatten(treedef, [next(it)[...] if x is None else x for x in leaves])
 
 
 # ----------------------------------------------------------------------------- decode-time mods
@@ -448,8 +438,9 @@ class MultiHeadAttention(nnx.Module):
     self.out_features = int(out_features)
     self.head_dim = head_dim
     self.attention_fn = attention_fn
-    self._score_mod = nnx.data(_Held.wrap(score_mod))
-    self._mask_mod = nnx.data(_Held.wrap(mask_mod))
+    # Mods are stored as a static structure plus their arrays as ModBuffer state.
+    self._score_mod_def, self.score_mod_buffers = _split_mod(score_mod)
+    self._mask_mod_def, self.mask_mod_buffers = _split_mod(mask_mod)
     self.scale = scale
     self.dropout_rate = float(dropout_rate)
     self.deterministic = deterministic
@@ -501,12 +492,12 @@ class MultiHeadAttention(nnx.Module):
   @property
   def score_mod(self) -> Any:
     """The constructor's score mod (``None`` if none)."""
-    return None if self._score_mod is None else self._score_mod.get()
+    return _join_mod(self._score_mod_def, self.score_mod_buffers)
 
   @property
   def mask_mod(self) -> Any:
     """The constructor's mask mod (``None`` if none)."""
-    return None if self._mask_mod is None else self._mask_mod.get()
+    return _join_mod(self._mask_mod_def, self.mask_mod_buffers)
 
   def set_view(self, deterministic: bool | None = None, decode: bool | None = None):
     """Used by ``nnx.view(model, deterministic=..., decode=...)``.

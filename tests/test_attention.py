@@ -351,10 +351,12 @@ def test_per_call_mods_compose_with_constructor_mods():
 
 
 def test_mods_with_arrays_are_module_state_under_jit():
-  """ALiBi slopes and document ids live in the module as data and trace under nnx.jit."""
+  """ALiBi slopes live in the module as ModBuffer state and trace under nnx.jit."""
   m = make(score_mod=compose_score_mods(alibi_mod(num_heads=H), causal_mod()))
-  leaves = jax.tree.leaves(nnx.state(m, nnx.Not(nnx.Param)))
-  assert any(leaf.shape == (H,) for leaf in leaves)
+  buffers = jax.tree.leaves(nnx.state(m, attention_lib.ModBuffer))
+  assert [b.shape for b in buffers] == [(H,)]
+  # Not parameters: gradients and optimisers leave them alone.
+  assert all(leaf.shape != (H,) for leaf in jax.tree.leaves(nnx.state(m, nnx.Param)))
   x = inputs(18, B, S, F)
   assert rel_err(nnx.jit(lambda m, x: m(x))(m, x), m(x)) < tol(jnp.float32)
   user = make(score_mod=lambda s, b, h, i, j: s - 0.1 * jnp.abs(i - j))
@@ -368,6 +370,36 @@ def test_leading_batch_dims():
   assert out.shape == (2, 3, S, F)
   assert rel_err(out, apply(m, x.reshape(6, S, F)).reshape(out.shape)) < tol(jnp.float32)
   assert rel_err(apply(m, x[0, 0]), out[0, 0]) < tol(jnp.float32)
+
+
+def test_nnx_vmap_and_scan_over_layers():
+  """vmap over inputs; layers created with vmap (ALiBi slopes stacked as state) run by nnx.scan."""
+  mod = compose_score_mods(alibi_mod(num_heads=H), causal_mod())
+  m = make(rope=True, score_mod=mod)
+  x = inputs(26, 3, B, S, F)
+  y = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0))(m, x)
+  assert rel_err(y, apply(m, x)) < tol(jnp.float32)
+
+  @nnx.split_rngs(splits=2)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(rngs):
+    return MultiHeadAttention(rngs, num_heads=H, in_features=F, qkv_features=QKV, score_mod=mod)
+
+  layers = create(nnx.Rngs(0))
+  assert layers.query.kernel.shape == (2, F, H, QKV // H)
+
+  @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+  def run(layer, h):
+    return h + layer(h)
+
+  out = nnx.jit(run)(layers, x[0])
+  h = x[0]
+  for i in range(2):
+    layer = MultiHeadAttention(nnx.Rngs(0), num_heads=H, in_features=F, qkv_features=QKV,
+                               score_mod=mod)
+    nnx.update(layer, jax.tree.map(lambda a: a[i], nnx.state(layers)))
+    h = h + apply(layer, h)
+  assert rel_err(out, h) < tol(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- dropout
