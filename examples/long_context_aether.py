@@ -20,7 +20,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from attnax.kernels import AetherAttention, aether_attention, causal_mod, flash_attention  # noqa: E402
+from attnax.kernels import (  # noqa: E402
+    AetherAttention, aether_attention, causal_mod, flash_attention,
+)
 from attnax.kernels.aether import clustered_qkv  # noqa: E402
 
 

@@ -1,7 +1,8 @@
 """AETHER: certified geometric block-sparse attention (DESIGN.md section 6).
 
-``compute_block_geometry`` (key-block centroids and radii) -> ``plan_aether`` (certified BlockMask)
--> a dense block-sparse kernel (``pallas_flash_attention`` / ``flash_attention``) with ``block_mask=``.
+``compute_block_geometry`` (key-block centroids and radii) -> ``plan_aether`` (certified
+BlockMask) -> a dense block-sparse kernel (``pallas_flash_attention`` / ``flash_attention``) with
+``block_mask=``.
 """
 
 from attnax.kernels.aether.geometry import (

@@ -244,7 +244,8 @@ class AetherAttention:
 
   def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any = None,
                mask_mod: Any = None, scale: float | None = None, return_lse: bool = False) -> Any:
-    """``(B, Hq, Sq, D)``, ``(B, Hkv, Sk, D)``, ``(B, Hkv, Sk, Dv)`` -> ``(B, Hq, Sq, Dv)`` (or tuple)."""
+    """q ``(B, Hq, Sq, D)``, k ``(B, Hkv, Sk, D)``, v ``(B, Hkv, Sk, Dv)`` -> ``(B, Hq, Sq, Dv)``.
+    """
     return aether_attention(q, k, v, epsilon=self.epsilon, threshold=self.threshold,
                             block_q=self.block_q, block_k=self.block_k, score_mod=score_mod,
                             mask_mod=mask_mod, scale=scale, return_lse=return_lse,

@@ -55,7 +55,7 @@ import numpy as np
 
 from attnax.kernels import block_mask as bm_lib
 from attnax.kernels import score_mods as sm
-from attnax.kernels.block_mask import EMPTY, FULL, PARTIAL, BlockMask, create_block_mask
+from attnax.kernels.block_mask import EMPTY, BlockMask, create_block_mask
 from attnax.kernels.aether.geometry import block_sizes, compute_block_geometry
 
 __all__ = ["AetherStats", "AetherPlan", "plan_aether", "prepare", "screen", "decide",
@@ -67,7 +67,7 @@ ETA = 2.0 ** -10           # relative widening of the bounds (rounding of geomet
 RULES = ("budget", "margin")
 _CHUNK_ELEMS = 2 ** 24     # f32 values of one (rows x kv blocks) slab of the pre-pass
 _SUM_SAFETY = 1.0 - 2.0 ** -9   # covers the rounding of the f32 sums of the budget rule
-_MIN_LOG_TERM = -80.0      # exp(a) is evaluated as exp(max(a, -80)): never underflows (conservative)
+_MIN_LOG_TERM = -80.0      # exp(a) is taken as exp(max(a, -80)): no underflow (conservative)
 
 
 @jax.tree_util.register_dataclass
@@ -108,8 +108,8 @@ class AetherPlan:
     """The :class:`AetherStats` record (needs ``mass_bound``)."""
     b, hkv, nq, nb = self.skipped.shape
     g = q_heads // hkv
-    base = jnp.broadcast_to(self.base_tiles != EMPTY, (batch, q_heads if self.base_tiles.shape[1] > 1
-                                                        else 1, nq, nb))
+    h_base = q_heads if self.base_tiles.shape[1] > 1 else 1
+    base = jnp.broadcast_to(self.base_tiles != EMPTY, (batch, h_base, nq, nb))
     base = jnp.broadcast_to(base, (batch, q_heads, nq, nb))
     skipped = jnp.repeat(self.skipped, g, axis=1) & base
     total = base.sum((-2, -1)).astype(f32)
@@ -123,7 +123,7 @@ class AetherPlan:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TileMapMask:
-  """Mask mod ``(b, h, q_idx, kv_idx) -> tiles[b, h // groups, q_idx // bq, kv_idx // bk] != EMPTY``.
+  """Mask mod: keep ``(b, h, i, j)`` iff ``tiles[b, h // groups, i // bq, j // bk] != EMPTY``.
 
   Turns a tile map into an elementwise mask (for the materialised reference path and for tests:
   dense attention restricted to the tiles a plan keeps).
@@ -139,7 +139,7 @@ class TileMapMask:
 
 
 def tile_mask_mod(block_mask: BlockMask, q_heads: int) -> TileMapMask:
-  """A mask mod that keeps exactly the non-empty tiles of ``block_mask`` (heads ``1``, ``Hkv`` or ``Hq``)."""
+  """A mask mod keeping exactly the non-empty tiles of ``block_mask`` (heads 1, Hkv or Hq)."""
   h = block_mask.tiles.shape[1]
   if q_heads % h:
     raise ValueError(f"block mask head axis {h} does not divide the {q_heads} query heads")
@@ -233,7 +233,7 @@ def score_mod_bounds(score_fn: Any, *, batch: int, q_heads: int, kv_heads: int, 
 
 
 def _eligible(mask_fn, batch, q_heads, block_q, block_k, q_len, kv_len) -> jax.Array:
-  """bool ``(B', H'', nq, nb)``: tiles whose valid positions are all visible (witness / skip candidates).
+  """bool ``(B', H'', nq, nb)``: tiles whose valid positions are all visible (witness/skippable).
 
   Unlike ``BlockMask.tiles == FULL`` this counts a ragged tail tile as fully visible when the mask
   keeps all of its valid positions (the geometry of a tail block covers its valid keys only).
@@ -452,7 +452,7 @@ def unpruned_plan(prep: _Prep, with_stats: bool) -> AetherPlan:
 
 
 def decide(prep: _Prep, possible: jax.Array | None = None, with_stats: bool = False) -> AetherPlan:
-  """The certified plan; q tiles where ``possible`` (from :func:`screen`) is False are not examined."""
+  """The certified plan; q tiles where ``possible`` (:func:`screen`) is False are not examined."""
   if not prep.prunes:
     return unpruned_plan(prep, with_stats)
   b, hq, hkv, sq, sk, nq, nb = prep.dims

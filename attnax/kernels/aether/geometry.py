@@ -31,16 +31,17 @@ f32 = jnp.float32
 
 def _check_k(k, block_size):
   if not hasattr(k, "shape") or jnp.ndim(k) != 4:
-    raise ValueError(f"compute_block_geometry: k must have rank 4 (batch, kv_heads, seq, head_dim), "
-                     f"got shape {tuple(jnp.shape(k))}")
+    raise ValueError("compute_block_geometry: k must have rank 4 (batch, kv_heads, seq, "
+                     f"head_dim), got shape {tuple(jnp.shape(k))}")
   if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-    raise ValueError(f"compute_block_geometry: block_size must be a positive int, got {block_size!r}")
+    raise ValueError("compute_block_geometry: block_size must be a positive int, got "
+                     f"{block_size!r}")
   if min(k.shape) == 0:
     raise ValueError(f"compute_block_geometry: empty dimension in k {tuple(k.shape)}")
 
 
 def block_sizes(seq_len: int, block_size: int) -> jax.Array:
-  """Number of valid keys of each block, int32 ``(nb,)`` with ``nb = ceil(seq_len / block_size)``."""
+  """Valid keys per block, int32 ``(nb,)``, ``nb = ceil(seq_len / block_size)``."""
   nb = -(-seq_len // block_size)
   lo = jnp.arange(nb, dtype=jnp.int32) * block_size
   return jnp.minimum(block_size, seq_len - lo).astype(jnp.int32)
@@ -54,7 +55,8 @@ def block_geometry_reference(k: jax.Array, block_size: int) -> tuple[jax.Array, 
     block_size: keys per block.
 
   Returns:
-    ``(centroids, radii)``: f32 ``(B, Hkv, nb, D)`` and f32 ``(B, Hkv, nb)``, ``nb = ceil(Sk / block_size)``.
+    ``(centroids, radii)``: f32 ``(B, Hkv, nb, D)`` and f32 ``(B, Hkv, nb)``,
+    ``nb = ceil(Sk / block_size)``.
   """
   _check_k(k, block_size)
   b, h, s, d = k.shape

@@ -86,7 +86,8 @@ def main():
     print(f"| {name} (B={b} H={h}) | {t['screen']:.2f} / {t['full']:.2f} | {t['dense']:.3f} | "
           f"{t['cudnn']:.3f} | {t['aether']:.3f} | {r('dense', 'aether'):.2f} | "
           f"{r('cudnn', 'aether'):.2f} | {t['dense_b']:.3f} | {t['cudnn_b']:.3f} | "
-          f"{t['aether_b']:.3f} | {r('dense_b', 'aether_b'):.2f} | {r('cudnn_b', 'aether_b'):.2f} | "
+          f"{t['aether_b']:.3f} | {r('dense_b', 'aether_b'):.2f} | "
+          f"{r('cudnn_b', 'aether_b'):.2f} | "
           f"{float(np.mean(st.skipped_fraction)):.3f} | {float(jnp.max(st.mass_bound)):.1e} | "
           f"{err:.1e} ({bound:.1e}) |", flush=True)
 

@@ -16,8 +16,8 @@ from attnax.kernels import score_mods as sm
 from attnax.kernels.aether import plan_aether, tile_mask_mod
 from tests.helpers import kernel_grads, reference_attention, reference_grads, rel_err, tol
 from tests.kernels.aether.aether_helpers import (
-    assert_certificate, available, data_all_negative, data_clustered, data_iid, data_needle, impl_param,
-    kept_map, run_aether,
+    assert_certificate, available, data_all_negative, data_clustered, data_iid, data_needle,
+    impl_param, kept_map, run_aether,
 )
 
 EPS = 1e-3
@@ -138,7 +138,7 @@ def test_threshold_rule_never_nan_on_all_negative_logits():
   s = np.einsum("bhqd,bhkd->bhqk", np.asarray(q), np.repeat(np.asarray(k), 2, axis=1))
   assert s.max() < 0                           # really all negative
   assert not np.any(np.isnan(np.asarray(out))) and np.all(np.isfinite(np.asarray(lse)))
-  assert np.asarray(st.skipped_fraction).min() > 0.5     # it did prune (and kept each row's witness)
+  assert np.asarray(st.skipped_fraction).min() > 0.5   # it pruned (keeping each row's witness)
   kept = kept_map(st.block_mask, *q.shape[:3], k.shape[2])
   assert np.all(kept.any(-1))                  # no row is empty
   b = np.asarray(st.mass_bound)
@@ -315,7 +315,7 @@ def test_multi_head_attention_with_aether():
 
 
 def test_vmap():
-  """Under vmap the screen's lax.cond becomes a select: both branches run, the result is the same."""
+  """Under vmap the screen's lax.cond becomes a select: both branches run, same result."""
   q, k, v = data_clustered(12, norm=10.0, batch=2, q_heads=2, kv_heads=1, q_len=48, kv_len=64)
   f = functools.partial(aether_attention, implementation="reference", **BLK)
   out = jax.vmap(lambda q, k, v: f(q[None], k[None], v[None])[0])(q, k, v)
