@@ -61,18 +61,6 @@ def _kernel(implementation: str | None):
                    f"got {implementation!r}")
 
 
-def _partition(tree: Any):
-  """Split a pytree of mods into its array leaves and a hashable static remainder (or None)."""
-  leaves, treedef = jax.tree.flatten(tree)
-  is_arr = [isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves]
-  static = (treedef, tuple(None if a else x for x, a in zip(leaves, is_arr)), tuple(is_arr))
-  try:
-    hash(static)
-  except TypeError:
-    return None, None
-  return [x for x, a in zip(leaves, is_arr) if a], static
-
-
 def _run(q, k, v, *, score_mod, mask_mod, score_fn, mask_fn, impl, return_stats, **settings):
   """Plan, then run the kernel: a dense call when the screen rules out every skip (``lax.cond``)."""
   kernel = _kernel(impl)[1]
