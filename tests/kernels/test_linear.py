@@ -48,19 +48,19 @@ def quadratic_reference(q, k, v, *, causal, kind, scale=None, proj=None, offset=
   return jnp.where(ok, (a @ v) / jnp.where(ok, den, 1.0), 0.0)
 
 
-def ref64(q, k, v, **kw):
+def ref64(q, k, v, proj=None, **kw):
   with jax.enable_x64(True):
     up = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))
-    kw = dict(kw, proj=up(kw.get("proj")))
-    return np.asarray(quadratic_reference(up(q), up(k), up(v), **kw))
+    f = jax.jit(functools.partial(quadratic_reference, **kw))
+    return np.asarray(f(up(q), up(k), up(v), proj=up(proj)))
 
 
-def ref64_grads(q, k, v, ct, **kw):
+def ref64_grads(q, k, v, ct, proj=None, **kw):
   with jax.enable_x64(True):
     up = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))
-    kw = dict(kw, proj=up(kw.get("proj")))
-    f = lambda q, k, v: jnp.sum(quadratic_reference(q, k, v, **kw) * up(ct))
-    return [np.asarray(g) for g in jax.grad(f, argnums=(0, 1, 2))(up(q), up(k), up(v))]
+    f = lambda q, k, v, ct, proj: jnp.sum(quadratic_reference(q, k, v, proj=proj, **kw) * ct)
+    grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(up(q), up(k), up(v), up(ct), up(proj))
+    return [np.asarray(g) for g in grads]
 
 
 PROJ = favor_projection(jax.random.key(42), 48, 16)
@@ -89,8 +89,9 @@ def test_noncausal_cross_lengths_and_value_dim(kind):
   assert rel_err(out, ref64(q, k, v, causal=False, kind=kind, scale=0.3, proj=PROJ)) < 1e-5
 
 
-@pytest.mark.parametrize("q_len,kv_len,offset", [(9, 31, 22), (12, 7, 0), (10, 10, -3),
-                                                 (6, 8, 40), (9, 31, 5)])
+@pytest.mark.parametrize("q_len,kv_len,offset", [
+    (9, 31, 22), (12, 7, 0), (10, 10, -3),
+    pytest.param(6, 8, 40, marks=pytest.mark.slow), pytest.param(9, 31, 5, marks=pytest.mark.slow)])
 def test_causal_mod_offsets_and_cross_lengths(q_len, kv_len, offset):
   """causal_mod(offset): keys before the offset enter as an initial state (decode alignment)."""
   q, k, v = random_qkv(12, q_len=q_len, kv_len=kv_len)
@@ -113,7 +114,7 @@ def test_grads(kind, causal):
     assert rel_err(g, r) < tol(jnp.float32, grad=True)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.slow)])
 def test_low_precision_inputs(dtype):
   q, k, v = random_qkv(4, q_len=40, kv_len=40, dtype=dtype)
   out = lin(q, k, v, causal=True, chunk_size=16)
@@ -123,7 +124,7 @@ def test_low_precision_inputs(dtype):
 
 def test_chunk_size_does_not_change_the_result():
   q, k, v = random_qkv(5, q_len=50, kv_len=50)
-  outs = [lin(q, k, v, causal=True, chunk_size=c) for c in (1, 7, 16, 50, 128)]
+  outs = [lin(q, k, v, causal=True, chunk_size=c) for c in (1, 7, 128)]
   for o in outs[1:]:
     assert rel_err(o, outs[0]) < 1e-5
 
