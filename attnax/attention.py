@@ -1,9 +1,10 @@
 """``MultiHeadAttention``: a Flax NNX attention module that runs any attnax kernel.
 
 The module does the parts of attention that are not the kernel: the query/key/value and output
-projections (laid out as ``flax.nnx.MultiHeadAttention``'s, so parameters load across), grouped-query
-heads, optional QK-normalisation and rotary position embedding, composition of the constructor's and
-the call's score/mask mods, attention-weight dropout, and a KV cache for autoregressive decoding.
+projections (laid out as ``flax.nnx.MultiHeadAttention``'s, so parameters load across),
+grouped-query heads, optional QK-normalisation and rotary position embedding, composition of the
+constructor's and the call's score/mask mods, attention-weight dropout, and a KV cache for
+autoregressive decoding.
 The kernel sees ``(B, H, S, D)`` arrays and is called as
 ``attention_fn(q, k, v, score_mod=..., mask_mod=..., scale=...)``.
 
@@ -269,8 +270,8 @@ class MultiHeadAttention(nnx.Module):
   Projects ``inputs_q`` ``(..., Sq, in_features)`` to ``num_heads`` query heads and ``inputs_k``,
   ``inputs_v`` ``(..., Sk, in_kv_features)`` to ``num_kv_heads`` key/value heads of size
   ``head_dim = qkv_features // num_heads``, runs ``attention_fn`` on ``(B, H, S, head_dim)`` arrays
-  and projects the heads back to ``(..., Sq, out_features)``. Parameters have the names and shapes of
-  :class:`flax.nnx.MultiHeadAttention`'s (``query``, ``key``, ``value``: ``LinearGeneral``
+  and projects the heads back to ``(..., Sq, out_features)``. Parameters have the names and
+  shapes of :class:`flax.nnx.MultiHeadAttention`'s (``query``, ``key``, ``value``: ``LinearGeneral``
   ``(in, heads, head_dim)``; ``out``: ``(num_heads, head_dim, out)``), so
   :meth:`from_flax` / :meth:`load_flax_params` carry a Flax module's weights over.
 
@@ -525,7 +526,8 @@ class MultiHeadAttention(nnx.Module):
     under ``jit``); under ``jit`` it cannot be checked, so size the cache for the whole sequence.
     """
     if int(batch) < 1 or int(max_length) < 1:
-      raise ValueError(f"init_cache needs batch >= 1 and max_length >= 1, got {batch}, {max_length}")
+      raise ValueError(f"init_cache needs batch >= 1 and max_length >= 1, got {batch}, "
+                       f"{max_length}")
     dtype = _first(dtype, self.dtype, self.param_dtype)
     shape = (int(batch), self.num_kv_heads, int(max_length), self.head_dim)
     self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
@@ -695,8 +697,8 @@ class MultiHeadAttention(nnx.Module):
     """Copy the parameters of a ``flax.nnx.MultiHeadAttention`` into this module, in place.
 
     The two modules must agree on heads, feature sizes, biases and QK-norm (Flax's
-    ``normalize_qk=True`` is ``qk_norm="layer"`` here); a mismatch raises ``ValueError`` naming every
-    differing setting. Values are cast to this module's parameter dtypes.
+    ``normalize_qk=True`` is ``qk_norm="layer"`` here); a mismatch raises ``ValueError`` naming
+    every differing setting. Values are cast to this module's parameter dtypes.
     """
     ours = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                 in_features=self.in_features, in_kv_features=self.in_kv_features,

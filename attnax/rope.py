@@ -8,7 +8,8 @@ attnax uses the "rotate half" layout of GPT-NeoX, LLaMA and ``flax.nnx.RoPE``: f
   y[i + D/2] = x[i + D/2] cos(a_i) + x[i] sin(a_i)
 
 so that ``<rope(q, m), rope(k, n)>`` depends on the positions only through ``m - n``. Angles are
-computed in f32 from integer positions (exact up to 2**24), the result is cast back to ``x``'s dtype.
+computed in f32 from integer positions (exact up to 2**24); the result is cast back to ``x``'s
+dtype.
 """
 
 from __future__ import annotations

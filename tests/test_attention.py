@@ -10,8 +10,8 @@ the same maths laid out for a ring).
 Two groups among them:
   - softmax kernels compute attnax's maths and are compared with the ``standard_attention`` module
     at DESIGN.md's tolerances (``tests/helpers.tol``). ``aether_attention`` prunes with a certified
-    error bound ``2 * epsilon * max|v|``; it runs with ``epsilon=1e-12`` here, where the bound is far
-    below the tolerance, so the module's plumbing is checked exactly.
+    error bound ``2 * epsilon * max|v|``; it runs with ``epsilon=1e-12`` here, where the bound is
+    far below the tolerance, so the module's plumbing is checked exactly.
   - ``DIFFERENT_MATHS`` (``linear_attention``) is not softmax attention: it is checked against the
     same kernel called directly on hand-projected inputs, and for decode == full pass.
 A test skips a kernel only when the kernel itself, called directly, rejects the feature under test
@@ -28,7 +28,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import attnax
 from attnax import AttentionType, MultiHeadAttention, kernels
 from attnax import attention as attention_lib
 from attnax.attention import is_attention_fn

@@ -1,4 +1,4 @@
-"""Flax interop: attnax kernels inside flax.nnx.MultiHeadAttention, and Flax weights in attnax's module.
+"""Flax interop: attnax kernels in flax.nnx.MultiHeadAttention, Flax weights in attnax's module.
 
 Flax's own ``nnx.MultiHeadAttention`` (default ``dot_product_attention``) is the independent
 reference: outputs and parameter gradients must agree at DESIGN.md's tolerances. Kernels are
