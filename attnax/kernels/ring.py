@@ -95,13 +95,13 @@ class Positions:
 
   @staticmethod
   def make(batch: int, num_kv_heads: int, groups: int, q_pos: jax.Array, kv_pos: jax.Array,
-           q_len: Any = None, kv_len: Any = None) -> "Positions":
-    """From 1-D (or ``(B, L)``) position vectors."""
+           q_len: Any = None, kv_len: Any = None, batch_offset: Any = 0) -> "Positions":
+    """From 1-D (or ``(B, L)``) position vectors; batch rows are ``batch_offset + arange(B)``."""
     i32 = jnp.int32
     q_pos = jnp.asarray(q_pos, i32)
     kv_pos = jnp.asarray(kv_pos, i32)
     return Positions(
-        b=jnp.arange(batch, dtype=i32).reshape(-1, 1, 1, 1, 1),
+        b=(batch_offset + jnp.arange(batch, dtype=i32)).reshape(-1, 1, 1, 1, 1),
         h=jnp.arange(num_kv_heads * groups, dtype=i32).reshape(1, num_kv_heads, groups, 1, 1),
         q=q_pos.reshape(-1, 1, 1, q_pos.shape[-1], 1),
         kv=kv_pos.reshape(-1, 1, 1, 1, kv_pos.shape[-1]),
@@ -240,6 +240,11 @@ class _Ring:
   block_q: int
   spec: _ModSpec
   axis_name: Any = None
+  batch_axis: Any = None
+
+  @property
+  def mesh_axes(self) -> tuple:
+    return (self.axis_name,) + ((self.batch_axis,) if self.batch_axis is not None else ())
 
   def segments(self, shard: Any, shard_len: int) -> list[tuple[int, int, Any]]:
     """``(local start, length, absolute start)`` of the contiguous pieces of shard ``shard``."""
@@ -300,16 +305,17 @@ def _unblocks(x: jax.Array, length: int) -> jax.Array:
   return x.reshape(s[:3] + (s[3] * s[4],) + s[5:])[:, :, :, :length]
 
 
-def _block_positions(q5_shape, lk: int, q_abs, kv_abs, i, bq: int, lq: int) -> Positions:
+def _block_positions(q5_shape, lk: int, q_abs, kv_abs, i, bq: int, lq: int,
+                     b_off) -> Positions:
   """Positions of query block ``i`` (``bq`` rows; rows past ``lq`` are padding) and of the keys."""
   b, hkv, g = q5_shape[:3]
   q_pos = q_abs + i * bq + jnp.arange(bq, dtype=jnp.int32)
   kv_pos = kv_abs + jnp.arange(lk, dtype=jnp.int32)
   q_len = (q_abs + lq) if lq % bq else None
-  return Positions.make(b, hkv, g, q_pos, kv_pos, q_len=q_len)
+  return Positions.make(b, hkv, g, q_pos, kv_pos, q_len=q_len, batch_offset=b_off)
 
 
-def _segment_fwd(q5, k, v, q_abs, kv_abs, cfg: _Ring, floats, others):
+def _segment_fwd(q5, k, v, q_abs, kv_abs, cfg: _Ring, floats, others, b_off=0):
   """Packed queries ``(B, Hkv, G, Lq, D)`` at absolute ``q_abs + i`` against keys at ``kv_abs + j``.
 
   Loops over query blocks of ``cfg.block_q`` (memory ``block_q * Lk`` scores); a block the mask
@@ -323,7 +329,7 @@ def _segment_fwd(q5, k, v, q_abs, kv_abs, cfg: _Ring, floats, others):
 
   def one(xs):
     qi, i = xs
-    pos = _block_positions(q5.shape, lk, q_abs, kv_abs, i, bq, lq)
+    pos = _block_positions(q5.shape, lk, q_abs, kv_abs, i, bq, lq, b_off)
     compute = lambda: attend_packed(qi, k, v, pos, scale=cfg.scale, score_fn=score_fn,
                                     mask_fn=mask_fn)
     if mask_fn is None:
@@ -335,7 +341,8 @@ def _segment_fwd(q5, k, v, q_abs, kv_abs, cfg: _Ring, floats, others):
   return _unblocks(out, lq), _unblocks(lse, lq)
 
 
-def _segment_bwd(q5, k, v, do5, delta5, lse5, q_abs, kv_abs, cfg: _Ring, floats, others):
+def _segment_bwd(q5, k, v, do5, delta5, lse5, q_abs, kv_abs, cfg: _Ring, floats, others,
+                 b_off=0):
   """Gradients of :func:`_segment_fwd` given the final ``lse`` and ``delta``.
 
   A scan over query blocks carries the f32 dK, dV (and mod-array) accumulators of this key segment.
@@ -352,7 +359,7 @@ def _segment_bwd(q5, k, v, do5, delta5, lse5, q_abs, kv_abs, cfg: _Ring, floats,
 
   def body(carry, x):
     qi, doi, dli, lsei, i = x
-    pos = _block_positions(q5.shape, lk, q_abs, kv_abs, i, bq, lq)
+    pos = _block_positions(q5.shape, lk, q_abs, kv_abs, i, bq, lq, b_off)
 
     def compute():
       dq, dk, dv, dfl = attend_packed_bwd(qi, k, v, doi, dli, lsei, pos, floats, rebuild,
@@ -372,7 +379,7 @@ def _segment_bwd(q5, k, v, do5, delta5, lse5, q_abs, kv_abs, cfg: _Ring, floats,
   return _unblocks(dq, lq), dk, dv, dfl
 
 
-def _step_fwd(q5, k, v, q_shard, kv_shard, cfg: _Ring, floats, others):
+def _step_fwd(q5, k, v, q_shard, kv_shard, cfg: _Ring, floats, others, b_off=0):
   """One ring step: local queries of shard ``q_shard`` against the K/V of shard ``kv_shard``.
 
   Zig-zag shards are two chunks each: the four (q chunk, kv chunk) pairs are separate segments
@@ -383,14 +390,15 @@ def _step_fwd(q5, k, v, q_shard, kv_shard, cfg: _Ring, floats, others):
     acc = None
     for ks, kl, ka in cfg.segments(kv_shard, k.shape[2]):
       part = _segment_fwd(q5[:, :, :, qs:qs + ql], k[:, :, ks:ks + kl], v[:, :, ks:ks + kl],
-                          qa, ka, cfg, floats, others)
+                          qa, ka, cfg, floats, others, b_off)
       acc = part if acc is None else merge.merge_two(*acc, *part)
     outs.append(acc[0])
     lses.append(acc[1])
   return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
 
 
-def _step_bwd(q5, k, v, do5, delta5, lse5, q_shard, kv_shard, cfg: _Ring, floats, others):
+def _step_bwd(q5, k, v, do5, delta5, lse5, q_shard, kv_shard, cfg: _Ring, floats, others,
+              b_off=0):
   """Gradients of :func:`_step_fwd`: ``(dq5, dk, dv, d_floats)``, f32."""
   q_segs = cfg.segments(q_shard, q5.shape[3])
   kv_segs = cfg.segments(kv_shard, k.shape[2])
@@ -403,7 +411,8 @@ def _step_bwd(q5, k, v, do5, delta5, lse5, q_shard, kv_shard, cfg: _Ring, floats
     for c, (ks, kl, ka) in enumerate(kv_segs):
       ksl = slice(ks, ks + kl)
       g = _segment_bwd(q5[:, :, :, qsl], k[:, :, ksl], v[:, :, ksl], do5[:, :, :, qsl],
-                       delta5[:, :, :, qsl], lse5[:, :, :, qsl], qa, ka, cfg, floats, others)
+                       delta5[:, :, :, qsl], lse5[:, :, :, qsl], qa, ka, cfg, floats, others,
+                       b_off)
       dq[a] = dq[a] + g[0]
       dk[c] = dk[c] + g[1]
       dv[c] = dv[c] + g[2]
@@ -415,13 +424,21 @@ def _step_bwd(q5, k, v, do5, delta5, lse5, q_shard, kv_shard, cfg: _Ring, floats
 # ----------------------------------------------------------------------------- the ring
 
 
+def _batch_offset(cfg: _Ring, local_batch: int):
+  """Global index of this device's first batch row (mods index their arrays by global rows)."""
+  if cfg.batch_axis is None:
+    return 0
+  return lax.axis_index(cfg.batch_axis) * local_batch
+
+
 def _ring_fwd_local(q, k, v, floats, others, *, cfg: _Ring):
   """Per-device forward inside ``shard_map``: local shards in, local ``(out, lse)`` out."""
   n, axis = cfg.num_shards, cfg.axis_name
   r = lax.axis_index(axis)
   perm = [(j, (j + 1) % n) for j in range(n)]
   q5 = pack_gqa(q, k.shape[1])
-  step = lambda k, v, t: _step_fwd(q5, k, v, r, (r - t) % n, cfg, floats, others)
+  b_off = _batch_offset(cfg, q.shape[0])
+  step = lambda k, v, t: _step_fwd(q5, k, v, r, (r - t) % n, cfg, floats, others, b_off)
 
   def body(t, carry):
     out, lse, k, v = carry
@@ -444,8 +461,9 @@ def _ring_bwd_local(q, k, v, out, lse, dout, dlse, floats, others, *, cfg: _Ring
   q5, do5 = pack_gqa(q, hkv), pack_gqa(dout, hkv)
   delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1) - dlse.astype(f32)
   delta5, lse5 = pack_gqa(delta, hkv), pack_gqa(lse, hkv)
+  b_off = _batch_offset(cfg, q.shape[0])
   step = lambda k, v, t: _step_bwd(q5, k, v, do5, delta5, lse5, r, (r - t) % n, cfg, floats,
-                                   others)
+                                   others, b_off)
 
   def body(t, carry):
     dq, k, v, dk, dv, dfl = carry
@@ -462,14 +480,16 @@ def _ring_bwd_local(q, k, v, out, lse, dout, dlse, floats, others, *, cfg: _Ring
   dq = dq + g[0]
   dk = lax.ppermute(dk + g[1], axis, perm)     # the n-th hop brings dK/dV home
   dv = lax.ppermute(dv + g[2], axis, perm)
-  dfl = lax.psum(jax.tree.map(jnp.add, dfl, g[3]), axis)
+  # The mods' arrays are replicated: their cotangent sums over every device that used them.
+  dfl = lax.psum(jax.tree.map(jnp.add, dfl, g[3]), cfg.mesh_axes)
   dfl = tuple(d.astype(f.dtype) for d, f in zip(dfl, floats))
   return unpack_gqa(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dfl
 
 
 def _ring_call(q, k, v, floats, others, cfg: _Ring, mesh: Mesh):
   """``(out, lse)`` of the global arrays, with the ring forward and the ring backward."""
-  seq, seq_lse = P(None, None, cfg.axis_name, None), P(None, None, cfg.axis_name)
+  seq = P(cfg.batch_axis, None, cfg.axis_name, None)
+  seq_lse = P(cfg.batch_axis, None, cfg.axis_name)
   shard = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
   fwd = shard(functools.partial(_ring_fwd_local, cfg=cfg),
               in_specs=(seq, seq, seq, P(), P()), out_specs=(seq, seq_lse))
@@ -496,7 +516,7 @@ def _ring_call(q, k, v, floats, others, cfg: _Ring, mesh: Mesh):
 
 
 def _prepare(q, k, v, *, kernel, num_shards, causal, zigzag, score_mod, mask_mod, scale, block_q,
-             axis_name=None):
+             axis_name=None, batch_axis=None):
   _, _, _, sq, sk, d, _ = _checks.check_qkv(q, k, v, kernel=kernel)
   _checks.check_block("block_q", block_q)
   unit = 2 * num_shards if zigzag else num_shards
@@ -510,19 +530,19 @@ def _prepare(q, k, v, *, kernel, num_shards, causal, zigzag, score_mod, mask_mod
     mask_fn = sm.and_masks(sm.CausalMask(0), mask_fn)
   floats, others, spec = _split_mods((score_fn, mask_fn))
   cfg = _Ring(num_shards=num_shards, zigzag=bool(zigzag), scale=_checks.default_scale(scale, d),
-              block_q=block_q, spec=spec, axis_name=axis_name)
+              block_q=block_q, spec=spec, axis_name=axis_name, batch_axis=batch_axis)
   return cfg, floats, others
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis_name: Any,
                    causal: bool = False, zigzag: bool = False, score_mod: Any = None,
                    mask_mod: Any = None, scale: float | None = None, return_lse: bool = False,
-                   block_q: int = 512) -> Any:
+                   block_q: int = 512, batch_axis: Any = None) -> Any:
   """Sequence-parallel (ring) attention over the mesh axis ``axis_name``.
 
   ``q``, ``k``, ``v`` are global arrays whose sequence axis is split evenly over the ``n`` devices
-  of ``axis_name`` (``shard_map`` with ``PartitionSpec(None, None, axis_name, None)``; other mesh
-  axes replicate). Each device keeps its query shard and passes K/V around the ring with
+  of ``axis_name`` (``shard_map`` with ``PartitionSpec(batch_axis, None, axis_name, None)``; other
+  mesh axes replicate). Each device keeps its query shard and passes K/V around the ring with
   ``lax.ppermute``; at every step it attends to the K/V it holds (mods on absolute positions) and
   merges the partial ``(out, lse)`` by log-sum-exp. The gradient is a second ring
   (``jax.custom_vjp``): dK/dV travel with their K/V, so memory stays per shard.
@@ -542,6 +562,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis
     scale: default ``D ** -0.5``.
     return_lse: also return the f32 lse ``(B, Hq, Sq)`` (sharded like ``out``; differentiable).
     block_q: query block of each step's local attention (scores held: ``block_q * Sk / n``).
+    batch_axis: optional second mesh axis that splits the batch (data parallel); mods still see
+      global batch rows.
 
   Returns:
     ``out`` ``(B, Hq, Sq, Dv)`` in q's dtype (sharded over ``axis_name``), or ``(out, lse)``.
@@ -552,9 +574,17 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis
     raise ValueError(f"ring_attention: axis_name {axis_name!r} is not an axis of the mesh "
                      f"{dict(mesh.shape)}")
   n = int(mesh.shape[axis_name])
+  if batch_axis is not None:
+    if batch_axis not in mesh.axis_names or batch_axis == axis_name:
+      raise ValueError(f"ring_attention: batch_axis {batch_axis!r} must be another axis of the mesh "
+                       f"{dict(mesh.shape)} (the sequence axis is {axis_name!r})")
+    if getattr(q, "ndim", 0) == 4 and q.shape[0] % mesh.shape[batch_axis]:
+      raise ValueError(f"ring_attention: batch ({q.shape[0]}) must be divisible by the size of "
+                       f"batch_axis {batch_axis!r} ({mesh.shape[batch_axis]}); q {q.shape}")
   cfg, floats, others = _prepare(q, k, v, kernel="ring_attention", num_shards=n, causal=causal,
                                  zigzag=zigzag, score_mod=score_mod, mask_mod=mask_mod,
-                                 scale=scale, block_q=block_q, axis_name=axis_name)
+                                 scale=scale, block_q=block_q, axis_name=axis_name,
+                                 batch_axis=batch_axis)
   out, lse = _ring_call(q, k, v, floats, others, cfg, mesh)
   return (out, lse) if return_lse else out
 

@@ -145,14 +145,34 @@ def test_bf16_and_cross_lengths(mesh):
   assert rel_err(out, reference_attention(q, k, v)) < tol(jnp.bfloat16)
 
 
-def test_two_axis_mesh_ring_over_one_axis():
+@pytest.mark.parametrize("batch_axis", ["dp", pytest.param(None, marks=pytest.mark.slow)])
+def test_two_axis_mesh(batch_axis):
+  """Ring over "sp" on a (dp, sp) mesh; with batch_axis="dp" the batch is split too, and the mods
+  (per-row document ids, a per-row bias) must still be read at global batch rows."""
   if len(jax.devices()) < 4:
     pytest.skip("needs 4 devices")
   mesh2 = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("dp", "sp"))
   q, k, v = random_qkv(7, q_len=16, kv_len=16)
-  out = jax.jit(lambda q, k, v: ring_attention(q, k, v, mesh=mesh2, axis_name="sp", causal=True,
-                                               zigzag=False, block_q=4))(q, k, v)
-  assert rel_err(out, reference_attention(q, k, v, score_mod=causal_mod())) < tol(jnp.float32)
+  bias = jax.random.normal(jax.random.key(70), (2, 1, 16, 16))
+  docs = _docs(7, length=16)
+  ct = jax.random.normal(jax.random.key(71), q.shape)
+
+  def loss(q, bias, kernel):
+    mod = compose_score_mods(additive_bias_mod(bias), document_mask_mod(docs))
+    return jnp.sum(kernel(q, k, v, mod) * ct)
+
+  ring = lambda q, k, v, mod: ring_attention(q, k, v, mesh=mesh2, axis_name="sp", causal=True,
+                                             score_mod=mod, block_q=4, batch_axis=batch_axis)
+  std = lambda q, k, v, mod: standard_attention(q, k, v,
+                                                score_mod=compose_score_mods(causal_mod(), mod))
+  got = jax.jit(jax.value_and_grad(functools.partial(loss, kernel=ring), argnums=(0, 1)))(q, bias)
+  with jax.enable_x64(True):
+    up = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    k, v, ct = up(k), up(v), up(ct)
+    want = jax.value_and_grad(functools.partial(loss, kernel=std), argnums=(0, 1))(up(q), up(bias))
+  assert abs(float(got[0]) - float(want[0])) < 1e-5 * abs(float(want[0]))
+  for g, w in zip(got[1], want[1]):
+    assert rel_err(g, np.asarray(w)) < tol(jnp.float32, grad=True)
 
 
 @pytest.mark.parametrize("n,zz", [(3, True), pytest.param(1, False, marks=pytest.mark.slow),
@@ -197,5 +217,19 @@ def test_errors(mesh):
     ring_attention(*_zeros(10, 12), mesh=mesh, axis_name="sp")
   with pytest.raises(ValueError, match="multiple of kv heads"):
     ring_attention(*_zeros(S, S, q_heads=3, kv_heads=2), mesh=mesh, axis_name="sp")
+  with pytest.raises(ValueError, match="batch_axis"):
+    ring_attention(q, k, v, mesh=mesh, axis_name="sp", batch_axis="sp")
   with pytest.raises(ValueError, match="Mesh"):
     ring_attention(q, k, v, mesh=None, axis_name="sp")
+
+
+@pytest.mark.slow
+def test_bf16_grads(mesh):
+  q, k, v = random_qkv(10, q_len=64, kv_len=64, dtype=jnp.bfloat16)
+  ct = jax.random.normal(jax.random.key(100), q.shape).astype(jnp.bfloat16)
+  f = functools.partial(ring_natural, mesh=mesh, zigzag=True, causal=True, block_q=8)
+  grads = jax.jit(lambda q, k, v: kernel_grads(f, q, k, v, ct))(q, k, v)
+  refs = reference_grads(q, k, v, ct, score_mod=causal_mod())
+  for g, r in zip(grads, refs):
+    assert g.dtype == jnp.bfloat16
+    assert rel_err(g, r) < tol(jnp.bfloat16, grad=True)
