@@ -236,8 +236,9 @@ def main() -> None:
                  num_heads=args.heads, num_kv_heads=args.kv_heads, learning_rate=args.lr,
                  log_every=args.log_every)
   losses = result["losses"]
-  first, last = losses[0], float(np.mean(losses[-10:]))
-  print(f"train loss {first:.3f} -> {last:.3f} (mean of the last 10 steps); "
+  tail = min(10, len(losses))
+  first, last = losses[0], float(np.mean(losses[-tail:]))
+  print(f"train loss {first:.3f} -> {last:.3f} (mean of the last {tail} steps); "
         f"validation loss {result['val_loss']:.3f}; {result['seconds']:.1f} s for "
         f"{len(losses)} steps", flush=True)
   if args.sample:
