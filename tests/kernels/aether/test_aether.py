@@ -45,7 +45,8 @@ CASES = [
 
 MARGIN = ("clustered-causal", "all-negative", "needle")
 PARAMS = [pytest.param(*c, "budget", id=f"{c[0]}-budget") for c in CASES] + [
-    pytest.param(*c, "margin", id=f"{c[0]}-margin") for c in CASES if c[0] in MARGIN]
+    pytest.param(*c, "margin", id=f"{c[0]}-margin", marks=pytest.mark.slow)
+    for c in CASES if c[0] in MARGIN]
 
 
 @pytest.mark.parametrize("name,make,mod,rule", PARAMS)
@@ -90,7 +91,8 @@ def test_certificate_pallas(impl):
   assert rel_err(out, ro) <= tol(jnp.float32)
 
 
-@pytest.mark.parametrize("impl", ["reference", impl_param("flash")])
+@pytest.mark.parametrize("impl", [pytest.param("reference", marks=pytest.mark.slow),
+                                  impl_param("flash")])
 def test_additive_bias_and_composition(impl):
   q, k, v = data_clustered(8, norm=10.0)
   bias = 2.0 * jax.random.normal(jax.random.key(1), (1, 4, q.shape[2], k.shape[2]))
@@ -119,7 +121,8 @@ def test_fully_masked_rows_and_mask_mod():
   assert np.all(np.asarray(out)[:, :, 60:] == 0) and np.all(np.isneginf(np.asarray(lse)[:, :, 60:]))
 
 
-@pytest.mark.parametrize("impl", ["reference", impl_param("flash")])
+@pytest.mark.parametrize("impl", [pytest.param("reference", marks=pytest.mark.slow),
+                                  impl_param("flash")])
 def test_epsilon_zero_is_dense(impl):
   q, k, v = data_clustered(2, norm=10.0)
   out, lse, st = run_aether(q, k, v, epsilon=0.0, implementation=impl, score_mod=causal_mod(),
@@ -165,7 +168,7 @@ def _restricted_grads(q, k, v, ct, st, score_mod=None):
 
 
 @pytest.mark.parametrize("impl", [
-    "reference", impl_param("flash"),
+    pytest.param("reference", marks=pytest.mark.slow), impl_param("flash"),
     pytest.param("pallas", marks=[pytest.mark.slow, pytest.mark.skipif(
         not available("pallas"), reason="pallas kernel not importable")])])
 def test_gradients_are_those_of_the_pruned_forward(impl):
