@@ -2,9 +2,9 @@
 
 For every mask: a tile is EMPTY iff none of its in-range elements is visible, FULL iff all of its
 in-range elements are visible and the tile is not ragged (no position past ``q_len``/``kv_len``),
-else PARTIAL. The analytic rules of the built-in masks are exact for single masks (and for
-document ids that are sorted); for AND combinations (and unsorted document ids) ``any`` may
-over-approximate, so an empty tile may be PARTIAL, but EMPTY and FULL must never be wrong.
+else PARTIAL. The analytic rules of the built-in masks are exact for single masks (document ids:
+when sorted and shared by queries and keys); for AND combinations (and other document ids) ``any``
+may over-approximate, so an empty tile may be PARTIAL, but EMPTY and FULL must never be wrong.
 The index lists are checked against ``tiles``, and a block-sparse evaluation driven only by the
 lists must reproduce the dense mask.
 """

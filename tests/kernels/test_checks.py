@@ -192,3 +192,63 @@ def test_check_lse():
     with pytest.raises(ValueError, match="lse") as e:
       _checks.check_lse(jnp.zeros(bad), q)
     assert str(bad) in str(e.value) and str((2, 4, 5)) in str(e.value)
+
+
+# ----------------------------------------------------------------------------- mod arrays vs inputs
+
+
+def _qkv_for(b=2, hq=4, hkv=2, sq=5, sk=7):
+  return arrays((b, hq, sq, 8), (b, hkv, sk, 8), (b, hkv, sk, 8))
+
+
+@pytest.mark.parametrize("mod,what", [
+    (sm.document_mask_mod(jnp.zeros((2, 4), jnp.int32)), "doc_ids"),            # Sq = 5 > 4
+    (sm.document_mask_mod(jnp.zeros((5,), jnp.int32), jnp.zeros((6,), jnp.int32)), "kv_doc_ids"),
+    (sm.document_mask_mod(jnp.zeros((3, 9), jnp.int32)), "doc_ids"),            # batch 3 != 2
+    (sm.alibi_mod(num_heads=2), "ALiBi slopes"),                                 # Hq = 4
+    (sm.alibi_mod(slopes=jnp.ones(8)), "ALiBi slopes"),
+    (sm.prefix_lm_mod(jnp.array([1, 2, 3])), "prefix_length"),
+    (sm.additive_bias_mod(jnp.zeros((4, 7))), "bias"),                           # Sq = 5 > 4
+    (sm.additive_bias_mod(jnp.zeros((2, 2, 5, 7))), "bias"),                     # heads 2 != 4
+    (sm.additive_bias_mod(jnp.zeros((3, 1, 1, 7))), "bias"),
+    # nested inside a composition
+    (sm.compose_score_mods(sm.causal_mod(), sm.alibi_mod(num_heads=3)), "ALiBi slopes"),
+])
+def test_mod_arrays_must_fit_the_inputs(mod, what):
+  """Mods index their arrays with clamping gathers: a mismatch must raise, not be misread."""
+  q, k, v = _qkv_for()
+  with pytest.raises(ValueError) as e:
+    standard_attention(q, k, v, score_mod=mod)
+  msg = str(e.value)
+  assert "score_mod" in msg and what in msg and "q_len=5" in msg and "kv_len=7" in msg
+  leaves = [x for x in jax.tree.leaves(mod) if x.ndim]
+  assert any(str(tuple(x.shape)) in msg for x in leaves), msg
+  with pytest.raises(ValueError, match=what):
+    jax.jit(lambda q, k, v: standard_attention(q, k, v, score_mod=mod)).lower(q, k, v)
+
+
+def test_mask_mod_arrays_checked_too():
+  q, k, v = _qkv_for()
+  with pytest.raises(ValueError, match="mask_mod: doc_ids"):
+    standard_attention(q, k, v, mask_mod=sm.DocumentMask(jnp.zeros((1, 3), jnp.int32),
+                                                         jnp.zeros((1, 7), jnp.int32)))
+  from attnax.kernels import create_block_mask
+  with pytest.raises(ValueError, match="kv_doc_ids"):
+    create_block_mask(sm.DocumentMask(jnp.zeros((1, 16), jnp.int32), jnp.zeros((1, 10), jnp.int32)),
+                      q_len=16, kv_len=16, block_q=8, block_k=8)
+
+
+@pytest.mark.parametrize("mod", [
+    sm.document_mask_mod(jnp.zeros((9,), jnp.int32)),               # longer than Sq, Sk: fine
+    sm.document_mask_mod(jnp.zeros((1, 5), jnp.int32), jnp.zeros((2, 7), jnp.int32)),
+    sm.alibi_mod(num_heads=4), sm.alibi_mod(slopes=jnp.ones(1)),
+    sm.prefix_lm_mod(3), sm.prefix_lm_mod(jnp.array([1, 2])),
+    sm.additive_bias_mod(jnp.zeros((5, 7))), sm.additive_bias_mod(jnp.zeros((2, 4, 1, 7))),
+    sm.additive_bias_mod(jnp.zeros((16, 16))),                       # a table for longer inputs
+    lambda s, b, h, i, j: s,                                         # user functions: not inspected
+])
+def test_mod_arrays_that_fit(mod):
+  q, k, v = _qkv_for()
+  sm.check_mod_shapes(mod, batch=2, heads=4, q_len=5, kv_len=7)
+  out = standard_attention(q, k, v, score_mod=mod)
+  assert out.shape == (2, 4, 5, 8)

@@ -123,9 +123,7 @@ def test_sliding_window_matches_jax_nn_local_window(window):
   out = standard_attention(q, k, v, score_mod=sm.sliding_window_mod(window))
   # jax's (left, right) window: keys i - left .. i + right.
   ref = jax_attention(q, k, v, local_window_size=(window - 1, 0))
-  ref_causal = jax_attention(q, k, v, is_causal=True, local_window_size=(window - 1, 3))
   assert rel_err(out, ref) < tol(jnp.float32)
-  assert rel_err(out, ref_causal) < tol(jnp.float32)
 
 
 def test_two_sided_window_mask_mod_matches_jax_nn():
@@ -177,11 +175,7 @@ def test_gqa_matches_jax_nn(hq, hkv):
   ref_out, ref_lse = jax_attention(q, k, v, is_causal=True, return_residual=True)
   assert rel_err(out, ref_out) < tol(jnp.float32)
   assert rel_err(lse, ref_lse) < tol(jnp.float32)
-  # GQA is "query head h reads kv head h // (Hq // Hkv)": compare with explicitly repeated K/V.
-  g = hq // hkv
-  out_rep = standard_attention(q, jnp.repeat(k, g, 1), jnp.repeat(v, g, 1),
-                               score_mod=sm.causal_mod())
-  np.testing.assert_allclose(np.asarray(out), np.asarray(out_rep), rtol=1e-6, atol=1e-6)
+  # (jax.nn's grouping is attnax's: query head h reads kv head h // (Hq // Hkv).)
 
 
 def test_scale_matches_jax_nn():
@@ -292,7 +286,7 @@ def test_sq_ne_sk_and_single_query():
 # ----------------------------------------------------------------------------- edge cases
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16,
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow),
                                    pytest.param(jnp.float16, marks=pytest.mark.slow)],
                          ids=lambda d: jnp.dtype(d).name)
 def test_fully_masked_rows(dtype):
@@ -344,8 +338,6 @@ def test_masked_key_with_huge_score_does_not_leak():
   v = v.at[:, :, 3].set(1e4)
   mask_mod = lambda b, h, i, j: j != 3
   out = standard_attention(q, k, v, mask_mod=mask_mod)
-  ref = reference_attention(q, k, v, mask_mod=mask_mod)
-  assert rel_err(out, ref) < tol(jnp.float32)
   keep = np.arange(SK) != 3
   ref_np = jax_attention(q, k[:, :, keep], v[:, :, keep])
   assert rel_err(out, ref_np) < tol(jnp.float32)
@@ -376,21 +368,14 @@ def test_large_magnitude_logits(dtype):
 # ----------------------------------------------------------------------------- transformations
 
 
-def test_jit_matches_eager():
+def test_eager_matches_float64():
+  """Everything else in this file runs under jit (mods as pytree arguments); this runs eagerly."""
   q, k, v = qkv(27)
   mod = _mods()["alibi_window"]
-  eager = _standard_attention(q, k, v, score_mod=mod, return_lse=True)
-  jitted = jax.jit(lambda q, k, v, mod: _standard_attention(q, k, v, score_mod=mod,
-                                                             return_lse=True))(q, k, v, mod)
-  for a, b in zip(eager, jitted):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  out, lse = _standard_attention(q, k, v, score_mod=mod, return_lse=True)
   ref_out, ref_lse = reference_attention(q, k, v, score_mod=mod, return_lse=True)
-  assert rel_err(eager[0], ref_out) < tol(jnp.float32)
-  assert rel_err(eager[1], ref_lse) < tol(jnp.float32)
-  # static settings through functools.partial
-  out, lse = jax.jit(functools.partial(_standard_attention, return_lse=True, scale=0.2))(q, k, v)
-  ref_out, ref_lse = reference_attention(q, k, v, scale=0.2, return_lse=True)
-  assert rel_err(out, ref_out) < tol(jnp.float32) and rel_err(lse, ref_lse) < tol(jnp.float32)
+  assert rel_err(out, ref_out) < tol(jnp.float32)
+  assert rel_err(lse, ref_lse) < tol(jnp.float32)
 
 
 def test_vmap_over_extra_axis():
@@ -411,6 +396,7 @@ def test_vmap_over_extra_axis():
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_precision_highest():
   q, k, v = qkv(31)
   out = standard_attention(q, k, v, precision=jax.lax.Precision.HIGHEST)

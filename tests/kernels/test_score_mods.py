@@ -418,7 +418,7 @@ def test_mask_value_is_finite_large_negative():
 
 
 def _all_mods():
-  ids = jnp.asarray(_ids(0, B, SQ))
+  ids = jnp.asarray(_ids(0, B, SK))  # one id per key position (queries use the first Sq)
   return {
       "causal": causal_mod(2),
       "window": sliding_window_mod(3, offset=1),
