@@ -141,6 +141,8 @@ def create_block_mask(mask_mod: Any, *, q_len: int, kv_len: int, block_q: int = 
   mods that depend on ``b``/``h`` and carry no tile rule of their own.
   """
   sm.check_mod(mask_mod, 4, "mask_mod")
+  sm.check_mod_shapes(mask_mod, batch=None, heads=None, q_len=q_len, kv_len=kv_len,
+                      name="mask_mod")
   nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
   if mask_mod is None:
     any_, all_ = jnp.ones((1, 1, nq, nk), bool), jnp.ones((1, 1, nq, nk), bool)

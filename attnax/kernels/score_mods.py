@@ -368,6 +368,52 @@ def check_mod(mod: Any, nargs: int, name: str) -> None:
     pass
 
 
+def check_mod_shapes(mod: Any, *, batch: int | None, heads: int | None, q_len: int, kv_len: int,
+                     name: str = "score_mod") -> None:
+  """ValueError unless the arrays a mod carries can be indexed for these input sizes.
+
+  Indexing inside a mod clamps out-of-range positions silently (a traced gather cannot raise), so
+  document ids shorter than the sequence, ALiBi slopes for fewer heads, or a bias for another batch
+  would otherwise be misread. Batch/head axes must be 1 or the input's size; position axes must
+  cover the input (longer is fine: positions past it are never read). ``batch``/``heads`` ``None``
+  skip those axes. Mods of other types (a user's function, a wrapper) are not inspected.
+  """
+  def fail(what, shape, want):
+    raise ValueError(f"{name}: {what} has shape {tuple(shape)}, which does not fit inputs with "
+                     f"batch={batch}, heads={heads}, q_len={q_len}, kv_len={kv_len} ({want})")
+
+  def lead(what, shape, axis, size, label):
+    if size is not None and shape[axis] not in (1, size):
+      fail(what, shape, f"axis {axis} must be 1 or {label}={size}")
+
+  def positions(what, shape, axis, size, label):
+    if shape[axis] != 1 and shape[axis] < size:
+      fail(what, shape, f"axis {axis} must be 1 or at least {label}={size}")
+
+  if isinstance(mod, MaskScoreMod):
+    check_mod_shapes(mod.mask_mod, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
+                     name=name)
+  elif isinstance(mod, (ComposedScoreMod, AndMask)):
+    for m in (mod.mods if isinstance(mod, ComposedScoreMod) else mod.masks):
+      check_mod_shapes(m, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, name=name)
+  elif isinstance(mod, DocumentMask):
+    for what, ids, size, label in (("doc_ids", mod.q_doc_ids, q_len, "q_len"),
+                                   ("kv_doc_ids", mod.kv_doc_ids, kv_len, "kv_len")):
+      lead(what, ids.shape, 0, batch, "batch")
+      if ids.shape[1] < size:
+        fail(what, ids.shape, f"one id per position: at least {label}={size}")
+  elif isinstance(mod, PrefixLMMask):
+    lead("prefix_length", mod.prefix_length.shape, 0, batch, "batch")
+  elif isinstance(mod, AlibiMod):
+    lead("ALiBi slopes", mod.slopes.shape, 0, heads, "heads")
+  elif isinstance(mod, AdditiveBiasMod):
+    shape = mod.bias.shape
+    lead("bias", shape, 0, batch, "batch")
+    lead("bias", shape, 1, heads, "heads")
+    positions("bias", shape, 2, q_len, "q_len")
+    positions("bias", shape, 3, kv_len, "kv_len")
+
+
 def split_score_mod(score_mod: Any) -> tuple[Any, Any]:
   """Split a score mod into ``(score part, mask part)``.
 
