@@ -30,6 +30,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -412,6 +413,23 @@ def _zero_cotangent(x):
   return np.zeros(x.shape, jax.dtypes.float0)
 
 
+def _hoist_consts(fn, *avals):
+  """``fn`` as ``(g, consts)`` with ``g(*args, *consts) == fn(*args)``: every constant hoisted.
+
+  Unlike ``jax.closure_convert``, which hoists only constants that autodiff may perturb, this hoists
+  integer tracers too (document ids under an enclosing ``jit``), which a custom_vjp inside a
+  ``lax.cond`` under ``grad`` cannot otherwise close over.
+  """
+  closed = jax.make_jaxpr(fn)(*avals)
+  n = len(avals)
+
+  def g(*args):
+    run = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(closed.jaxpr, list(args[n:])))
+    return run(*args[:n])[0]
+
+  return g, list(closed.consts)
+
+
 def _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k, block_mask):
   """Checks and planning shared by the public function and the tile-visit counter.
 
@@ -443,10 +461,9 @@ def _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k, block_mask):
   index_args = (idx(bv, 1, 1, 1, 1), idx(1, hv, g, 1, 1), idx(1, 1, 1, cfg.block_q, 1),
                 idx(1, 1, 1, 1, cfg.block_k))
   tile = jax.ShapeDtypeStruct((bv, hv, g, cfg.block_q, cfg.block_k), f32)
-  score_c, score_consts = (None, []) if score_fn is None else jax.closure_convert(
-      lambda *a: score_fn(*a), tile, *index_args)   # (mods hold arrays: not hashable)
-  mask_c, mask_consts = (None, []) if mask_fn is None else jax.closure_convert(
-      lambda *a: mask_fn(*a), *index_args)
+  score_c, score_consts = (None, []) if score_fn is None else _hoist_consts(
+      score_fn, tile, *index_args)
+  mask_c, mask_consts = (None, []) if mask_fn is None else _hoist_consts(mask_fn, *index_args)
 
   def rebuild(s_consts, m_consts):
     s_fn = None if score_c is None else lambda *a: score_c(*a, *s_consts)
