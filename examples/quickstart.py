@@ -22,6 +22,7 @@ import numpy as np
 
 import attnax
 from attnax import kernels
+from attnax.attention import is_attention_fn
 from attnax.kernels import score_mods
 
 # Kernels that share the AttentionFn signature but not its inputs or its maths.
@@ -57,9 +58,12 @@ def time_ms(fn: Callable[..., Any], *args: Any, budget_s: float = 0.3,
 
 
 def attention_kernels() -> dict[str, Callable[..., Any]]:
-  """Every public ``*_attention`` callable of :mod:`attnax.kernels`, in ``__all__`` order."""
+  """Every public ``*_attention`` of :mod:`attnax.kernels` callable as an AttentionFn
+  (``fn(q, k, v, score_mod=, mask_mod=, scale=)``, the rule ``MultiHeadAttention`` applies), in
+  ``__all__`` order, plus those in ``NOT_COMPARED`` (reported with the reason they are skipped)."""
   return {name: getattr(kernels, name) for name in kernels.__all__
-          if name.endswith("_attention") and callable(getattr(kernels, name, None))}
+          if name.endswith("_attention") and callable(getattr(kernels, name, None))
+          and (name in NOT_COMPARED or is_attention_fn(getattr(kernels, name)))}
 
 
 def f32_tol() -> float:
