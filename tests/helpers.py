@@ -31,13 +31,22 @@ def rel_err(x, ref) -> float:
 
 def random_qkv(seed: int, batch=2, q_heads=4, kv_heads=2, q_len=37, kv_len=45, head_dim=16,
                v_dim=None, dtype=jnp.float32, scale: float = 1.0):
-  """Fresh normal q, k, v (different for every seed); ``scale`` stretches the logits."""
-  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  """Fresh normal q, k, v (different for every seed); ``scale`` stretches the logits.
+
+  Drawn with numpy so that no PRNG kernel is compiled per shape: compile time dominates small CPU
+  tests.
+  """
+  rng = np.random.default_rng(seed)
   v_dim = head_dim if v_dim is None else v_dim
-  q = scale * jax.random.normal(kq, (batch, q_heads, q_len, head_dim), jnp.float32)
-  k = jax.random.normal(kk, (batch, kv_heads, kv_len, head_dim), jnp.float32)
-  v = jax.random.normal(kv, (batch, kv_heads, kv_len, v_dim), jnp.float32)
-  return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+  q = scale * rng.standard_normal((batch, q_heads, q_len, head_dim), np.float32)
+  k = rng.standard_normal((batch, kv_heads, kv_len, head_dim), np.float32)
+  v = rng.standard_normal((batch, kv_heads, kv_len, v_dim), np.float32)
+  return tuple(jnp.asarray(x.astype(jnp.dtype(dtype))) for x in (q, k, v))
+
+
+def rand(seed: int, shape, dtype=np.float32) -> jax.Array:
+  """A fresh standard-normal array (numpy generator)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
 
 
 def reference_attention(q, k, v, **kwargs):

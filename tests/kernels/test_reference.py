@@ -17,24 +17,8 @@ import pytest
 from attnax.kernels import score_mods as sm
 from attnax.kernels import standard_attention as _standard_attention
 from tests import helpers
-from tests.helpers import rel_err, tol
+from tests.helpers import rel_err, tol, rand, random_qkv
 
-
-def random_qkv(seed, batch=2, q_heads=4, kv_heads=2, q_len=37, kv_len=45, head_dim=16,
-               v_dim=None, dtype=jnp.float32, scale=1.0):
-  """``tests.helpers.random_qkv`` drawn with numpy (fresh normal inputs per seed) so that no PRNG
-  kernel is compiled per shape: CPU compile time dominates these small tests."""
-  rng = np.random.default_rng(seed)
-  v_dim = head_dim if v_dim is None else v_dim
-  q = scale * rng.standard_normal((batch, q_heads, q_len, head_dim), np.float32)
-  k = rng.standard_normal((batch, kv_heads, kv_len, head_dim), np.float32)
-  v = rng.standard_normal((batch, kv_heads, kv_len, v_dim), np.float32)
-  return tuple(jnp.asarray(x.astype(jnp.dtype(dtype))) for x in (q, k, v))
-
-
-def rand(seed, shape, dtype=np.float32):
-  """A fresh standard-normal array (numpy generator)."""
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
 
 # CPU compile time dominates this file. Everything runs under jit (one compile per configuration
 # instead of one per primitive and shape): mods are pytree arguments, a mask_mod lambda and the
