@@ -443,7 +443,8 @@ def _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k, block_mask):
   """
   bsz, hq, hkv, sq, sk, d, _ = _checks.check_qkv(q, k, v, kernel="flash_attention")
   scale = _checks.default_scale(scale, d)
-  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod)
+  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod, batch=bsz, heads=hq, q_len=sq,
+                                      kv_len=sk)
   if block_mask is None:
     bq = min(_checks.check_block("block_q", block_q), sq)
     bk = min(_checks.check_block("block_k", block_k), sk)

@@ -110,7 +110,8 @@ def memory_efficient_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scor
   """
   bsz, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel="memory_efficient_attention")
   scale = _checks.default_scale(scale, d)
-  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod)
+  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod, batch=bsz, heads=hq, q_len=sq,
+                                      kv_len=sk)
   cq = min(_checks.check_block("query_chunk_size", query_chunk_size), sq)
   ck = min(_checks.check_block("key_chunk_size", key_chunk_size), sk)
   g = hq // hkv

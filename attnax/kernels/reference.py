@@ -47,9 +47,7 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: A
   b, hq, hkv, sq, sk, d, _ = _checks.check_qkv(q, k, v, kernel="standard_attention",
                                                 allow_f64=True)
   scale = _checks.default_scale(scale, d)
-  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod)
-  for name, mod in (("score_mod", score_mod), ("mask_mod", mask_mod)):
-    sm.check_mod_shapes(mod, batch=b, heads=hq, q_len=sq, kv_len=sk, name=name)
+  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod, batch=b, heads=hq, q_len=sq, kv_len=sk)
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
   if dropout_rate > 0.0 and dropout_rng is None:

@@ -436,9 +436,18 @@ def split_score_mod(score_mod: Any) -> tuple[Any, Any]:
   return score_mod, None
 
 
-def resolve_mods(score_mod: Any, mask_mod: Any) -> tuple[Any, Any]:
-  """Check the mods and return ``(score part, combined mask mod)`` for a kernel."""
+def resolve_mods(score_mod: Any, mask_mod: Any, *, batch: int | None = None,
+                 heads: int | None = None, q_len: int | None = None,
+                 kv_len: int | None = None) -> tuple[Any, Any]:
+  """Check the mods and return ``(score part, combined mask mod)`` for a kernel.
+
+  With ``q_len``/``kv_len`` (and optionally ``batch``/``heads``) the arrays the mods carry are also
+  checked against the input sizes (:func:`check_mod_shapes`).
+  """
   check_mod(score_mod, 5, "score_mod")
   check_mod(mask_mod, 4, "mask_mod")
+  if q_len is not None and kv_len is not None:
+    for name, mod in (("score_mod", score_mod), ("mask_mod", mask_mod)):
+      check_mod_shapes(mod, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, name=name)
   score_part, carried = split_score_mod(score_mod)
   return score_part, and_masks(carried, mask_mod)

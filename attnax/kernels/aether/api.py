@@ -191,7 +191,7 @@ def aether_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, epsilon: float
   b, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel="aether_attention")
   scale = _checks.default_scale(scale, d)
   epsilon, threshold = _check_settings(epsilon, threshold, block_q, block_k, rule)
-  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod)
+  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod, batch=b, heads=hq, q_len=sq, kv_len=sk)
   impl = _kernel(implementation)[0]
   res = _run_compiled(q, k, v, score_mod=score_mod, mask_mod=mask_mod, score_fn=score_fn,
                       mask_fn=mask_fn, impl=impl, return_stats=bool(return_stats), scale=scale,

@@ -223,7 +223,7 @@ def _plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, 
           cu_seqlens_q, cu_seqlens_k, backend, num_warps, num_stages, config) -> _Plan:
   b, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel="pallas_flash_attention")
   scale = _checks.default_scale(scale, d)
-  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod)
+  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod, batch=b, heads=hq, q_len=sq, kv_len=sk)
   if cu_seqlens_q is not None or cu_seqlens_k is not None:
     cu_q = cu_seqlens_q if cu_seqlens_q is not None else cu_seqlens_k
     mask_fn = sm.and_masks(mask_fn, varlen.varlen_mask_mod(cu_q, cu_seqlens_k, q_len=sq,
