@@ -12,40 +12,43 @@ from attnax.kernels.score_mods import (
 )
 from attnax.kernels.block_mask import BlockMask, create_block_mask
 from attnax.kernels.merge import merge_attentions
-from attnax.kernels.reference import standard_attention
 from attnax.kernels import score_mods
-
-__all__ = [
-    "AttentionFn", "ScoreMod", "MaskMod",
-    "standard_attention",
-    "BlockMask", "create_block_mask", "merge_attentions",
-    "causal_mod", "sliding_window_mod", "alibi_mod", "alibi_slopes", "prefix_lm_mod",
-    "document_mask_mod", "additive_bias_mod", "compose_score_mods", "mask_mod_to_score_mod",
-    "mask_mod_to_boolean_mask", "score_mods",
-]
-
-# Each kernel family adds its import and its names below its own marker (one owner per section).
-# --- pure-JAX kernels: memory_efficient_attention, flash_attention
-from attnax.kernels.memory_efficient import memory_efficient_attention  # noqa: E402
-from attnax.kernels.flash import flash_attention  # noqa: E402
-__all__ += ["memory_efficient_attention", "flash_attention"]
-# --- pallas: pallas_flash_attention and varlen helpers
-from attnax.kernels.pallas import (  # noqa: E402
+# Pure-JAX kernels.
+from attnax.kernels.reference import standard_attention
+from attnax.kernels.memory_efficient import memory_efficient_attention
+from attnax.kernels.flash import flash_attention
+# Pallas kernels and varlen helpers.
+from attnax.kernels.pallas import (
     cu_seqlens_to_doc_ids, pack_sequences, pallas_flash_attention, pallas_flash_attention_bwd,
     pallas_flash_attention_fwd, seqlens_to_cu_seqlens, seqlens_to_doc_ids, unpack_sequences,
     varlen_attention,
 )
-__all__ += ["pallas_flash_attention", "pallas_flash_attention_fwd", "pallas_flash_attention_bwd",
-            "varlen_attention", "pack_sequences", "unpack_sequences", "seqlens_to_doc_ids",
-            "cu_seqlens_to_doc_ids", "seqlens_to_cu_seqlens"]
-# --- aether: aether_attention, AetherAttention, compute_block_geometry
-from attnax.kernels.aether import AetherAttention, aether_attention, compute_block_geometry  # noqa: E402
-__all__ += ["aether_attention", "AetherAttention", "compute_block_geometry"]
-# --- linear_attention, ring_attention, ring_attention_reference, paged_attention
-from attnax.kernels.linear import favor_projection, linear_attention  # noqa: E402
-from attnax.kernels.ring import (  # noqa: E402
+# AETHER: a planner over the block-sparse kernels.
+from attnax.kernels.aether import AetherAttention, aether_attention, compute_block_geometry
+# Linear, ring and paged attention.
+from attnax.kernels.linear import favor_projection, linear_attention
+from attnax.kernels.ring import (
     from_zigzag, ring_attention, ring_attention_reference, to_zigzag, zigzag_indices,
 )
-from attnax.kernels.paged import paged_attention  # noqa: E402
-__all__ += ["linear_attention", "favor_projection", "ring_attention", "ring_attention_reference",
-            "to_zigzag", "from_zigzag", "zigzag_indices", "paged_attention"]
+from attnax.kernels.paged import paged_attention
+
+__all__ = [
+    # protocols
+    "AttentionFn", "ScoreMod", "MaskMod",
+    # kernels
+    "standard_attention", "memory_efficient_attention", "flash_attention",
+    "pallas_flash_attention", "pallas_flash_attention_fwd", "pallas_flash_attention_bwd",
+    "aether_attention", "AetherAttention", "compute_block_geometry",
+    "linear_attention", "favor_projection", "ring_attention", "ring_attention_reference",
+    "paged_attention",
+    # varlen and ring layout helpers
+    "varlen_attention", "pack_sequences", "unpack_sequences", "seqlens_to_doc_ids",
+    "cu_seqlens_to_doc_ids", "seqlens_to_cu_seqlens", "to_zigzag", "from_zigzag",
+    "zigzag_indices",
+    # block sparsity and partial results
+    "BlockMask", "create_block_mask", "merge_attentions",
+    # score mods
+    "causal_mod", "sliding_window_mod", "alibi_mod", "alibi_slopes", "prefix_lm_mod",
+    "document_mask_mod", "additive_bias_mod", "compose_score_mods", "mask_mod_to_score_mod",
+    "mask_mod_to_boolean_mask", "score_mods",
+]
