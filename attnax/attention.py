@@ -31,6 +31,7 @@ from flax import nnx
 from flax.nnx.nn import initializers
 from flax.nnx.nn.linear import default_kernel_init
 
+from attnax.kernels import _checks
 from attnax.kernels import score_mods as sm
 from attnax.kernels.reference import standard_attention
 from attnax.rope import apply_rope, rope_frequencies
@@ -369,16 +370,14 @@ class MultiHeadAttention(nnx.Module):
           f"rngs must be an nnx.Rngs, got {type(rngs).__name__} {rngs!r}. MultiHeadAttention takes "
           "rngs first (or as rngs=) and every other argument by keyword, e.g. "
           "MultiHeadAttention(rngs, num_heads=8, in_features=512)")
-    for name, value in (("num_heads", num_heads), ("in_features", in_features)):
-      if not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _checks.check_positive_int("num_heads", num_heads)
+    _checks.check_positive_int("in_features", in_features)
     qkv_features = in_features if qkv_features is None else qkv_features
     out_features = in_features if out_features is None else out_features
     in_kv_features = in_features if in_kv_features is None else in_kv_features
     for name, value in (("qkv_features", qkv_features), ("out_features", out_features),
                         ("in_kv_features", in_kv_features)):
-      if not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+      _checks.check_positive_int(name, value)
     if qkv_features % num_heads:
       raise ValueError(f"qkv_features ({qkv_features}) must be divisible by num_heads "
                        f"({num_heads}): the heads split the projection evenly")
@@ -391,8 +390,7 @@ class MultiHeadAttention(nnx.Module):
                            f"num_heads={num_heads}, dividing num_heads)")
         num_kv_heads = num_heads if attention_type is AttentionType.MULTI_HEAD else 1
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    if not isinstance(num_kv_heads, (int, np.integer)) or num_kv_heads < 1:
-      raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
+    _checks.check_positive_int("num_kv_heads", num_kv_heads)
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads "
                        f"({num_kv_heads}): each kv head serves a whole group of query heads")

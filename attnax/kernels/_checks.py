@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -57,10 +58,16 @@ def default_scale(scale: float | None, head_dim: int) -> float:
                      f"{scale!r}") from None
 
 
-def check_block(name: str, value: int) -> int:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def check_positive_int(name: str, value: Any) -> int:
+  """``value`` as an int, or a ValueError naming ``name`` unless it is a positive (non-bool) int."""
+  if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
-  return value
+  return int(value)
+
+
+def check_block(name: str, value: int) -> int:
+  """Block and chunk sizes: static positive ints."""
+  return check_positive_int(name, value)
 
 
 def check_lse(lse: Any, q: jax.Array) -> None:

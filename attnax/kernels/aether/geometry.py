@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from attnax.kernels import _checks
+
 __all__ = ["compute_block_geometry", "block_geometry_reference", "block_geometry_pallas",
            "block_sizes", "clustered_qkv"]
 
@@ -33,9 +35,7 @@ def _check_k(k, block_size):
   if not hasattr(k, "shape") or jnp.ndim(k) != 4:
     raise ValueError("compute_block_geometry: k must have rank 4 (batch, kv_heads, seq, "
                      f"head_dim), got shape {tuple(jnp.shape(k))}")
-  if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-    raise ValueError("compute_block_geometry: block_size must be a positive int, got "
-                     f"{block_size!r}")
+  _checks.check_positive_int("compute_block_geometry: block_size", block_size)
   if min(k.shape) == 0:
     raise ValueError(f"compute_block_geometry: empty dimension in k {tuple(k.shape)}")
 
