@@ -6,9 +6,9 @@ signature ``kernel(q, k, v, *, score_mod=None, mask_mod=None, scale=None, return
 
 from attnax.kernels.protocols import AttentionFn, MaskMod, ScoreMod
 from attnax.kernels.score_mods import (
-    additive_bias_mod, alibi_mod, alibi_slopes, causal_mod, compose_score_mods,
-    document_mask_mod, mask_mod_to_boolean_mask, mask_mod_to_score_mod, prefix_lm_mod,
-    sliding_window_mod,
+    additive_bias_mod, alibi_mod, alibi_slopes, and_masks, causal_mod, compose_score_mods,
+    document_mask_mod, mask_mod_to_boolean_mask, mask_mod_to_score_mod, or_masks,
+    padding_mask_mod, prefix_lm_mod, sliding_window_mod, softcap_mod,
 )
 from attnax.kernels.block_mask import BlockMask, create_block_mask
 from attnax.kernels.merge import merge_attentions
@@ -49,6 +49,7 @@ __all__ = [
     "BlockMask", "create_block_mask", "merge_attentions",
     # score mods
     "causal_mod", "sliding_window_mod", "alibi_mod", "alibi_slopes", "prefix_lm_mod",
-    "document_mask_mod", "additive_bias_mod", "compose_score_mods", "mask_mod_to_score_mod",
+    "document_mask_mod", "padding_mask_mod", "additive_bias_mod", "softcap_mod",
+    "compose_score_mods", "and_masks", "or_masks", "mask_mod_to_score_mod",
     "mask_mod_to_boolean_mask", "score_mods",
 ]

@@ -20,7 +20,7 @@ import numpy as np
 
 from attnax.kernels import score_mods as sm
 
-__all__ = ["BlockMask", "create_block_mask", "EMPTY", "PARTIAL", "FULL"]
+__all__ = ["BlockMask", "create_block_mask", "fit_block_mask", "EMPTY", "PARTIAL", "FULL"]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -127,6 +127,13 @@ def _visibility(mask_mod, batch, heads, block_q, block_k, q_len, kv_len):
     for a, f in parts[1:]:
       any_, all_ = any_ & a, all_ & f   # `any` of a conjunction: an over-approximation, allowed
     return any_, all_
+  if isinstance(mask_mod, sm.OrMask):
+    parts = [_visibility(m, batch, heads, block_q, block_k, q_len, kv_len)
+             for m in mask_mod.masks]
+    any_, all_ = parts[0]
+    for a, f in parts[1:]:
+      any_, all_ = any_ | a, all_ | f   # `all` of a disjunction: an under-approximation, allowed
+    return any_, all_
   if hasattr(mask_mod, "tile_visibility"):
     return mask_mod.tile_visibility(block_q, block_k, q_len, kv_len)
   return _evaluate_tiles(mask_mod, batch, heads, block_q, block_k, q_len, kv_len)
@@ -151,11 +158,49 @@ def create_block_mask(mask_mod: Any, *, q_len: int, kv_len: int, block_q: int = 
   lead = tuple(max(a, b) for a, b in zip(jnp.shape(any_)[:2], jnp.shape(all_)[:2]))
   any_ = jnp.broadcast_to(any_, lead + (nq, nk))
   all_ = jnp.broadcast_to(all_, lead + (nq, nk))
-  # A tile with positions past the end is never full: the kernel must mask its tail.
+  tiles = jnp.where(any_, jnp.where(all_, FULL, PARTIAL), EMPTY).astype(jnp.int8)
+  tiles = _demote_ragged(tiles, block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len)
+  return BlockMask.from_tiles(tiles, block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len)
+
+
+def _demote_ragged(tiles: jax.Array, *, block_q: int, block_k: int, q_len: int,
+                   kv_len: int) -> jax.Array:
+  """FULL tiles that reach past ``q_len``/``kv_len`` become PARTIAL: the kernel masks their tail."""
+  nq, nk = tiles.shape[-2:]
   ragged = np.zeros((nq, nk), bool)
   if q_len % block_q:
     ragged[-1, :] = True
   if kv_len % block_k:
     ragged[:, -1] = True
-  tiles = jnp.where(any_, jnp.where(all_ & ~ragged, FULL, PARTIAL), EMPTY).astype(jnp.int8)
-  return BlockMask.from_tiles(tiles, block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len)
+  if not ragged.any():
+    return tiles
+  return jnp.where(ragged & (tiles == FULL), jnp.int8(PARTIAL), tiles).astype(jnp.int8)
+
+
+def fit_block_mask(block_mask: Any, *, batch: int, q_heads: int, kv_heads: int, q_len: int,
+                   kv_len: int, kernel: str) -> BlockMask:
+  """Check a caller's BlockMask against the inputs; FULL tiles at ragged edges become PARTIAL.
+
+  The mask must be a :class:`BlockMask` built for ``(q_len, kv_len)`` with leading axes
+  ``B' in (1, batch)`` and ``H' in (1, kv_heads, q_heads)``; otherwise a ValueError names what
+  differs.
+  """
+  if not isinstance(block_mask, BlockMask):
+    raise ValueError(f"{kernel}: block_mask must be an attnax BlockMask, got "
+                     f"{type(block_mask).__name__}")
+  bq, bk = block_mask.block_q, block_mask.block_k
+  nq, nk = -(-q_len // bq), -(-kv_len // bk)
+  shape = tuple(block_mask.tiles.shape)
+  if len(shape) != 4 or shape[2:] != (nq, nk) or (block_mask.q_len, block_mask.kv_len) != (
+      q_len, kv_len):
+    raise ValueError(f"{kernel}: block_mask was built for q_len={block_mask.q_len}, "
+                     f"kv_len={block_mask.kv_len} with tiles {shape} of ({bq}, {bk}); the inputs "
+                     f"have Sq={q_len}, Sk={kv_len}, which need (B', H', {nq}, {nk}) tiles")
+  if shape[0] not in (1, batch) or shape[1] not in (1, kv_heads, q_heads):
+    raise ValueError(f"{kernel}: block_mask tiles {shape} must have B' in (1, {batch}) and H' in "
+                     f"(1, Hkv={kv_heads}, Hq={q_heads})")
+  if not (q_len % bq or kv_len % bk):
+    return block_mask
+  tiles = _demote_ragged(block_mask.tiles.astype(jnp.int8), block_q=bq, block_k=bk, q_len=q_len,
+                         kv_len=kv_len)
+  return BlockMask.from_tiles(tiles, block_q=bq, block_k=bk, q_len=q_len, kv_len=kv_len)

@@ -30,14 +30,17 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.extend
 import jax.numpy as jnp
-import numpy as np
 
 from attnax.kernels import _checks
+from attnax.kernels import operands as ops_lib
 from attnax.kernels import score_mods as sm
 from attnax.kernels import tiles
-from attnax.kernels.block_mask import EMPTY, FULL, PARTIAL, BlockMask, create_block_mask
+from attnax.kernels.block_mask import (EMPTY, FULL, PARTIAL, BlockMask, create_block_mask,
+                                       fit_block_mask)
+from attnax.kernels.gqa import fold_group as _fold
+from attnax.kernels.gqa import head_index as gqa_head_index
+from attnax.kernels.tiles import low_precision as _lowp
 
 __all__ = ["flash_attention"]
 
@@ -77,33 +80,16 @@ def _plan(mask_fn: Any, block_mask: BlockMask | None, *, batch: int, hq: int, hk
   ``(nb, Hkv, G, nq, nk)``.
   """
   g = hq // hkv
-  given = block_mask is not None
   if block_mask is None:
     block_mask = create_block_mask(mask_fn, q_len=sq, kv_len=sk, block_q=block_q, block_k=block_k,
                                    batch=batch, heads=hq)
-  elif not isinstance(block_mask, BlockMask):
-    raise ValueError(f"flash_attention: block_mask must be a BlockMask, got "
-                     f"{type(block_mask).__name__}")
+  else:
+    block_mask = fit_block_mask(block_mask, batch=batch, q_heads=hq, kv_heads=hkv, q_len=sq,
+                                kv_len=sk, kernel="flash_attention")
   bm = block_mask
   nq, nk = -(-sq // bm.block_q), -(-sk // bm.block_k)
   bp, hp = bm.tiles.shape[:2]
-  if bm.q_len != sq or bm.kv_len != sk or bm.tiles.shape[2:] != (nq, nk):
-    raise ValueError(f"flash_attention: block_mask was built for q_len={bm.q_len}, "
-                     f"kv_len={bm.kv_len} with tiles {tuple(bm.tiles.shape)}; the inputs have "
-                     f"Sq={sq}, Sk={sk}, which need (B', H', {nq}, {nk}) tiles of "
-                     f"({bm.block_q}, {bm.block_k})")
-  if bp not in (1, batch) or hp not in (1, hkv, hq):
-    raise ValueError(f"flash_attention: block_mask tiles {tuple(bm.tiles.shape)} must have "
-                     f"B' in (1, {batch}) and H' in (1, Hkv={hkv}, Hq={hq})")
   t = bm.tiles
-  if given:
-    # A tile that reaches past Sq/Sk must mask its tail, so it is never treated as full.
-    ragged = np.zeros((nq, nk), bool)
-    if sq % bm.block_q:
-      ragged[-1, :] = True
-    if sk % bm.block_k:
-      ragged[:, -1] = True
-    t = jnp.where((t == FULL) & ragged, jnp.int8(PARTIAL), t.astype(jnp.int8))
   state = None
   if hp == hq and g > 1:
     # Per-query-head tiles: visit the union over each packed group, keep each head's own state.
@@ -111,8 +97,6 @@ def _plan(mask_fn: Any, block_mask: BlockMask | None, *, batch: int, hq: int, hk
     union = jnp.where((state == EMPTY).all(2), EMPTY,
                       jnp.where((state == FULL).all(2), FULL, PARTIAL)).astype(jnp.int8)
     bm = BlockMask.from_tiles(union, block_q=bm.block_q, block_k=bm.block_k, q_len=sq, kv_len=sk)
-  elif given:
-    bm = BlockMask.from_tiles(t, block_q=bm.block_q, block_k=bm.block_k, q_len=sq, kv_len=sk)
   return bm, state
 
 
@@ -148,10 +132,13 @@ class _Group:
   Shapes: q ``(Bv, Hv, G, Sq_pad, D)``, k ``(Bv, Hv, Sk_pad, D)``, v ``(Bv, Hv, Sk_pad, Dv)``;
   ``lists`` the group's BlockMask lists (leading axes removed); ``state`` ``(G, nq, nk)`` or None;
   ``b_idx`` ``(Bv, 1, 1, 1, 1)`` and ``h_idx`` ``(1, Hv, G, 1, 1)`` absolute batch / query head.
+  ``mods`` and ``values`` are the mods' static part and their operand arrays; ``diff`` lists the
+  operands whose cotangents the backward accumulates.
   """
   cfg: _Config
-  score_fn: Any
-  mask_fn: Any
+  mods: ops_lib.ModOperands
+  values: tuple
+  diff: tuple
   lists: Any
   state: Any
   b_idx: jax.Array
@@ -164,7 +151,8 @@ class _Group:
     Args:
       q_blk: ``(Bv, Hv, G, bq, D)``; k_blk: ``(Bv, Hv, bk, D)``.
       masked: False for full tiles (no elementwise mask, no tail), True for partial tiles.
-      with_vjp: also return the VJP of the score mod (for the backward).
+      with_vjp: also return the VJP of the score mod (for the backward): a function of
+        ``d(modded scores)`` returning ``(d(raw scores), cotangents of the diff operands)``.
 
     Returns:
       ``(s, visible)`` or ``(s, visible, vjp)``; ``s`` f32 ``(Bv, Hv, G, bq, bk)``.
@@ -176,38 +164,31 @@ class _Group:
     s = s * cfg.scale
     q_idx = (qb * bq + jnp.arange(bq, dtype=i32)).reshape(1, 1, 1, bq, 1)
     kv_idx = (kb * bk + jnp.arange(bk, dtype=i32)).reshape(1, 1, 1, 1, bk)
-    mask_fn = self.mask_fn
-    if masked and self.state is not None:
-      st = self.state[:, qb, kb].reshape(1, 1, g, 1, 1)
-      inner = mask_fn
-      if inner is None:
-        mask_fn = lambda b, h, i, j: st != EMPTY
-      else:
-        mask_fn = lambda b, h, i, j: (st == FULL) | ((st == PARTIAL) & inner(b, h, i, j))
+    st = self.state[:, qb, kb].reshape(1, 1, g, 1, 1) if masked and self.state is not None else None
 
-    def mod(s):
+    def mod(s, diff_values):
+      values = list(self.values)
+      for i, x in zip(self.diff, diff_values):
+        values[i] = x
+      score_fn, mask_fn = self.mods.rebuild(values)
+      if st is not None:
+        inner = mask_fn
+        mask_fn = ((lambda b, h, i, j: st != EMPTY) if inner is None else
+                   (lambda b, h, i, j: (st == FULL) | ((st == PARTIAL) & inner(b, h, i, j))))
       return tiles.tile_scores(
-          s, score_fn=self.score_fn, mask_fn=mask_fn, b=self.b_idx, h=self.h_idx, q_idx=q_idx,
+          s, score_fn=score_fn, mask_fn=mask_fn, b=self.b_idx, h=self.h_idx, q_idx=q_idx,
           kv_idx=kv_idx, q_len=cfg.q_len if masked and cfg.ragged_q else None,
           kv_len=cfg.kv_len if masked and cfg.ragged_k else None, apply_mask=masked)
 
+    diff_values = tuple(self.values[i] for i in self.diff)
     if not with_vjp:
-      return mod(s)
-    if self.score_fn is None:   # only masking: the VJP is the identity on visible entries
-      s, visible = mod(s)
-      return s, visible, lambda ds: ds
-    s, vjp, visible = jax.vjp(mod, s, has_aux=True)
-    return s, visible, lambda ds: vjp(ds)[0]
-
-
-def _fold(x: jax.Array) -> jax.Array:
-  """``(Bv, Hv, G, n, X) -> (Bv, Hv, G * n, X)``."""
-  return x.reshape(x.shape[:2] + (x.shape[2] * x.shape[3],) + x.shape[4:])
-
-
-def _lowp(x: jax.Array, dtype) -> jax.Array:
-  """Cast f32 tile values to a low-precision input dtype for the matmul (as the reference does)."""
-  return x.astype(dtype) if jnp.dtype(dtype).itemsize < 4 else x
+      return mod(s, diff_values)
+    if not self.diff and self.mods.rebuild(self.values)[0] is None:
+      # Only masking: the VJP is the identity on visible entries.
+      s, visible = mod(s, ())
+      return s, visible, lambda ds: (ds, ())
+    s, vjp, visible = jax.vjp(mod, s, diff_values, has_aux=True)
+    return s, visible, vjp
 
 
 def _loop(count, indices, row, body, carry):
@@ -254,6 +235,28 @@ def _forward_group(grp: _Group, q, k, v):
   return out, lse, visits.sum()
 
 
+def _map_accumulate(fn, xs, acc):
+  """``lax.map(fn, xs)`` where ``fn(x) -> (y, inc)`` also adds ``inc`` into ``acc``.
+
+  With nothing to accumulate this is ``lax.map``; otherwise a ``lax.scan`` carrying ``acc``, so
+  the increments are summed in place rather than stacked.
+  """
+  if not jax.tree.leaves(acc):
+    ys, _ = jax.lax.map(fn, xs)
+    return ys, acc
+
+  def step(carry, x):
+    y, inc = fn(x)
+    return jax.tree.map(jnp.add, carry, inc), y
+
+  acc, ys = jax.lax.scan(step, acc, xs)
+  return ys, acc
+
+
+def _zeros_like_diff(grp: _Group) -> tuple:
+  return tuple(jnp.zeros(grp.values[i].shape, f32) for i in grp.diff)
+
+
 def _backward_group(grp: _Group, q, k, v, do, lse, delta):
   """dQ pass over the per-q-block lists and dK/dV pass over the per-kv-block lists.
 
@@ -262,7 +265,8 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta):
     lse, delta: f32 ``(Bv, Hv, G, Sq_pad)``; ``delta = rowsum(dO * O) - dlse``.
 
   Returns:
-    ``(dq f32, dk f32, dv f32, dq_visits, dkv_visits)`` with the shapes of q, k, v.
+    ``(dq f32, dk f32, dv f32, d_operands, dq_visits, dkv_visits)``: ``d_operands`` f32, one per
+    entry of ``grp.diff``, accumulated in the dQ pass (every visited tile once).
   """
   cfg, lists = grp.cfg, grp.lists
   bq, bk, scale = cfg.block_q, cfg.block_k, cfg.scale
@@ -271,11 +275,12 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta):
   nq, nk = sqp // bq, skp // bk
 
   def tile_grads(q_blk, do_blk, lse_blk, delta_blk, k_blk, v_blk, qb, kb, masked):
-    """``(p, ds)`` of one tile, f32 ``(Bv, Hv, G, bq, bk)``; ``ds`` is d(loss)/d(scaled score)."""
+    """``(p, ds, d_operands)`` of one tile; ``ds`` is d(loss)/d(scaled score), f32."""
     s, visible, vjp = grp.scores(q_blk, k_blk, qb, kb, masked, with_vjp=True)
     p = tiles.probabilities(s, visible, lse_blk)
     dp = tiles.qk_dot(_fold(do_blk), v_blk).reshape(p.shape)
-    return p, vjp(p * (dp - delta_blk[..., None]))
+    ds, d_ops = vjp(p * (dp - delta_blk[..., None]))
+    return p, ds, d_ops
 
   def q_slices(qb):
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, qb * bq, bq, axis=3)
@@ -289,18 +294,19 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta):
     q_blk, do_blk, lse_blk, delta_blk = q_slices(qb)
 
     def tile(masked):
-      def body(kb, dq):
+      def body(kb, carry):
+        dq, d_ops = carry
         k_blk, v_blk = kv_slices(kb)
-        _, ds = tile_grads(q_blk, do_blk, lse_blk, delta_blk, k_blk, v_blk, qb, kb, masked)
-        ds = _fold(_lowp(ds, q.dtype))
-        return dq + tiles.pv_dot(ds, k_blk).reshape(dq.shape)
+        _, ds, inc = tile_grads(q_blk, do_blk, lse_blk, delta_blk, k_blk, v_blk, qb, kb, masked)
+        dq = dq + tiles.pv_dot(_fold(_lowp(ds, q.dtype)), k_blk).reshape(dq.shape)
+        return dq, tuple(a + b.astype(f32) for a, b in zip(d_ops, inc))
       return body
 
-    carry = (jnp.zeros((bv, hv, g, bq, d), f32), jnp.int32(0))
+    carry = ((jnp.zeros((bv, hv, g, bq, d), f32), _zeros_like_diff(grp)), jnp.int32(0))
     carry = _loop(lists.full_kv_counts[qb], lists.full_kv_indices, qb, tile(False), carry)
     carry = _loop(lists.kv_counts[qb], lists.kv_indices, qb, tile(True), carry)
-    dq, visits = carry
-    return dq * scale, visits
+    (dq, d_ops), visits = carry
+    return (dq * scale, visits), d_ops
 
   def dkv_block(kb):
     k_blk, v_blk = kv_slices(kb)
@@ -309,7 +315,7 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta):
       def body(qb, carry):
         dk, dv = carry
         q_blk, do_blk, lse_blk, delta_blk = q_slices(qb)
-        p, ds = tile_grads(q_blk, do_blk, lse_blk, delta_blk, k_blk, v_blk, qb, kb, masked)
+        p, ds, _ = tile_grads(q_blk, do_blk, lse_blk, delta_blk, k_blk, v_blk, qb, kb, masked)
         # Contract over the packed group and the rows: (Bv,Hv,G*bq,bk)^T @ (Bv,Hv,G*bq,X).
         dv = dv + jnp.einsum("...qk,...qd->...kd", _fold(_lowp(p, do.dtype)), _fold(do_blk),
                              preferred_element_type=f32)
@@ -324,19 +330,20 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta):
     (dk, dv), visits = carry
     return dk * scale, dv, visits
 
-  dq, dq_visits = jax.lax.map(dq_block, jnp.arange(nq, dtype=i32))
+  (dq, dq_visits), d_ops = _map_accumulate(dq_block, jnp.arange(nq, dtype=i32),
+                                           _zeros_like_diff(grp))
   dk, dv, dkv_visits = jax.lax.map(dkv_block, jnp.arange(nk, dtype=i32))
   dq = jnp.moveaxis(dq, 0, 3).reshape(bv, hv, g, sqp, d)
   dk = jnp.moveaxis(dk, 0, 2).reshape(bv, hv, skp, d)
   dv = jnp.moveaxis(dv, 0, 2).reshape(bv, hv, skp, dvd)
-  return dq, dk, dv, dq_visits.sum(), dkv_visits.sum()
+  return dq, dk, dv, d_ops, dq_visits.sum(), dkv_visits.sum()
 
 
 # ----------------------------------------------------------------------------- all groups
 
 
-def _groups(cfg: _Config, score_fn, mask_fn, bm: BlockMask, state, *arrays):
-  """Split the ``(B, Hkv, ...)`` arrays into sequential groups; yields the per-group xs for lax.map.
+def _groups(cfg: _Config, mods, values, diff, bm: BlockMask, state, *arrays):
+  """Split the ``(B, Hkv, ...)`` arrays into sequential groups; the per-group xs for lax.map.
 
   Returns ``(xs, make_group)`` where ``make_group(n, lists, state)`` builds the :class:`_Group`.
   """
@@ -349,15 +356,14 @@ def _groups(cfg: _Config, score_fn, mask_fn, bm: BlockMask, state, *arrays):
   def make_group(n, lists_n, st_n):
     bn, hn = n // nh, n % nh
     b_idx = (bn * bv + jnp.arange(bv, dtype=i32)).reshape(bv, 1, 1, 1, 1)
-    hk = hn * hv + jnp.arange(hv, dtype=i32)
-    h_idx = (hk[:, None] * g + jnp.arange(g, dtype=i32)).reshape(1, hv, g, 1, 1)
-    return _Group(cfg, score_fn, mask_fn, lists_n, st_n, b_idx, h_idx)
+    h_idx = gqa_head_index(hv, g, hn * hv)
+    return _Group(cfg, mods, values, diff, lists_n, st_n, b_idx, h_idx)
 
   xs = (jnp.arange(nb * nh, dtype=i32), lists, st) + tuple(_split_lead(a, nb, nh) for a in arrays)
   return xs, make_group
 
 
-def _flash_forward(cfg: _Config, score_fn, mask_fn, bm, state, q, k, v):
+def _flash_forward(cfg: _Config, mods, values, bm, state, q, k, v):
   """Forward over all groups: ``(out (B,Hq,Sq,Dv) q.dtype, lse f32 (B,Hq,Sq), tiles visited)``."""
   bsz, hq, sq, d = q.shape
   hkv, g = k.shape[1], cfg.groups
@@ -365,7 +371,7 @@ def _flash_forward(cfg: _Config, score_fn, mask_fn, bm, state, q, k, v):
   qp = _pad_axis(q, 2, nq * cfg.block_q).reshape(bsz, hkv, g, nq * cfg.block_q, d)
   kp = _pad_axis(k, 2, nk * cfg.block_k)
   vp = _pad_axis(v, 2, nk * cfg.block_k)
-  xs, make_group = _groups(cfg, score_fn, mask_fn, bm, state, qp, kp, vp)
+  xs, make_group = _groups(cfg, mods, values, (), bm, state, qp, kp, vp)
 
   def run(x):
     n, lists_n, st_n, q_n, k_n, v_n = x
@@ -377,69 +383,51 @@ def _flash_forward(cfg: _Config, score_fn, mask_fn, bm, state, q, k, v):
   return out, lse, visits.sum()
 
 
-def _flash_backward(cfg: _Config, score_fn, mask_fn, bm, state, q, k, v, out, lse, dout, dlse):
-  """Backward over all groups: ``(dq, dk, dv, dq tiles visited, dkv tiles visited)``."""
+def flash_backward(cfg: _Config, mods, values, diff, bm, state, q, k, v, out, lse, dout, dlse):
+  """Backward over all groups.
+
+  Returns ``(dq, dk, dv, d_operands, dq tiles visited, dkv tiles visited)``; ``d_operands`` are
+  the f32 cotangents of ``values[i]`` for ``i`` in ``diff``. Used by :func:`flash_attention` and, for
+  the mods' operands alone, by the Pallas kernels' backward.
+  """
   bsz, hq, sq, d = q.shape
   hkv, sk, g = k.shape[1], k.shape[2], cfg.groups
   nq, nk = -(-sq // cfg.block_q), -(-sk // cfg.block_k)
   sqp = nq * cfg.block_q
-  delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1) - dlse.astype(f32)
+  delta = tiles.backward_delta(out, dout, lse, dlse)
   grouped = lambda x, fill=0: _pad_axis(x, 2, sqp, fill).reshape((bsz, hkv, g, sqp) + x.shape[3:])
   qp, dop = grouped(q), grouped(dout.astype(q.dtype))
   lsep, deltap = grouped(lse, -jnp.inf), grouped(delta)
   kp = _pad_axis(k, 2, nk * cfg.block_k)
   vp = _pad_axis(v, 2, nk * cfg.block_k)
-  xs, make_group = _groups(cfg, score_fn, mask_fn, bm, state, qp, kp, vp, dop, lsep, deltap)
+  xs, make_group = _groups(cfg, mods, values, diff, bm, state, qp, kp, vp, dop, lsep, deltap)
 
   def run(x):
     n, lists_n, st_n, q_n, k_n, v_n, do_n, lse_n, delta_n = x
-    return _backward_group(make_group(n, lists_n, st_n), q_n, k_n, v_n, do_n, lse_n, delta_n)
+    grp = make_group(n, lists_n, st_n)
+    dq, dk, dv, d_ops, dq_visits, dkv_visits = _backward_group(grp, q_n, k_n, v_n, do_n, lse_n,
+                                                               delta_n)
+    return (dq, dk, dv, dq_visits, dkv_visits), d_ops
 
-  dq, dk, dv, dq_visits, dkv_visits = jax.lax.map(run, xs)
+  zeros = tuple(jnp.zeros(values[i].shape, f32) for i in diff)
+  (dq, dk, dv, dq_visits, dkv_visits), d_ops = _map_accumulate(run, xs, zeros)
   dq = _merge_lead(dq, cfg.nb, cfg.nh)[:, :, :, :sq].reshape(bsz, hq, sq, d)
   dk = _merge_lead(dk, cfg.nb, cfg.nh)[:, :, :sk]
   dv = _merge_lead(dv, cfg.nb, cfg.nh)[:, :, :sk]
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dq_visits.sum(),
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_ops, dq_visits.sum(),
           dkv_visits.sum())
 
 
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-def _zero_cotangent(x):
-  x = jnp.asarray(x)
-  if jnp.issubdtype(x.dtype, jnp.inexact):
-    return jnp.zeros_like(x)
-  return np.zeros(x.shape, jax.dtypes.float0)
-
-
-def _hoist_consts(fn, *avals):
-  """``fn`` as ``(g, consts)`` with ``g(*args, *consts) == fn(*args)``: every constant hoisted.
-
-  Unlike ``jax.closure_convert``, which hoists only constants that autodiff may perturb, this hoists
-  integer tracers too (document ids under an enclosing ``jit``), which a custom_vjp inside a
-  ``lax.cond`` under ``grad`` cannot otherwise close over.
-  """
-  closed = jax.make_jaxpr(fn)(*avals)
-  n = len(avals)
-
-  def g(*args):
-    run = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(closed.jaxpr, list(args[n:])))
-    return run(*args[:n])[0]
-
-  return g, list(closed.consts)
-
-
 def _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k, block_mask):
   """Checks and planning shared by the public function and the tile-visit counter.
 
-  Returns ``(cfg, rebuild, consts)``. ``consts = (score consts, mask consts, BlockMask, per-head
-  state)`` are the array operands of the custom_vjp (constants for autodiff) and
-  ``rebuild(score_consts, mask_consts)`` returns ``(score_fn, mask_fn)``.
-
-  The mods are closure-converted at the tile shapes the loops use: every traced array they hold
-  (a pytree mod's leaves, or what a user's lambda closes over) becomes an explicit operand, so the
-  custom_vjp never closes over a tracer of an enclosing ``jit``, ``vmap`` or ``grad``.
+  Returns ``(cfg, mods, values, bm, state)``: the static configuration, the mods' static part and
+  operand arrays (:mod:`attnax.kernels.operands`: pytree leaves and closed-over arrays, tracers of
+  an enclosing ``jit``/``vmap``/``grad`` included), the BlockMask the loops walk and the per-head
+  tile states.
   """
   bsz, hq, hkv, sq, sk, d, _ = _checks.check_qkv(q, k, v, kernel="flash_attention")
   scale = _checks.default_scale(scale, d)
@@ -453,54 +441,64 @@ def _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k, block_mask):
     bk = getattr(block_mask, "block_k", block_k)
   bm, state = _plan(mask_fn, block_mask, batch=bsz, hq=hq, hkv=hkv, sq=sq, sk=sk, block_q=bq,
                     block_k=bk)
-  g = hq // hkv
   nb, nh = bm.tiles.shape[:2]
   cfg = _Config(scale=scale, block_q=bm.block_q, block_k=bm.block_k, q_len=sq, kv_len=sk,
-                groups=g, nb=nb, nh=nh)
-  bv, hv = bsz // nb, hkv // nh
-  idx = lambda *shape: jax.ShapeDtypeStruct(shape, i32)
-  index_args = (idx(bv, 1, 1, 1, 1), idx(1, hv, g, 1, 1), idx(1, 1, 1, cfg.block_q, 1),
-                idx(1, 1, 1, 1, cfg.block_k))
-  tile = jax.ShapeDtypeStruct((bv, hv, g, cfg.block_q, cfg.block_k), f32)
-  score_c, score_consts = (None, []) if score_fn is None else _hoist_consts(
-      score_fn, tile, *index_args)
-  mask_c, mask_consts = (None, []) if mask_fn is None else _hoist_consts(mask_fn, *index_args)
-
-  def rebuild(s_consts, m_consts):
-    s_fn = None if score_c is None else lambda *a: score_c(*a, *s_consts)
-    m_fn = None if mask_c is None else lambda *a: mask_c(*a, *m_consts)
-    return s_fn, m_fn
-
-  return cfg, rebuild, (tuple(score_consts), tuple(mask_consts), bm, state)
+                groups=hq // hkv, nb=nb, nh=nh)
+  mods, values = ops_lib.collect(score_fn, mask_fn)
+  return cfg, mods, values, bm, state
 
 
-def _make_flash(cfg: _Config, rebuild):
-  """The custom_vjp attention for one static configuration: ``f(q, k, v, consts) -> (out, lse)``."""
+def _unwrap_cotangent(ct):
+  """A symbolic-zero cotangent as None, anything else as is."""
+  return None if isinstance(ct, jax.custom_derivatives.SymbolicZero) else ct
 
-  def forward(q, k, v, consts):
-    s_consts, m_consts, bm, state = consts
-    score_fn, mask_fn = rebuild(s_consts, m_consts)
-    out, lse, _ = _flash_forward(cfg, score_fn, mask_fn, bm, state, q, k, v)
-    return out, lse
+
+def differentiated(values, float_mask) -> tuple[tuple, tuple[int, ...]]:
+  """``(plain values, indices of the float operands being differentiated)`` from the primals a
+  ``custom_vjp`` with ``symbolic_zeros=True`` passes to its forward rule."""
+  plain = tuple(x.value for x in values)
+  diff = tuple(i for i, (x, f) in enumerate(zip(values, float_mask)) if f and x.perturbed)
+  return plain, diff
+
+
+def operand_cotangents(values, diff, d_ops) -> tuple:
+  """Cotangents for every operand: the computed ones in ``diff`` (in the operand's dtype), None
+  (a symbolic zero) for the rest."""
+  by_index = dict(zip(diff, d_ops))
+  return tuple(by_index[i].astype(x.dtype) if i in by_index else None
+               for i, x in enumerate(values))
+
+
+def _make_flash(cfg: _Config, mods: ops_lib.ModOperands):
+  """The custom_vjp attention for one configuration: ``f(q, k, v, values, bm, state)``.
+
+  Built with ``symbolic_zeros=True``, so the forward rule learns which float operands are being
+  differentiated: only those get a cotangent pass (the extra work is paid only when asked for).
+  """
 
   @jax.custom_vjp
-  def attn(q, k, v, consts):
-    return forward(q, k, v, consts)
+  def attn(q, k, v, values, bm, state):
+    out, lse, _ = _flash_forward(cfg, mods, values, bm, state, q, k, v)
+    return out, lse
 
-  def fwd(q, k, v, consts):
-    out, lse = forward(q, k, v, consts)
-    return (out, lse), (q, k, v, out, lse, consts)
+  def fwd(q, k, v, values, bm, state):
+    q, k, v = q.value, k.value, v.value
+    bm, state = jax.tree.map(lambda x: x.value, (bm, state))
+    values, diff = differentiated(values, mods.float_mask)
+    out, lse, _ = _flash_forward(cfg, mods, values, bm, state, q, k, v)
+    marks = tuple(() if i in diff else None for i in range(len(values)))
+    return (out, lse), (q, k, v, out, lse, values, bm, state, marks)
 
   def bwd(res, cts):
-    q, k, v, out, lse, consts = res
-    dout, dlse = cts
-    s_consts, m_consts, bm, state = consts
-    score_fn, mask_fn = rebuild(s_consts, m_consts)
-    dq, dk, dv, _, _ = _flash_backward(cfg, score_fn, mask_fn, bm, state, q, k, v, out, lse,
-                                       dout, dlse)
-    return dq, dk, dv, jax.tree.map(_zero_cotangent, consts)
+    q, k, v, out, lse, values, bm, state, marks = res
+    diff = tuple(i for i, m in enumerate(marks) if m is not None)
+    dout, dlse = map(_unwrap_cotangent, cts)
+    dout = jnp.zeros_like(out) if dout is None else dout
+    dq, dk, dv, d_ops, _, _ = flash_backward(cfg, mods, values, diff, bm, state, q, k, v, out,
+                                             lse, dout, dlse)
+    return dq, dk, dv, operand_cotangents(values, diff, d_ops), None, None
 
-  attn.defvjp(fwd, bwd)
+  attn.defvjp(fwd, bwd, symbolic_zeros=True)
   return attn
 
 
@@ -515,9 +513,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any 
   of the mods: empty tiles are never visited, full tiles skip the elementwise mask, so causal,
   sliding-window, prefix-LM and document masks cost time in proportion to their visible area, in
   the forward and in the backward. The backward is a ``jax.custom_vjp`` that saves only
-  ``(q, k, v, out, lse)`` and recomputes each visited tile. Mod arrays (document ids, slopes, a
-  bias table) and the BlockMask are constants for autodiff (zero cotangent). Works under ``jit``,
-  ``grad`` and ``vmap``.
+  ``(q, k, v, out, lse)`` and recomputes each visited tile. Floating-point arrays the mods carry
+  (a bias table, ALiBi slopes, gates; as pytree leaves or closed over) get their true gradient,
+  accumulated over the visited tiles of the dQ pass, only when they are differentiated; integer
+  arrays (document ids) get none. Works under ``jit``, ``grad`` and ``vmap``.
 
   Args:
     q: ``(B, Hq, Sq, D)``.
@@ -540,9 +539,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any 
     ``out`` ``(B, Hq, Sq, Dv)`` in q's dtype, or ``(out, lse)``. A query that sees no key gets
     output 0, lse ``-inf`` and zero gradients.
   """
-  cfg, rebuild, consts = _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k,
-                                  block_mask)
-  out, lse = _make_flash(cfg, rebuild)(q, k, v, consts)
+  cfg, mods, values, bm, state = _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k,
+                                          block_mask)
+  out, lse = _make_flash(cfg, mods)(q, k, v, values, bm, state)
   return (out, lse) if return_lse else out
 
 
@@ -557,12 +556,29 @@ def tile_visits(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any = No
   and the number of nonempty tiles of the BlockMask the loops walk. Skipping works when all four
   agree (and are below the dense ``nq * nk`` per group).
   """
-  cfg, rebuild, (s_consts, m_consts, bm, state) = _prepare(q, k, v, score_mod, mask_mod, scale,
-                                                           block_q, block_k, block_mask)
-  score_fn, mask_fn = rebuild(s_consts, m_consts)
-  out, lse, fwd = _flash_forward(cfg, score_fn, mask_fn, bm, state, q, k, v)
+  cfg, mods, values, bm, state = _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k,
+                                          block_mask)
+  out, lse, fwd = _flash_forward(cfg, mods, values, bm, state, q, k, v)
   dout = jnp.ones_like(out) if dout is None else dout
-  *_, dq, dkv = _flash_backward(cfg, score_fn, mask_fn, bm, state, q, k, v, out, lse, dout,
-                                jnp.zeros_like(lse))
+  *_, dq, dkv = flash_backward(cfg, mods, values, (), bm, state, q, k, v, out, lse, dout,
+                               jnp.zeros_like(lse))
   return {"forward": fwd, "dq": dq, "dkv": dkv,
           "nonempty": jnp.sum(bm.tiles != EMPTY, dtype=jnp.int32)}
+
+
+def operand_cotangents_over(q, k, v, out, lse, dout, dlse, *, mods: ops_lib.ModOperands,
+                            values: tuple, diff: tuple, scale: float, block_mask: BlockMask | None,
+                            block_q: int, block_k: int) -> tuple:
+  """The mods' operand cotangents alone, over the tiles of ``block_mask`` (None: every tile).
+
+  The pure-JAX pass a Pallas backward runs for the float arrays the mods carry (bias tables,
+  slopes), on the same schedule and the same tile maths as :func:`flash_attention`'s backward.
+  Returns f32 cotangents of ``values[i]`` for ``i`` in ``diff``.
+  """
+  bsz, hq, sq, _ = q.shape
+  hkv, sk = k.shape[1], k.shape[2]
+  bm, state = _plan(None, block_mask, batch=bsz, hq=hq, hkv=hkv, sq=sq, sk=sk,
+                    block_q=min(block_q, sq), block_k=min(block_k, sk))
+  cfg = _Config(scale=scale, block_q=bm.block_q, block_k=bm.block_k, q_len=sq, kv_len=sk,
+                groups=hq // hkv, nb=bm.tiles.shape[0], nh=bm.tiles.shape[1])
+  return flash_backward(cfg, mods, values, diff, bm, state, q, k, v, out, lse, dout, dlse)[3]

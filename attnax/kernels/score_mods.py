@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import numbers
 from typing import Any, Callable, Sequence
 
 import jax
@@ -27,9 +28,11 @@ import numpy as np
 __all__ = [
     "MASK_VALUE", "causal_mod", "sliding_window_mod", "alibi_mod", "alibi_slopes",
     "prefix_lm_mod", "document_mask_mod", "additive_bias_mod", "compose_score_mods",
-    "mask_mod_to_score_mod", "mask_mod_to_boolean_mask", "and_masks",
-    "CausalMask", "SlidingWindowMask", "PrefixLMMask", "DocumentMask", "AndMask",
-    "MaskScoreMod", "AlibiMod", "AdditiveBiasMod", "ComposedScoreMod",
+    "mask_mod_to_score_mod", "mask_mod_to_boolean_mask", "and_masks", "or_masks",
+    "padding_mask_mod", "softcap_mod",
+    "CausalMask", "SlidingWindowMask", "PrefixLMMask", "DocumentMask", "PaddingLengthMask",
+    "PaddingMask", "AndMask", "OrMask",
+    "MaskScoreMod", "AlibiMod", "AdditiveBiasMod", "SoftcapMod", "ComposedScoreMod",
 ]
 
 # Masked scores get a large finite negative (never -inf, never NaN); kernels additionally zero the
@@ -151,28 +154,100 @@ class DocumentMask:
     return any_[:, None], all_[:, None]
 
 
+@_pytree(data=("lengths",))
+class PaddingLengthMask:
+  """Keep ``kv_idx < lengths[b]`` (right padding); ``lengths`` int32 ``(B,)`` (``B`` may be 1)."""
+  lengths: jax.Array
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    return kv_idx < take(self.lengths, b)
+
+  def tile_visibility(self, block_q, block_k, q_len, kv_len):
+    k_lo, k_hi = _ranges(block_k, kv_len)
+    n = self.lengths[:, None, None, None]
+    return k_lo < n, k_hi < n        # (B, 1, 1, nk): exact
+
+
+@_pytree(data=("valid",))
+class PaddingMask:
+  """Keep ``valid[b, kv_idx]``; ``valid`` bool ``(B, Sk)`` (``B`` may be 1), True = a real token."""
+  valid: jax.Array
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    return jnp.asarray(take(self.valid, b, kv_idx), bool)
+
+  def tile_visibility(self, block_q, block_k, q_len, kv_len):
+    v = jnp.asarray(self.valid[:, :kv_len], bool)
+    if v.shape[1] < kv_len:   # read as __call__ reads it (clamped); check_mod_shapes forbids this
+      v = jnp.pad(v, ((0, 0), (0, kv_len - v.shape[1])), mode="edge")
+    nk = -(-kv_len // block_k)
+    tail = ((0, 0), (0, nk * block_k - kv_len))
+    # Positions past kv_len count neither for `any` nor against `all` (the tile is ragged anyway).
+    any_ = jnp.pad(v, tail, constant_values=False).reshape(-1, nk, block_k).any(-1)
+    all_ = jnp.pad(v, tail, constant_values=True).reshape(-1, nk, block_k).all(-1)
+    return any_[:, None, None, :], all_[:, None, None, :]   # (B, 1, 1, nk): exact
+
+
 @_pytree(data=("masks",))
 class AndMask:
   """Keep where every mask keeps."""
   masks: tuple
 
   def __call__(self, b, h, q_idx, kv_idx):
-    out = self.masks[0](b, h, q_idx, kv_idx)
+    out = jnp.asarray(self.masks[0](b, h, q_idx, kv_idx), bool)
     for m in self.masks[1:]:
-      out = out & m(b, h, q_idx, kv_idx)
+      out = out & jnp.asarray(m(b, h, q_idx, kv_idx), bool)
     return out
 
 
-def and_masks(*masks: Any) -> Any:
-  """The conjunction of mask mods, flattening nested conjunctions; ``None`` entries are dropped."""
+@_pytree(data=("masks",))
+class OrMask:
+  """Keep where any mask keeps.
+
+  Tiles (in :func:`~attnax.kernels.create_block_mask`): a tile is empty when every part's is,
+  full when some part's is.
+  """
+  masks: tuple
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    out = jnp.asarray(self.masks[0](b, h, q_idx, kv_idx), bool)
+    for m in self.masks[1:]:
+      out = out | jnp.asarray(m(b, h, q_idx, kv_idx), bool)
+    return out
+
+
+def _flat_masks(masks, cls, fn):
   flat = []
   for m in masks:
     if m is None:
       continue
-    flat.extend(m.masks if isinstance(m, AndMask) else (m,))
+    check_mod(m, 4, f"{fn}: every mask")
+    flat.extend(m.masks if isinstance(m, cls) else (m,))
   if not flat:
     return None
-  return flat[0] if len(flat) == 1 else AndMask(tuple(flat))
+  return flat[0] if len(flat) == 1 else cls(tuple(flat))
+
+
+def and_masks(*masks: Any) -> Any:
+  """The conjunction of mask mods: keep where every one keeps.
+
+  Nested conjunctions are flattened and ``None`` entries dropped; returns ``None`` when nothing is
+  left and the mask itself when one is. Arguments are mask mods ``(b, h, q_idx, kv_idx)``, not score
+  mods (``causal_mod().mask_mod`` is the mask of ``causal_mod()``).
+  """
+  return _flat_masks(masks, AndMask, "and_masks")
+
+
+def or_masks(*masks: Any) -> Any:
+  """The disjunction of mask mods: keep where any one keeps.
+
+  Nested disjunctions are flattened and ``None`` entries dropped; returns ``None`` when nothing is
+  left and the mask itself when one is. Block sparsity is kept: a tile is skipped when every mask
+  skips it and runs without the elementwise mask when one mask sees all of it. Example: causal
+  attention plus a few global keys,
+  ``mask_mod_to_score_mod(or_masks(causal_mod().mask_mod, lambda b, h, i, j: j < 4))``.
+  """
+  return _flat_masks(masks, OrMask, "or_masks")
 
 
 # ----------------------------------------------------------------------------- score mods
@@ -203,6 +278,15 @@ class AdditiveBiasMod:
 
   def __call__(self, score, b, h, q_idx, kv_idx):
     return score + take(self.bias, b, h, q_idx, kv_idx).astype(jnp.float32)
+
+
+@_pytree(meta=("cap",))
+class SoftcapMod:
+  """Logit soft-capping: ``cap * tanh(score / cap)`` (Gemma 2, Grok); ``cap`` a static float."""
+  cap: float
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    return self.cap * jnp.tanh(score / self.cap)
 
 
 @_pytree(data=("mods",))
@@ -269,6 +353,74 @@ def document_mask_mod(doc_ids: jax.Array, kv_doc_ids: jax.Array | None = None) -
   if q.shape[0] != kv.shape[0] and 1 not in (q.shape[0], kv.shape[0]):
     raise ValueError(f"doc_ids {q.shape} and kv_doc_ids {kv.shape} disagree on the batch size")
   return MaskScoreMod(DocumentMask(q, kv))
+
+
+def _is_tracer(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def padding_mask_mod(valid: Any) -> MaskScoreMod:
+  """Padding mask: keys that are padding are masked, per batch row (BERT-style encoders).
+
+  Block kernels skip the key tiles that are all padding and run the tiles that are all real tokens
+  without the elementwise mask. A batch row with no real token gives output 0 (lse ``-inf``).
+
+  Args:
+    valid: either integer lengths ``(B,)`` (keys ``kv_idx < lengths[b]`` are real: right padding),
+      or a boolean / 0-1 integer ``(B, Sk)`` array, True / 1 where a key is a real token (a Hugging
+      Face ``attention_mask``; left or right padding, or any pattern). ``B`` may be 1. Queries are
+      not masked: padded query positions attend as usual, and their outputs are the caller's to
+      ignore.
+
+  Raises:
+    ValueError: ``valid`` is not of rank 1 or 2, a rank-1 array is not integer, a rank-2 array is
+      neither boolean nor integer, or its values (when concrete) are negative lengths or not 0/1.
+  """
+  try:
+    arr = jnp.asarray(valid)
+  except (TypeError, ValueError):
+    raise ValueError(f"padding_mask_mod: valid must be an array (lengths (B,) or a mask (B, Sk)), "
+                     f"got {type(valid).__name__}") from None
+  what = f"shape {tuple(arr.shape)} dtype {arr.dtype}"
+  is_int = jnp.issubdtype(arr.dtype, jnp.integer)
+  is_bool = arr.dtype == jnp.bool_
+  if arr.ndim == 1:
+    if not is_int:
+      raise ValueError(f"padding_mask_mod: rank-1 valid must be integer lengths (B,), got {what}"
+                       + ("; a boolean mask must be (B, Sk)" if is_bool else ""))
+    if not _is_tracer(arr) and (np.asarray(arr) < 0).any():
+      raise ValueError(f"padding_mask_mod: valid lengths must be >= 0, got {np.asarray(arr)}")
+    return MaskScoreMod(PaddingLengthMask(arr.astype(jnp.int32)))
+  if arr.ndim == 2:
+    if not (is_int or is_bool):
+      raise ValueError(f"padding_mask_mod: valid (B, Sk) must be boolean or 0/1 integer, "
+                       f"got {what}")
+    if is_int and not _is_tracer(arr) and not np.isin(np.asarray(arr), (0, 1)).all():
+      raise ValueError(f"padding_mask_mod: integer valid ({what}) must hold only 0 and 1 "
+                       "(1 = real token)")
+    return MaskScoreMod(PaddingMask(arr != 0 if is_int else arr))
+  raise ValueError(f"padding_mask_mod: valid must be lengths (B,) or a mask (B, Sk), got {what}")
+
+
+def softcap_mod(cap: float) -> SoftcapMod:
+  """Logit soft-capping: ``score -> cap * tanh(score / cap)`` (Gemma 2's attention soft-cap).
+
+  Compose it with other mods (:func:`compose_score_mods`); kernels apply the masks a composition
+  carries after its score part, so where mask mods sit in the composition does not matter.
+
+  Args:
+    cap: a positive, finite Python number (static: a new value retraces).
+
+  Raises:
+    ValueError: ``cap`` is not a real number (a bool, a string, an array) or is not finite and > 0.
+  """
+  if isinstance(cap, bool) or not isinstance(cap, numbers.Real):
+    raise ValueError(f"softcap_mod: cap must be a positive Python float, got {cap!r} "
+                     f"({type(cap).__name__})")
+  cap = float(cap)
+  if not (math.isfinite(cap) and cap > 0):
+    raise ValueError(f"softcap_mod: cap must be finite and > 0, got {cap}")
+  return SoftcapMod(cap)
 
 
 def alibi_slopes(num_heads: int) -> jax.Array:
@@ -393,7 +545,7 @@ def check_mod_shapes(mod: Any, *, batch: int | None, heads: int | None, q_len: i
   if isinstance(mod, MaskScoreMod):
     check_mod_shapes(mod.mask_mod, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
                      name=name)
-  elif isinstance(mod, (ComposedScoreMod, AndMask)):
+  elif isinstance(mod, (ComposedScoreMod, AndMask, OrMask)):
     for m in (mod.mods if isinstance(mod, ComposedScoreMod) else mod.masks):
       check_mod_shapes(m, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, name=name)
   elif isinstance(mod, DocumentMask):
@@ -404,6 +556,12 @@ def check_mod_shapes(mod: Any, *, batch: int | None, heads: int | None, q_len: i
         fail(what, ids.shape, f"one id per position: at least {label}={size}")
   elif isinstance(mod, PrefixLMMask):
     lead("prefix_length", mod.prefix_length.shape, 0, batch, "batch")
+  elif isinstance(mod, PaddingLengthMask):
+    lead("padding lengths (valid)", mod.lengths.shape, 0, batch, "batch")
+  elif isinstance(mod, PaddingMask):
+    lead("padding mask (valid)", mod.valid.shape, 0, batch, "batch")
+    if mod.valid.shape[1] < kv_len:
+      fail("padding mask (valid)", mod.valid.shape, f"one entry per key: at least kv_len={kv_len}")
   elif isinstance(mod, AlibiMod):
     lead("ALiBi slopes", mod.slopes.shape, 0, heads, "heads")
   elif isinstance(mod, AdditiveBiasMod):

@@ -105,3 +105,27 @@ def probabilities(s: jax.Array, visible: jax.Array | None, lse: jax.Array) -> ja
   if visible is not None:
     p = jnp.where(visible, p, 0.0)
   return jnp.where(jnp.isfinite(lse)[..., None], p, 0.0)
+
+
+def low_precision(x: jax.Array, dtype) -> jax.Array:
+  """f32 tile values (probabilities, dS) cast to a 16-bit input dtype before a matmul.
+
+  Every kernel and the reference do this, so low-precision results agree between them.
+  """
+  return x.astype(dtype) if jnp.dtype(dtype).itemsize < 4 else x
+
+
+def backward_delta(out: jax.Array, dout: jax.Array, lse: jax.Array | None = None,
+                   dlse: jax.Array | None = None) -> jax.Array:
+  """FlashAttention's ``delta = rowsum(dO * O) - dlse``, f32 ``(..., Sq)``.
+
+  The LSE cotangent enters here: ``d lse / d s = p``, so it shifts ``dP`` like ``delta`` does.
+  Rows with ``lse = -inf`` (no visible key) ignore ``dlse``.
+  """
+  delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1)
+  if dlse is not None:
+    dlse = dlse.astype(f32)
+    if lse is not None:
+      dlse = jnp.where(jnp.isfinite(lse), dlse, 0.0)
+    delta = delta - dlse
+  return delta

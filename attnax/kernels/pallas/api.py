@@ -1,343 +1,184 @@
-"""pallas_flash_attention: checks, plan (BlockMask), backend choice, custom_vjp.
+"""pallas_flash_attention: checks -> backend-neutral plan -> a registered lowering -> one custom_vjp.
 
-One call flows: ``_checks`` -> mods split into score part and mask part -> plan (a
-:class:`~attnax.kernels.BlockMask` from the mask part, a caller's precomputed one, or "dense" when
-nothing is masked) -> padding to the tiling -> :mod:`attnax.kernels.pallas.triton` kernels (Triton
-lowering on GPU, the Pallas interpreter on CPU) -> ``(out, lse)``.
+One call flows: :func:`~attnax.kernels.pallas.plan.build_plan` (checks, mods split into score and
+mask parts with their operands, the BlockMask schedule in both directions, padding) -> the backend
+registry (:data:`LOWERINGS`; ``backend="auto"`` falls through :data:`AUTO_ORDER` and says why each
+lowering was passed over) -> the lowering's forward and backward of the plan, under one
+``jax.custom_vjp``.
 
-GQA: forward and dQ programs are per query head and read kv head ``h // G`` through their BlockSpec
-index map (no repeated copy of K/V; the G programs of a group read the same K/V tiles, mostly from
-L2). The dK/dV program of a kv head loops over the G query heads of its group and accumulates dK/dV
-in registers, so no reduction over a repeated copy is needed. Because programs are per query head,
-a caller's BlockMask with ``H' = Hq`` is used exactly (each head its own lists; no union over the
-group is needed), ``H' = Hkv`` is shared by the group, ``H' = 1`` by all heads.
+GQA (Triton lowering): forward and dQ programs are per query head and read kv head ``h // G``
+through their BlockSpec index map (no repeated copy of K/V). The dK/dV program of a kv head loops
+over the G query heads of its group and accumulates dK/dV in registers. A caller's BlockMask with
+``H' = Hq`` is used exactly, ``H' = Hkv`` is shared by the group, ``H' = 1`` by all heads.
 
-Gradients: the custom_vjp differentiates q, k, v (and ``lse`` as an output); arrays carried by mods
-(bias tables, ALiBi slopes, ids) receive zero cotangents.
+Gradients: q, k, v (and ``lse`` as an output) from the lowering's backward kernels; the mods'
+floating-point operands (bias tables, ALiBi slopes, gates), when they are differentiated, from a
+pure-JAX pass over the same tiles (:func:`attnax.kernels.flash.operand_cotangents_over`); integer
+operands (ids) get none.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from attnax.kernels import _checks
-from attnax.kernels import block_mask as bm_lib
-from attnax.kernels import score_mods as sm
+from attnax.kernels import _checks, flash, tiles
+from attnax.kernels import operands as ops_lib
 from attnax.kernels.pallas import triton as tk
-from attnax.kernels.pallas import varlen
+from attnax.kernels.pallas.plan import FlashPlan, PlanArrays, build_plan, pad_to, pow2
+from attnax.kernels.pallas.triton import TritonConfig
 
 __all__ = [
-    "FlashConfig", "default_config", "pallas_flash_attention", "pallas_flash_attention_fwd",
-    "pallas_flash_attention_bwd", "not_supported_reasons", "BACKENDS",
+    "pallas_flash_attention", "pallas_flash_attention_fwd", "pallas_flash_attention_bwd",
+    "not_supported_reasons", "BACKENDS", "LOWERINGS", "AUTO_ORDER", "Lowering",
 ]
 
-BACKENDS = ("auto", "triton", "interpret", "mosaic")
-MAX_HEAD_DIM = 256
 
-
-def _pow2(n: int) -> int:
-  return 1 << max(0, int(n) - 1).bit_length()
+# ----------------------------------------------------------------------------- lowerings
 
 
 @dataclasses.dataclass(frozen=True)
-class FlashConfig:
-  """Tiling and launch knobs (static, hashable).
+class Lowering:
+  """A registered lowering of the plan: its config type, defaults, limits, forward and backward."""
+  name: str
+  interpret: bool
+  config_type: type = TritonConfig
 
-  ``block_q``/``block_k`` is the BlockMask tiling (the unit of block skipping). Each pass may run
-  finer: a program owns ``*_rows`` rows of a tile and walks the other axis in ``*_cols`` chunks;
-  every fine size divides its coarse block (``None``: the coarse block). For dK/dV the rows are
-  keys and the chunks are queries. ``*_num_warps``/``*_num_stages`` are Triton's launch knobs.
-  """
-  block_q: int = 128
-  block_k: int = 128
-  fwd_rows: int | None = None
-  fwd_cols: int | None = None
-  fwd_num_warps: int = 8
-  fwd_num_stages: int = 3
-  dq_rows: int | None = None
-  dq_cols: int | None = None
-  dq_num_warps: int = 4
-  dq_num_stages: int = 2
-  dkv_rows: int | None = None
-  dkv_cols: int | None = None
-  dkv_num_warps: int = 4
-  dkv_num_stages: int = 2
-  dkv_transposed: bool = True   # dK/dV pass on the transposed (keys x queries) tile
+  def not_supported_reasons(self, q, k, v) -> list[str]:
+    return tk.not_supported_reasons(q, k, v, interpret=self.interpret)
 
+  def default_config(self, head_pad: int, dtype) -> TritonConfig:
+    return tk.default_config(head_pad, interpret=self.interpret, dtype=dtype)
 
-def _cfg(fwd, dq, dkv, block=128):
-  return FlashConfig(block, block, *fwd, *dq, *dkv)
+  def kernel_spec(self, plan: FlashPlan, config, num_warps, num_stages) -> tk.KernelSpec:
+    return tk.KernelSpec.resolve(plan, config, interpret=self.interpret, num_warps=num_warps,
+                                 num_stages=num_stages)
+
+  def forward(self, spec, q, k, v, arrays: PlanArrays):
+    return tk.forward(spec, q, k, v, arrays.lists, _flat(arrays.operands))
+
+  def backward(self, spec, q, k, v, do, lse, delta, arrays: PlanArrays):
+    return tk.backward(spec, q, k, v, do, lse, delta, arrays.lists, arrays.tlists,
+                       _flat(arrays.operands))
 
 
-# Defaults for the Triton lowering on H100, by (padded head dim, bytes per element): forward
-# (rows, cols, warps, stages), dQ (rows, cols, warps, stages), dK/dV (rows, cols, warps, stages).
-# Measured with benchmarks/tune_pallas.py (bf16, D=128); the others are sized to fit shared memory.
-_GPU_DEFAULTS = {
-    (32, 2): _cfg((64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 2)),
-    (64, 2): _cfg((64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 2)),
-    (128, 2): _cfg((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2)),
-    (256, 2): _cfg((32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
-    (32, 4): _cfg((128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2)),
-    (64, 4): _cfg((128, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
-    (128, 4): _cfg((64, 64, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1)),
-    (256, 4): _cfg((32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
-}
+def _flat(operands):
+  return ops_lib.ModOperands.kernel_operands(operands)
 
 
-def default_config(head_dim: int, *, interpret: bool, dtype: Any = jnp.bfloat16) -> FlashConfig:
-  """The default :class:`FlashConfig` for a (padded) head dim, dtype and backend."""
-  if interpret:
-    # The interpreter's cost is per grid step and per loop iteration: small coarse tiles, no split.
-    return FlashConfig(block_q=32, block_k=32)
-  d = min(k for k in (32, 64, 128, 256) if k >= min(head_dim, 256))
-  size = 4 if jnp.dtype(dtype).itemsize >= 4 else 2
-  return _GPU_DEFAULTS[(d, size)]
-
-
-def _clamp_block(b: int, length: int) -> int:
-  return max(16, min(b, _pow2(length)))
-
-
-# ----------------------------------------------------------------------------- backend choice
+LOWERINGS = {"triton": Lowering("triton", interpret=False),
+             "interpret": Lowering("interpret", interpret=True)}
+AUTO_ORDER = ("triton", "interpret")
+BACKENDS = ("auto",) + tuple(LOWERINGS)
 
 
 def not_supported_reasons(backend: str, q: Any, k: Any, v: Any) -> list[str]:
   """Why ``backend`` cannot run these inputs (empty when it can); xFormers' not_supported_reasons."""
-  reasons = []
-  if backend not in BACKENDS:
+  if backend not in LOWERINGS:
     return [f"unknown backend {backend!r}; choose one of {BACKENDS}"]
-  d, dv = q.shape[-1], v.shape[-1]
-  if max(d, dv) > MAX_HEAD_DIM:
-    reasons.append(f"head_dim {d} / value dim {dv} exceeds {MAX_HEAD_DIM}")
-  if backend == "mosaic":
-    reasons.append("the Mosaic GPU lowering is not implemented yet; use backend='triton'")
-  if backend == "triton":
-    platform = jax.default_backend()
-    if platform != "gpu":
-      reasons.append(f"the Triton lowering needs a CUDA GPU, but jax.default_backend() is "
-                     f"{platform!r} (use backend='interpret' or 'auto')")
-    else:
-      dev = jax.devices()[0]
-      cc = getattr(dev, "compute_capability", None)
-      try:
-        if cc is not None and float(cc) < 8.0:
-          reasons.append(f"the Triton kernels need compute capability >= 8.0, device has {cc}")
-      except ValueError:
-        pass
-  return reasons
+  return LOWERINGS[backend].not_supported_reasons(q, k, v)
 
 
-def _resolve_backend(backend: str, q, k, v) -> str:
-  chosen = backend
+def _resolve_backend(backend: str, q, k, v) -> Lowering:
   if backend == "auto":
-    chosen = "triton" if jax.default_backend() == "gpu" else "interpret"
-  reasons = not_supported_reasons(chosen, q, k, v)
+    passed = []
+    for name in AUTO_ORDER:
+      reasons = not_supported_reasons(name, q, k, v)
+      if not reasons:
+        return LOWERINGS[name]
+      passed.append(f"{name}: " + "; ".join(reasons))
+    raise ValueError("pallas_flash_attention: no backend can run these inputs:\n  - "
+                     + "\n  - ".join(passed))
+  reasons = not_supported_reasons(backend, q, k, v)
   if reasons:
-    raise ValueError(f"pallas_flash_attention: backend {backend!r}"
-                     + (f" (resolved to {chosen!r})" if chosen != backend else "")
-                     + " cannot run these inputs:\n  - " + "\n  - ".join(reasons))
-  return chosen
-
-
-# ----------------------------------------------------------------------------- plan
-
-
-def _unit_grad(score_fn: Any) -> bool:
-  """True when the score part only adds to scores (its derivative is 1): the backward skips jvp."""
-  if score_fn is None:
-    return True
-  if isinstance(score_fn, sm.ComposedScoreMod):
-    return all(_unit_grad(m) for m in score_fn.mods)
-  return isinstance(score_fn, (sm.AlibiMod, sm.AdditiveBiasMod, sm.MaskScoreMod))
-
-
-def _fix_block_mask(block_mask: bm_lib.BlockMask, *, batch, q_heads, kv_heads, q_len, kv_len):
-  """Validate a caller's BlockMask; ragged-tail tiles marked FULL become PARTIAL."""
-  if not isinstance(block_mask, bm_lib.BlockMask):
-    raise ValueError(f"block_mask must be an attnax BlockMask, got {type(block_mask).__name__}")
-  bq, bk = block_mask.block_q, block_mask.block_k
-  nq, nk = -(-q_len // bq), -(-kv_len // bk)
-  b_, h_, nq_, nk_ = block_mask.tiles.shape
-  if (nq_, nk_) != (nq, nk):
-    raise ValueError(f"block_mask has {nq_}x{nk_} tiles of {bq}x{bk}, but Sq={q_len}, Sk={kv_len} "
-                     f"need {nq}x{nk}")
-  if b_ not in (1, batch):
-    raise ValueError(f"block_mask batch axis {b_} must be 1 or {batch}")
-  if h_ not in (1, kv_heads, q_heads):
-    raise ValueError(f"block_mask head axis {h_} must be 1, Hkv={kv_heads} or Hq={q_heads}")
-  for name in ("bq", "bk"):
-    val = bq if name == "bq" else bk
-    if val < 16 or val & (val - 1):
-      raise ValueError(f"block_mask tiles must be powers of two >= 16, got {bq}x{bk}")
-  if q_len % bq or kv_len % bk:
-    ragged = np.zeros((nq, nk), bool)
-    if q_len % bq:
-      ragged[-1, :] = True
-    if kv_len % bk:
-      ragged[:, -1] = True
-    tiles = jnp.where(ragged & (block_mask.tiles == bm_lib.FULL), bm_lib.PARTIAL, block_mask.tiles)
-    block_mask = bm_lib.BlockMask.from_tiles(tiles, block_q=bq, block_k=bk, q_len=q_len,
-                                             kv_len=kv_len)
-  return block_mask
-
-
-class _Plan(NamedTuple):
-  spec: tk.KernelSpec
-  q: jax.Array
-  k: jax.Array
-  v: jax.Array
-  lists: tuple
-  tlists: tuple
-  leaves: tuple
-  q_len: int
-  v_dim: int
-
-
-def _flat_i32(x):
-  return jnp.asarray(x, jnp.int32).reshape(-1)
-
-
-def _walk_lists(counts, indices, full_counts, full_indices):
-  """The kernels' six schedule arrays for one direction (flattened): partial counts and indices,
-  full counts and indices, and the full list's first index and contiguous-prefix length."""
-  n = full_indices.shape[-1]
-  pos = jnp.arange(n, dtype=jnp.int32)
-  first = full_indices[..., 0]
-  contig = (full_indices == first[..., None] + pos) & (pos < full_counts[..., None])
-  ncontig = jnp.cumprod(contig.astype(jnp.int32), axis=-1).sum(-1)
-  return tuple(map(_flat_i32, (counts, indices, full_counts, full_indices, first, ncontig)))
-
-
-def _pad_to(x, axis_sizes):
-  pads = [(0, s - d) for d, s in zip(x.shape, axis_sizes)]
-  return x if all(p == (0, 0) for p in pads) else jnp.pad(x, pads)
+    raise ValueError(f"pallas_flash_attention: backend {backend!r} cannot run these inputs:\n  - "
+                     + "\n  - ".join(reasons))
+  return LOWERINGS[backend]
 
 
 def _plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, softcap,
-          cu_seqlens_q, cu_seqlens_k, backend, num_warps, num_stages, config) -> _Plan:
-  b, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel="pallas_flash_attention")
-  scale = _checks.default_scale(scale, d)
-  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod, batch=b, heads=hq, q_len=sq, kv_len=sk)
-  if cu_seqlens_q is not None or cu_seqlens_k is not None:
-    cu_q = cu_seqlens_q if cu_seqlens_q is not None else cu_seqlens_k
-    mask_fn = sm.and_masks(mask_fn, varlen.varlen_mask_mod(cu_q, cu_seqlens_k, q_len=sq,
-                                                           kv_len=sk))
-  chosen = _resolve_backend(backend, q, k, v)
-  interpret = chosen == "interpret"
-  if softcap is not None:
-    try:
-      softcap = float(softcap)
-    except TypeError:
-      raise ValueError(f"softcap must be a positive Python float, got {softcap!r}") from None
-    if not softcap > 0:
-      raise ValueError(f"softcap must be > 0, got {softcap}")
-
-  d_pad, dv_pad = max(16, _pow2(d)), max(16, _pow2(dv))
-  cfg = config if config is not None else default_config(max(d_pad, dv_pad), interpret=interpret,
-                                                         dtype=q.dtype)
-  if not isinstance(cfg, FlashConfig):
-    raise ValueError(f"config must be a FlashConfig, got {type(cfg).__name__}")
-  if block_mask is not None:
-    block_mask = _fix_block_mask(block_mask, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq,
-                                 kv_len=sk)
-    for name, given, have in (("block_q", block_q, block_mask.block_q),
-                              ("block_k", block_k, block_mask.block_k)):
-      if given is not None and given != have:
-        raise ValueError(f"{name}={given} disagrees with block_mask.{name}={have}")
-    bq, bk = block_mask.block_q, block_mask.block_k
-  else:
-    bq = _checks.check_block("block_q", block_q) if block_q is not None else cfg.block_q
-    bk = _checks.check_block("block_k", block_k) if block_k is not None else cfg.block_k
-    for name, val in (("block_q", bq), ("block_k", bk)):
-      if val < 16 or val & (val - 1):
-        raise ValueError(f"{name} must be a power of two >= 16, got {val}")
-    bq, bk = _clamp_block(bq, sq), _clamp_block(bk, sk)
-
-  def fine(val, coarse, name):
-    val = coarse if val is None else min(val, coarse)
-    if coarse % val or val < 16:
-      raise ValueError(f"config.{name}={val} must be >= 16 and divide its block ({coarse})")
-    return val
-
-  warps = lambda w: num_warps if num_warps is not None else w
-  stages = lambda st: num_stages if num_stages is not None else st
-
-  dense = mask_fn is None and block_mask is None
-  if dense:
-    lists = tlists = tuple(jnp.zeros((1,), jnp.int32) for _ in range(tk.NUM_LISTS))
-    bm_batch = bm_heads = 1
-  else:
-    if block_mask is None:
-      block_mask = bm_lib.create_block_mask(mask_fn, q_len=sq, kv_len=sk, block_q=bq,
-                                            block_k=bk, batch=b, heads=hq)
-    bm_batch, bm_heads = block_mask.tiles.shape[:2]
-    lists = _walk_lists(block_mask.kv_counts, block_mask.kv_indices, block_mask.full_kv_counts,
-                        block_mask.full_kv_indices)
-    tlists = _walk_lists(block_mask.q_counts, block_mask.q_indices, block_mask.full_q_counts,
-                         block_mask.full_q_indices)
-
-  mods, leaves = tk.split_mods(score_fn, mask_fn)
-  q_pad, kv_pad = -(-sq // bq) * bq, -(-sk // bk) * bk
-  spec = tk.KernelSpec(
-      batch=b, q_heads=hq, kv_heads=hkv, q_len=sq, kv_len=sk, q_pad=q_pad, kv_pad=kv_pad,
-      head_dim=d_pad, v_dim=dv_pad, scale=scale, softcap=softcap, block_q=bq, block_k=bk,
-      bm_batch=int(bm_batch), bm_heads=int(bm_heads), dense=dense,
-      fwd_rows=fine(cfg.fwd_rows, bq, "fwd_rows"), fwd_cols=fine(cfg.fwd_cols, bk, "fwd_cols"),
-      fwd_warps=warps(cfg.fwd_num_warps), fwd_stages=stages(cfg.fwd_num_stages),
-      dq_rows=fine(cfg.dq_rows, bq, "dq_rows"), dq_cols=fine(cfg.dq_cols, bk, "dq_cols"),
-      dkv_rows=fine(cfg.dkv_rows, bk, "dkv_rows"), dkv_cols=fine(cfg.dkv_cols, bq, "dkv_cols"),
-      dq_warps=warps(cfg.dq_num_warps), dq_stages=stages(cfg.dq_num_stages),
-      dkv_warps=warps(cfg.dkv_num_warps), dkv_stages=stages(cfg.dkv_num_stages),
-      dkv_transposed=cfg.dkv_transposed, mods=mods, unit_grad=softcap is None and
-      _unit_grad(score_fn), interpret=interpret)
-  qp = _pad_to(q, (b, hq, q_pad, d_pad))
-  kp = _pad_to(k, (b, hkv, kv_pad, d_pad))
-  vp = _pad_to(v, (b, hkv, kv_pad, dv_pad))
-  return _Plan(spec, qp, kp, vp, lists, tlists, leaves, sq, dv)
+          cu_seqlens_q, cu_seqlens_k, backend, num_warps, num_stages, config):
+  """``(lowering, kernel spec, plan arrays, padded q, k, v)`` for one call."""
+  _checks.check_qkv(q, k, v, kernel="pallas_flash_attention")
+  lowering = _resolve_backend(backend, q, k, v)
+  head_pad = max(16, pow2(max(q.shape[-1], v.shape[-1])))
+  cfg = config if config is not None else lowering.default_config(head_pad, q.dtype)
+  if not isinstance(cfg, lowering.config_type):
+    raise ValueError(f"pallas_flash_attention: config must be a {lowering.config_type.__name__} "
+                     f"for backend {lowering.name!r}, got {type(cfg).__name__}")
+  plan, arrays, qp, kp, vp = build_plan(
+      q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale, block_q=block_q,
+      block_k=block_k, block_mask=block_mask, softcap=softcap, cu_seqlens_q=cu_seqlens_q,
+      cu_seqlens_k=cu_seqlens_k, default_block_q=cfg.block_q, default_block_k=cfg.block_k)
+  spec = lowering.kernel_spec(plan, cfg, num_warps, num_stages)
+  return lowering, spec, arrays, qp, kp, vp
 
 
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-def _zero_cotangent(x):
-  if jnp.issubdtype(x.dtype, jnp.inexact):
-    return jnp.zeros_like(x)
-  return np.zeros(x.shape, jax.dtypes.float0)
+def _unpad(plan: FlashPlan, q, k, v, *rows):
+  """True-size views of padded q, k, v and of ``(B, Hq, q_pad, ...)`` row arrays."""
+  sq, sk, d, dv = plan.q_len, plan.kv_len, plan.head_dim, plan.v_dim
+  cut = lambda x: x[:, :, :sq, :dv] if x.ndim == 4 else x[:, :, :sq]
+  return (q[:, :, :sq, :d], k[:, :, :sk, :d], v[:, :, :sk, :dv]) + tuple(map(cut, rows))
 
 
-def _backward(spec, q, k, v, out, lse, dout, dlse, lists, tlists, leaves):
-  delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)
-  if dlse is not None:
-    delta = delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
-  return tk.backward(spec, q, k, v, dout.astype(q.dtype), lse, delta, lists, tlists, leaves)
+def _backward(lowering, spec, q, k, v, out, lse, dout, dlse, arrays, diff):
+  """``(dq, dk, dv, operand cotangents for diff)`` on padded inputs."""
+  plan = spec.plan
+  delta = tiles.backward_delta(out, dout, lse, dlse)
+  dq, dk, dv = lowering.backward(spec, q, k, v, dout.astype(q.dtype), lse, delta, arrays)
+  d_ops = ()
+  if diff:
+    tq, tk_, tv, tout, tdout, tlse = _unpad(plan, q, k, v, out, dout, lse)
+    tdlse = None if dlse is None else dlse[:, :, :plan.q_len]
+    d_ops = flash.operand_cotangents_over(
+        tq, tk_, tv, tout, tlse, tdout, tdlse, mods=plan.mods, values=arrays.operands, diff=diff,
+        scale=plan.scale, block_mask=arrays.block_mask, block_q=plan.block_q,
+        block_k=plan.block_k)
+  return dq, dk, dv, d_ops
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(spec, q, k, v, lists, tlists, leaves):
-  return tk.forward(spec, q, k, v, lists, leaves)
+@functools.lru_cache(maxsize=256)
+def _attention_vjp(lowering: Lowering, spec: tk.KernelSpec):
+  """The custom_vjp of one (lowering, spec): ``f(q, k, v, operands, schedule) -> (out, lse)``.
 
+  ``symbolic_zeros=True`` tells the forward rule which float operands are differentiated; only
+  those get the operand pass in the backward.
+  """
+  float_mask = spec.plan.mods.float_mask
 
-def _flash_fwd(spec, q, k, v, lists, tlists, leaves):
-  out, lse = tk.forward(spec, q, k, v, lists, leaves)
-  return (out, lse), (q, k, v, lists, tlists, leaves, out, lse)
+  def forward(q, k, v, operands, schedule):
+    return lowering.forward(spec, q, k, v, dataclasses.replace(schedule, operands=operands))
 
+  @jax.custom_vjp
+  def attn(q, k, v, operands, schedule):
+    return forward(q, k, v, operands, schedule)
 
-def _flash_bwd(spec, res, cts):
-  q, k, v, lists, tlists, leaves, out, lse = res
-  dout, dlse = cts
-  dq, dk, dv = _backward(spec, q, k, v, out, lse, dout, dlse, lists, tlists, leaves)
-  zeros = lambda t: jax.tree.map(_zero_cotangent, t)
-  return dq, dk, dv, zeros(lists), zeros(tlists), zeros(leaves)
+  def fwd(q, k, v, operands, schedule):
+    q, k, v = q.value, k.value, v.value
+    schedule = jax.tree.map(lambda x: x.value, schedule)
+    operands, diff = flash.differentiated(operands, float_mask)
+    out, lse = forward(q, k, v, operands, schedule)
+    marks = tuple(() if i in diff else None for i in range(len(operands)))
+    return (out, lse), (q, k, v, operands, schedule, out, lse, marks)
 
+  def bwd(res, cts):
+    q, k, v, operands, schedule, out, lse, marks = res
+    diff = tuple(i for i, m in enumerate(marks) if m is not None)
+    dout, dlse = (None if isinstance(c, jax.custom_derivatives.SymbolicZero) else c for c in cts)
+    dout = jnp.zeros_like(out) if dout is None else dout
+    arrays = dataclasses.replace(schedule, operands=operands)
+    dq, dk, dv, d_ops = _backward(lowering, spec, q, k, v, out, lse, dout, dlse, arrays, diff)
+    return dq, dk, dv, flash.operand_cotangents(operands, diff, d_ops), None
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
-_backward_jit = jax.jit(_backward, static_argnums=(0,))
+  attn.defvjp(fwd, bwd, symbolic_zeros=True)
+  return attn
 
 
 # ----------------------------------------------------------------------------- public API
@@ -351,34 +192,44 @@ _DOC_ARGS = """
     score_mod: a ScoreMod, evaluated in-kernel on every visited tile. Mods that carry arrays
       (document ids, ALiBi slopes, bias tables) must be pytrees (every attnax mod is): their arrays
       enter the kernels as operands. The mask part of a composed mod drives block skipping.
-      Gradients flow to q, k, v only, not to arrays a mod carries.
+      Closures over arrays (``lambda b, h, i, j: ids[i] == ids[j]``) work too: the arrays they
+      capture become operands the same way. Floating-point arrays (bias tables, slopes, gates)
+      get their true gradient, computed only when they are differentiated.
     mask_mod: a MaskMod (True = may attend), combined with the score mod's mask part.
     scale: ``None`` = ``D ** -0.5``.
     block_q, block_k: the BlockMask tiling (powers of two >= 16); default per head dim.
     block_mask: a precomputed :class:`~attnax.kernels.BlockMask` (e.g. from the AETHER planner);
       leading axes ``(B' in {1, B}, H' in {1, Hkv, Hq})``. Tiles it marks EMPTY are skipped, FULL
       tiles skip the elementwise mask; forward and backward run this same schedule.
-    softcap: logit soft-cap ``softcap * tanh(s / softcap)`` on the scaled scores, before the mods.
+    softcap: shorthand for ``compose_score_mods(softcap_mod(softcap), score_mod)``: the logit
+      soft-cap ``softcap * tanh(s / softcap)`` on the scaled scores, before the other mods.
     cu_seqlens_q, cu_seqlens_k: packed variable-length sequences (``(n + 1,)`` offsets along the
       sequence axis): each query attends within its own sequence (a document mask with block
       skipping); ``cu_seqlens_k`` defaults to ``cu_seqlens_q``.
-    backend: ``"auto"`` (Triton lowering on a GPU, the Pallas interpreter on CPU), ``"triton"``,
-      ``"interpret"`` or ``"mosaic"``; a backend that cannot run the inputs raises ValueError
-      listing the reasons.
+    backend: ``"auto"`` (the first lowering of :data:`AUTO_ORDER` that supports the inputs: the
+      Triton lowering on a GPU, the Pallas interpreter elsewhere), ``"triton"`` or
+      ``"interpret"``; a backend that cannot run the inputs raises ValueError listing the reasons.
     num_warps, num_stages: override the Triton launch knobs of every pass.
-    config: a :class:`FlashConfig` (tiling and launch knobs of each pass).
+    config: the lowering's config (:class:`~attnax.kernels.pallas.triton.TritonConfig` for
+      ``"triton"`` and ``"interpret"``): default tiling and launch knobs of each pass.
 """
 
 
 def _split_static(tree):
-  """Flatten ``tree`` into a hashable static key and its array leaves (None key: not hashable)."""
+  """Flatten ``tree`` into a hashable static key and its array leaves.
+
+  The key is None (trace every call) when the static part is unhashable or holds a function that
+  closes over arrays: those arrays are read afresh at every call, never cached with the function.
+  """
   leaves, treedef = jax.tree_util.tree_flatten(tree)
-  is_arr = tuple(tk._is_array_leaf(x) for x in leaves)
+  is_arr = tuple(ops_lib.is_array(x) for x in leaves)
   static = tuple(None if a else x for x, a in zip(leaves, is_arr))
   arrays = tuple(x for x, a in zip(leaves, is_arr) if a)
   try:
     hash((treedef, static))
   except TypeError:
+    return None, arrays
+  if ops_lib.has_closed_over_arrays(static):
     return None, arrays
   return (treedef, static, is_arr), arrays
 
@@ -392,9 +243,12 @@ def _join_static(key, arrays):
 
 def _attention(q, k, v, tree, options):
   score_mod, mask_mod, block_mask, cu_q, cu_k = tree
-  plan = _plan(q, k, v, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
-               cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **dict(options))
-  out, lse = _flash(plan.spec, plan.q, plan.k, plan.v, plan.lists, plan.tlists, plan.leaves)
+  lowering, spec, arrays, qp, kp, vp = _plan(
+      q, k, v, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask, cu_seqlens_q=cu_q,
+      cu_seqlens_k=cu_k, **dict(options))
+  schedule = dataclasses.replace(arrays, operands=())
+  out, lse = _attention_vjp(lowering, spec)(qp, kp, vp, arrays.operands, schedule)
+  plan = spec.plan
   return out[:, :, :plan.q_len, :plan.v_dim], lse[:, :, :plan.q_len]
 
 
@@ -412,7 +266,7 @@ def pallas_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mo
                            softcap: float | None = None, cu_seqlens_q: Any = None,
                            cu_seqlens_k: Any = None, backend: str = "auto",
                            num_warps: int | None = None, num_stages: int | None = None,
-                           config: FlashConfig | None = None) -> Any:
+                           config: Any = None) -> Any:
   options = (("scale", scale), ("block_q", block_q), ("block_k", block_k), ("softcap", softcap),
              ("backend", backend), ("num_warps", num_warps), ("num_stages", num_stages),
              ("config", config))
@@ -460,11 +314,13 @@ def pallas_flash_attention_bwd(q, k, v, out, lse, dout, *, dlse=None, score_mod=
 
   ``dout`` is the cotangent of ``out``; ``dlse`` (optional) that of ``lse``. The mods and tiling
   must be the ones the forward ran with; the backward then visits exactly the forward's tiles.
+  (Gradients of arrays the mods carry come from differentiating :func:`pallas_flash_attention`.)
   """
-  plan = _plan(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale, block_q=block_q,
-               block_k=block_k, block_mask=block_mask, softcap=softcap,
-               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, backend=backend,
-               num_warps=num_warps, num_stages=num_stages, config=config)
+  lowering, spec, arrays, qp, kp, vp = _plan(
+      q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale, block_q=block_q,
+      block_k=block_k, block_mask=block_mask, softcap=softcap, cu_seqlens_q=cu_seqlens_q,
+      cu_seqlens_k=cu_seqlens_k, backend=backend, num_warps=num_warps, num_stages=num_stages,
+      config=config)
   _checks.check_lse(lse, q)
   want = tuple(q.shape[:3]) + (v.shape[-1],)
   for name, x in (("out", out), ("dout", dout)):
@@ -472,15 +328,18 @@ def pallas_flash_attention_bwd(q, k, v, out, lse, dout, *, dlse=None, score_mod=
       raise ValueError(f"{name} must have shape {want} (B, Hq, Sq, Dv), got {tuple(x.shape)}")
   if dlse is not None:
     _checks.check_lse(dlse, q)
-  spec = plan.spec
-  shape = (spec.batch, spec.q_heads, spec.q_pad, spec.v_dim)
-  outp = _pad_to(out.astype(q.dtype), shape)
-  doutp = _pad_to(dout.astype(q.dtype), shape)
-  lsep = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, spec.q_pad - plan.q_len)),
+  plan = spec.plan
+  shape = (plan.batch, plan.q_heads, plan.q_pad, plan.v_pad)
+  outp = pad_to(out.astype(q.dtype), shape)
+  doutp = pad_to(dout.astype(q.dtype), shape)
+  lsep = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, plan.q_pad - plan.q_len)),
                  constant_values=-jnp.inf)
-  dlsep = None if dlse is None else _pad_to(dlse.astype(jnp.float32), lsep.shape)
-  dq, dk, dv = _backward_jit(spec, plan.q, plan.k, plan.v, outp, lsep, doutp, dlsep, plan.lists,
-                             plan.tlists, plan.leaves)
-  d = q.shape[-1]
-  return (dq[:, :, :plan.q_len, :d], dk[:, :, :k.shape[2], :d],
-          dv[:, :, :k.shape[2], :plan.v_dim])
+  dlsep = None if dlse is None else pad_to(dlse.astype(jnp.float32), lsep.shape)
+  dq, dk, dv, _ = _backward_jit(lowering, spec, qp, kp, vp, outp, lsep, doutp, dlsep, arrays)
+  sk = k.shape[2]
+  return (dq[:, :, :plan.q_len, :plan.head_dim], dk[:, :, :sk, :plan.head_dim],
+          dv[:, :, :sk, :plan.v_dim])
+
+
+_backward_jit = jax.jit(lambda lowering, spec, *a: _backward(lowering, spec, *a, ()),
+                        static_argnums=(0, 1))

@@ -5,6 +5,8 @@ features at once (mods, ragged lengths, GQA, LSE, gradients). Kernel calls are w
 top-level ``jax.jit`` with XLA's backend optimisations off: it only shortens compile time.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ from attnax.kernels import (BlockMask, additive_bias_mod, alibi_mod, causal_mod,
                             compose_score_mods, document_mask_mod, prefix_lm_mod,
                             sliding_window_mod)
 from attnax.kernels import block_mask as bm_lib
-from attnax.kernels.pallas import (FlashConfig, cu_seqlens_to_doc_ids, not_supported_reasons,
+from attnax.kernels.pallas import (TritonConfig, cu_seqlens_to_doc_ids, not_supported_reasons,
                                    pack_sequences, pallas_flash_attention,
                                    pallas_flash_attention_bwd, pallas_flash_attention_fwd,
                                    seqlens_to_doc_ids, unpack_sequences, varlen_attention)
@@ -115,7 +117,7 @@ def test_block_mask_skipping_matches_kept_tiles():
                                     kv_len=76)
   kept = jnp.asarray(tiles != bm_lib.EMPTY)
   kept_mask = lambda b, h, i, j: kept[0, h, i // bq, j // bk]
-  cfg = FlashConfig(bq, bk, fwd_rows=16, fwd_cols=16, dq_rows=16, dq_cols=16, dkv_rows=16,
+  cfg = TritonConfig(bq, bk, fwd_rows=16, fwd_cols=16, dq_rows=16, dq_cols=16, dkv_rows=16,
                     dkv_cols=16)
   out, lse = run(q, k, v, block_mask=block_mask, config=cfg)
   ref, ref_lse = reference_attention(q, k, v, return_lse=True, mask_mod=kept_mask)
@@ -137,7 +139,7 @@ def test_bf16_causal_bottom_right_grads():
   # Also the dK/dV variant on the untransposed tile.
   q, k, v = random_qkv(7, batch=1, q_heads=2, kv_heads=1, q_len=40, kv_len=72, head_dim=32,
                        dtype=jnp.bfloat16)
-  kw = dict(score_mod=causal_mod(72 - 40), config=FlashConfig(32, 32, dkv_transposed=False))
+  kw = dict(score_mod=causal_mod(72 - 40), config=TritonConfig(32, 32, dkv_transposed=False))
   out, lse = run(q, k, v, **kw)
   assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
   ref_kw = dict(score_mod=kw["score_mod"])
@@ -191,10 +193,10 @@ def test_block_skipping_schedule_is_sparse():
   # The plan for a sliding window visits only the band: count the tiles the kernels walk.
   from attnax.kernels.pallas import api
   q, k, v = random_qkv(11, batch=1, q_heads=1, kv_heads=1, q_len=512, kv_len=512, head_dim=16)
-  plan = api._plan(q, k, v, score_mod=sliding_window_mod(64), mask_mod=None, scale=None,
-                   block_q=32, block_k=32, block_mask=None, softcap=None, cu_seqlens_q=None,
-                   cu_seqlens_k=None, backend="interpret", num_warps=None, num_stages=None,
-                   config=None)
+  _, _, plan, _, _, _ = api._plan(
+      q, k, v, score_mod=sliding_window_mod(64), mask_mod=None, scale=None, block_q=32,
+      block_k=32, block_mask=None, softcap=None, cu_seqlens_q=None, cu_seqlens_k=None,
+      backend="interpret", num_warps=None, num_stages=None, config=None)
   cnt, _, fcnt, _, first, ncontig = (np.asarray(x) for x in plan.lists)
   visited = cnt.sum() + fcnt.sum()
   assert visited <= 16 * 4   # 16 q blocks x (2 full + 2 partial at most) of 256 tiles
@@ -209,8 +211,8 @@ def test_errors_list_reasons():
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
       pallas_flash_attention(q, k, v, backend="triton")
     assert not_supported_reasons("interpret", q, k, v) == []
-  with pytest.raises(ValueError, match="Mosaic"):
-    pallas_flash_attention(q, k, v, backend="mosaic")
+  with pytest.raises(ValueError, match="unknown backend"):
+    pallas_flash_attention(q, k, v, backend="mosaic")   # no public name without a lowering
   with pytest.raises(ValueError, match="unknown backend"):
     pallas_flash_attention(q, k, v, backend="cuda")
   big = jnp.zeros((1, 1, 8, 288))
@@ -244,30 +246,43 @@ def test_lowers_for_gpu_triton():
   pcr.gpu_info_lib.get_gpu_info = lambda: h100
   try:
     ids = jnp.repeat(jnp.arange(4), 64)
+    bias = jnp.zeros((4, 256, 256))
     cases = [
         dict(),
         dict(score_mod=compose_score_mods(alibi_mod(4), document_mask_mod(ids), causal_mod()),
              softcap=30.0),
-        dict(score_mod=prefix_lm_mod(jnp.array([40])), config=FlashConfig(dkv_transposed=False)),
+        dict(score_mod=prefix_lm_mod(jnp.array([40])), config=TritonConfig(dkv_transposed=False)),
+        # Closures over arrays: their gathers become ref loads (operands.eval_jaxpr).
+        dict(mask_mod=lambda b, h, i, j: ids[i] == ids[j],
+             score_mod=lambda s, b, h, i, j: s + bias[h, i, j]),
     ]
     for d, dtype, kw in [(128, jnp.bfloat16, cases[0]), (64, jnp.float16, cases[1]),
-                         (96, jnp.float32, cases[2])]:
+                         (96, jnp.float32, cases[2]), (128, jnp.bfloat16, cases[3])]:
       q = jnp.zeros((1, 4, 256, d), dtype)
       k = v = jnp.zeros((1, 2, 256, d), dtype)
       kw = dict(dict(score_mod=None, mask_mod=None, scale=None, block_q=None, block_k=None,
                      block_mask=None, softcap=None, cu_seqlens_q=None, cu_seqlens_k=None,
                      backend="interpret", num_warps=None, num_stages=None, config=None), **kw)
-      plan = api._plan(q, k, v, **kw)
-      spec = tk.KernelSpec(**{**plan.spec.__dict__, "interpret": False})
+      lowering, spec, arrays, qp, kp, vp = api._plan(q, k, v, **kw)
+      spec = dataclasses.replace(spec, interpret=False)
+      gpu = api.LOWERINGS["triton"]
+      schedule = dataclasses.replace(arrays, operands=())
 
-      def grads(q, k, v, lists, tlists, leaves):
-        loss = lambda q, k, v: jnp.sum(api._flash(spec, q, k, v, lists, tlists,
-                                                  leaves)[0].astype(f32))
-        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+      def grads(q, k, v, operands, schedule):
+        # Float operands (the bias) are differentiated too, ints (ids) are not.
+        floats = [i for i, x in enumerate(operands) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+        def loss(q, k, v, fl):
+          ops = list(operands)
+          for i, x in zip(floats, fl):
+            ops[i] = x
+          return jnp.sum(api._attention_vjp(gpu, spec)(q, k, v, tuple(ops),
+                                                       schedule)[0].astype(f32))
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, [operands[i] for i in floats])
 
       jax.export.export(jax.jit(grads), platforms=["cuda"], disabled_checks=[
           jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-              plan.q, plan.k, plan.v, plan.lists, plan.tlists, plan.leaves)
+              qp, kp, vp, arrays.operands, schedule)
   finally:
     pcr.gpu_info_lib.get_gpu_info = orig
 

@@ -1,0 +1,388 @@
+"""The one channel for the arrays that mods carry: mods -> kernel operands -> mods again.
+
+A mod may carry arrays in two ways, and every kernel accepts both:
+
+* as pytree leaves (every attnax mod: ``document_mask_mod(ids)``, ``alibi_mod(slopes=...)``,
+  ``additive_bias_mod(bias)``, and any registered dataclass a user writes);
+* as closed-over arrays of a plain function (``lambda b, h, i, j: ids[i] == ids[j]``): arrays or
+  tracers of an enclosing ``jit``/``vmap``/``grad``, held in the function's closure cells.
+
+:func:`collect` finds both kinds and returns a hashable :class:`ModOperands` plus the operand arrays. ``ModOperands.rebuild(values)``
+gives the mods back with the operands replaced by ``values``: arrays (pure-JAX kernels, custom_vjp
+residuals, float operands being differentiated) or :class:`RefArray` views of a Pallas kernel's refs.
+Closures are rebuilt by swapping ``values`` into their cells while they run; inside a Pallas kernel
+they are traced that way and their jaxpr evaluated by :func:`eval_jaxpr`, where a point gather from
+a ref-backed array becomes a load at computed flat indices, which is what Pallas kernels can do.
+
+Floating-point operands are the differentiable ones (bias tables, slopes, gates); integer and bool
+operands (ids) get no cotangent. ``ModOperands.float_mask`` says which is which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["ModOperands", "RefArray", "collect", "eval_jaxpr", "zero_cotangent", "is_array",
+           "has_closed_over_arrays"]
+
+
+def is_array(x: Any) -> bool:
+  """Arrays and tracers (not Python scalars): what becomes an operand."""
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.core.Tracer))
+
+
+def _operand(x: Any) -> jax.Array:
+  """A kernel operand: ints and bools as int32, float64 as f32 (kernels run f32 at most)."""
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer):
+    return x.astype(jnp.int32)
+  if x.dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    return x.astype(jnp.float32)
+  return x
+
+
+def zero_cotangent(x: Any) -> Any:
+  """The zero cotangent of ``x``: zeros for floats, ``float0`` for ints and bools."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
+# ----------------------------------------------------------------------------- refs in kernels
+
+
+class RefArray:
+  """A mod's array inside a Pallas kernel: ``.shape`` and ``[idx]`` gathering from a flat 1-D ref.
+
+  Index arrays broadcast against each other; the flat index is clamped to the array, so a padded
+  position (past the true sequence end) reads a valid element (its score is masked or discarded).
+  """
+
+  def __init__(self, ref, shape, dtype):
+    self.ref, self.shape, self.dtype = ref, tuple(shape), jnp.dtype(dtype)
+    self.ndim = len(self.shape)
+    self.size = math.prod(self.shape)
+
+  def flat_index(self, idx: Sequence[Any]) -> Any:
+    flat, stride = None, 1
+    for d in reversed(range(self.ndim)):
+      i = jnp.asarray(idx[d], jnp.int32)
+      term = i if stride == 1 else i * stride
+      flat = term if flat is None else flat + term
+      stride *= self.shape[d]
+    return jnp.clip(flat, 0, self.size - 1)
+
+  def load(self, flat: Any) -> Any:
+    val = self.ref[flat]
+    return val != 0 if self.dtype == jnp.bool_ else val
+
+  def __getitem__(self, idx):
+    if not isinstance(idx, tuple):
+      idx = (idx,)
+    if len(idx) != self.ndim:
+      raise ValueError(f"indexing a mod array of shape {self.shape} with {len(idx)} indices")
+    if self.ndim == 0:
+      return self.value()
+    return self.load(self.flat_index(idx))
+
+  def value(self) -> Any:
+    """The whole array as a value (small arrays; interpret mode)."""
+    val = self.ref[...]
+    val = val.reshape(self.shape) if self.shape else val.reshape(())
+    return val != 0 if self.dtype == jnp.bool_ else val
+
+
+# ----------------------------------------------------------------------------- jaxpr evaluation
+
+
+class _UnitAxis:
+  """``x[..., None]`` kept unmaterialised: a gather index component (see :func:`eval_jaxpr`)."""
+
+  def __init__(self, x):
+    self.components = (x,)
+
+
+class _Stack:
+  """``concatenate([x1[..., None], x2[..., None], ...], -1)`` kept as its components."""
+
+  def __init__(self, components):
+    self.components = tuple(components)
+
+
+def _materialise(x: Any) -> Any:
+  if isinstance(x, RefArray):
+    return x.value()
+  if isinstance(x, _UnitAxis):
+    return x.components[0][..., None]
+  if isinstance(x, _Stack):
+    return jnp.concatenate([c[..., None] for c in x.components], axis=-1)
+  return x
+
+
+def _point_gather(operand: RefArray, indices: Any, dnums, slice_sizes) -> Any | None:
+  """``operand[idx]`` for a gather that reads single elements, as a flat ref load (else None)."""
+  if (dnums.offset_dims or dnums.operand_batching_dims or any(s != 1 for s in slice_sizes)
+      or tuple(sorted(dnums.collapsed_slice_dims)) != tuple(range(operand.ndim))):
+    return None
+  if isinstance(indices, (_UnitAxis, _Stack)):
+    comps = indices.components
+  else:
+    comps = tuple(indices[..., c] for c in range(indices.shape[-1]))
+  idx = [jnp.zeros((), jnp.int32)] * operand.ndim
+  for c, dim in enumerate(dnums.start_index_map):
+    idx[dim] = comps[c]
+  shape = jnp.broadcast_shapes(*(jnp.shape(i) for i in idx))
+  return operand.load(jnp.broadcast_to(operand.flat_index(idx), shape))
+
+
+def _sub_jaxpr(eqn) -> Any:
+  for name in ("jaxpr", "call_jaxpr"):
+    sub = eqn.params.get(name)
+    if sub is not None:
+      return sub
+  return None
+
+
+def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
+  """Evaluate ``jaxpr`` where constants may be :class:`RefArray`.
+
+  A point gather from a :class:`RefArray` becomes a flat ref load; its index vector is kept as
+  components (``x[..., None]`` and their concatenation are never built, since a Triton kernel
+  cannot concatenate along a unit axis). Calls (``pjit``, ``closed_call``, ...) that touch a
+  :class:`RefArray` are evaluated recursively; anything else materialises the array first.
+  """
+  env: dict = {}
+
+  def read(v):
+    return v.val if isinstance(v, jex.core.Literal) else env[v]
+
+  for v, x in zip(jaxpr.constvars + jaxpr.invars, list(consts) + list(args)):
+    env[v] = x
+  special = (RefArray, _UnitAxis, _Stack)
+  for eqn in jaxpr.eqns:
+    vals = [read(v) for v in eqn.invars]
+    out = None
+    name = eqn.primitive.name
+    if any(isinstance(x, special) for x in vals):
+      if name == "gather" and isinstance(vals[0], RefArray):
+        out = _point_gather(vals[0], vals[1], eqn.params["dimension_numbers"],
+                            eqn.params["slice_sizes"])
+        out = None if out is None else [out]
+      elif (name == "broadcast_in_dim" and not isinstance(vals[0], special)
+            and tuple(eqn.params["shape"]) == tuple(jnp.shape(vals[0])) + (1,)):
+        out = [_UnitAxis(vals[0])]
+      elif (name == "concatenate" and eqn.params["dimension"] == len(eqn.outvars[0].aval.shape) - 1
+            and all(isinstance(x, (_UnitAxis, _Stack)) for x in vals)):
+        out = [_Stack([c for x in vals for c in x.components])]
+      elif _sub_jaxpr(eqn) is not None and name in ("pjit", "jit", "closed_call", "core_call"):
+        sub = _sub_jaxpr(eqn)
+        inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+        out = eval_jaxpr(inner, getattr(sub, "consts", ()), *vals)
+    elif name == "broadcast_in_dim" and tuple(eqn.params["shape"]) == tuple(
+        jnp.shape(vals[0])) + (1,) and eqn.params.get("sharding") is None:
+      # Possibly a gather index; materialised on first use by anything else.
+      out = [_UnitAxis(vals[0])]
+    if out is None:
+      vals = [_materialise(x) for x in vals]
+      with eqn.ctx.manager:
+        out = eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params))
+      out = out if eqn.primitive.multiple_results else [out]
+    for v, x in zip(eqn.outvars, out):
+      env[v] = x
+  return [_materialise(read(v)) for v in jaxpr.outvars]
+
+
+class _GlobalArray:
+  """A module-level array a mod function reads by name (held like a closure cell)."""
+
+  def __init__(self, namespace: dict, name: str):
+    self.namespace, self.name = namespace, name
+
+  @property
+  def cell_contents(self):
+    return self.namespace[self.name]
+
+
+def _array_cells(fn: Any, seen=None) -> list:
+  """Where ``fn`` (and functions it closes over) find arrays: closure cells and module globals."""
+  seen = set() if seen is None else seen
+  if id(fn) in seen or not callable(fn):
+    return []
+  seen.add(id(fn))
+  fn = getattr(fn, "__func__", fn)
+  cells = []
+  for cell in getattr(fn, "__closure__", None) or ():
+    try:
+      val = cell.cell_contents
+    except ValueError:   # an empty cell
+      continue
+    if is_array(val):
+      cells.append(cell)
+    elif callable(val) and not isinstance(val, type):
+      cells.extend(_array_cells(val, seen))
+  code, namespace = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
+  if code is not None and namespace is not None:
+    cells.extend(_GlobalArray(namespace, n) for n in code.co_names
+                 if is_array(namespace.get(n)))
+  return cells
+
+
+class _swapped:
+  """Context: the given closure cells hold ``values`` instead of their arrays (module globals are
+  left alone: they are concrete, and matched by identity where they must become operands)."""
+
+  def __init__(self, cells, values):
+    pairs = [(c, v) for c, v in zip(cells, values) if not isinstance(c, _GlobalArray)]
+    self.cells, self.values = [c for c, _ in pairs], [v for _, v in pairs]
+
+  def __enter__(self):
+    self.saved = [c.cell_contents for c in self.cells]
+    for c, v in zip(self.cells, self.values):
+      c.cell_contents = v
+
+  def __exit__(self, *exc):
+    for c, v in zip(self.cells, self.saved):
+      c.cell_contents = v
+
+
+class _Closure:
+  """A mod function whose closed-over arrays are replaced by ``values`` while it runs.
+
+  With arrays (pure-JAX kernels) the function simply runs with its cells swapped. With
+  :class:`RefArray` values (inside a Pallas kernel) it is traced with placeholders in the cells
+  and its jaxpr evaluated by :func:`eval_jaxpr`, which turns gathers from the arrays into loads.
+  Swapping the cells (rather than tracing the function over its captured tracers) means a closure
+  over a tracer of an enclosing ``grad`` can be rebuilt after that trace has ended, in a backward.
+  """
+
+  def __init__(self, fn, cells, values):
+    self.fn, self.cells, self.values = fn, cells, tuple(values)
+
+  def __call__(self, *args):
+    if not any(isinstance(x, RefArray) for x in self.values):
+      with _swapped(self.cells, self.values):
+        return self.fn(*args)
+
+    def traced(captured, *args):
+      with _swapped(self.cells, captured):
+        return self.fn(*args)
+
+    placeholders = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self.values]
+    closed = jax.make_jaxpr(traced)(placeholders, *args)
+    globals_ = [(c.cell_contents, v) for c, v in zip(self.cells, self.values)
+                if isinstance(c, _GlobalArray)]
+    consts = [next((v for g, v in globals_ if g is c), c) for c in closed.consts]
+    return eval_jaxpr(closed.jaxpr, consts, *self.values, *args)[0]
+
+
+# ----------------------------------------------------------------------------- collect / rebuild
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModOperands:
+  """The static part of a pair of mods ``(score_fn, mask_fn)``.
+
+  Attributes:
+    treedef: the pair's pytree structure.
+    slots: per leaf, ``None`` for an operand (in order) or the static leaf itself.
+    meta: ``(shape, dtype name)`` of every operand (its original dtype: bool stays bool).
+    cells: closure cells of the pair's functions that hold arrays (operands after the leaves).
+    num_leaves: how many operands are pytree leaves.
+  """
+  treedef: Any
+  slots: tuple
+  meta: tuple
+  cells: tuple
+  num_leaves: int
+
+  def _key(self):
+    return (self.treedef, tuple(map(_static_key, self.slots)), self.meta,
+            tuple(id(c) for c in self.cells))
+
+  def __hash__(self):
+    return hash(self._key())
+
+  def __eq__(self, other):
+    return isinstance(other, ModOperands) and self._key() == other._key()
+
+  @property
+  def num_operands(self) -> int:
+    return len(self.meta)
+
+  @property
+  def float_mask(self) -> tuple[bool, ...]:
+    """Which operands are floating point (differentiable)."""
+    return tuple(jnp.issubdtype(jnp.dtype(d), jnp.inexact) for _, d in self.meta)
+
+  def rebuild(self, values: Sequence[Any]) -> tuple[Any, Any]:
+    """``(score_fn, mask_fn)`` with the operands replaced by ``values`` (arrays or RefArrays)."""
+    values = tuple(x != 0 if d == "bool" and not isinstance(x, RefArray) and x.dtype != jnp.bool_
+                   else x for x, (_, d) in zip(values, self.meta))
+    leaf_vals, cell_vals = values[:self.num_leaves], values[self.num_leaves:]
+    it = iter(leaf_vals)
+    leaves = [next(it) if s is None else s for s in self.slots]
+    score_fn, mask_fn = jax.tree_util.tree_unflatten(self.treedef, leaves)
+    if not self.cells:
+      return score_fn, mask_fn
+    wrap = lambda f: None if f is None else _Closure(f, self.cells, cell_vals)
+    return wrap(score_fn), wrap(mask_fn)
+
+  def refs_to_values(self, refs: Sequence[Any]) -> tuple[Any, ...]:
+    """RefArray views of a kernel's 1-D operand refs (see :meth:`kernel_operands`)."""
+    return tuple(RefArray(r, shape, dtype) for r, (shape, dtype) in zip(refs, self.meta))
+
+  def rebuild_from_refs(self, refs: Sequence[Any]) -> tuple[Any, Any]:
+    return self.rebuild(self.refs_to_values(refs))
+
+  @staticmethod
+  def kernel_operands(operands: Sequence[Any]) -> tuple[jax.Array, ...]:
+    """The operands as flat 1-D arrays, as a Pallas kernel takes them."""
+    return tuple(jnp.reshape(x, (-1,)) if jnp.ndim(x) else jnp.reshape(x, (1,)) for x in operands)
+
+
+def _static_key(x):
+  try:
+    hash(x)
+    return x
+  except TypeError:
+    return ("unhashable", id(x))
+
+
+def collect(score_fn: Any, mask_fn: Any) -> tuple[ModOperands, tuple[jax.Array, ...]]:
+  """The static description of ``(score_fn, mask_fn)`` and their operand arrays.
+
+  Operands are the pytree array leaves in order, then the arrays the functions among the leaves
+  close over (read from their closure cells, so a tracer of an enclosing ``jit``/``vmap``/``grad``
+  is an operand like any array). Integer and bool operands come back as int32, float64 as f32
+  (outside x64).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten((score_fn, mask_fn))
+  is_op = [is_array(x) for x in leaves]
+  slots = tuple(None if a else x for x, a in zip(leaves, is_op))
+  leaf_ops = [x for x, a in zip(leaves, is_op) if a]
+  cells, seen = [], set()
+  for x in slots:
+    if x is not None and callable(x):
+      cells.extend(c for c in _array_cells(x, seen)
+                   if all(c.cell_contents is not d.cell_contents for d in cells))
+  captured = [c.cell_contents for c in cells]
+  meta = tuple((tuple(jnp.shape(x)), jnp.dtype(jnp.asarray(x).dtype).name)
+               for x in leaf_ops + captured)
+  spec = ModOperands(treedef, slots, meta, tuple(cells), len(leaf_ops))
+  return spec, tuple(_operand(x) for x in leaf_ops + captured)
+
+
+def has_closed_over_arrays(tree: Any) -> bool:
+  """Whether a function among the leaves of ``tree`` closes over arrays (then a kernel must not
+  cache its trace by the function's identity: the arrays are read at every call)."""
+  seen: set = set()
+  return any(callable(x) and not is_array(x) and _array_cells(x, seen)
+             for x in jax.tree_util.tree_leaves(tree))
