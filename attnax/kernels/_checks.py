@@ -49,13 +49,19 @@ def check_qkv(q: Any, k: Any, v: Any, *, kernel: str = "attention",
 
 
 def default_scale(scale: float | None, head_dim: int) -> float:
+  """``scale`` as a float (``None``: ``head_dim ** -0.5``); a ValueError unless static and finite."""
   if scale is None:
     return head_dim ** -0.5
+  if isinstance(scale, (bool, np.bool_)):
+    raise ValueError(f"scale must be a finite Python float (static), got {scale!r}")
   try:
-    return float(scale)
-  except (TypeError, ValueError):
-    raise ValueError(f"scale must be a Python float (static), got {type(scale).__name__} "
+    value = float(scale)
+  except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+    raise ValueError(f"scale must be a finite Python float (static), got {type(scale).__name__} "
                      f"{scale!r}") from None
+  if not np.isfinite(value):
+    raise ValueError(f"scale must be finite, got {value}")
+  return value
 
 
 def check_positive_int(name: str, value: Any) -> int:

@@ -40,7 +40,7 @@ from jax import lax
 
 from attnax.kernels import _checks
 from attnax.kernels import score_mods as sm
-from attnax.kernels.ring import pack_gqa, unpack_gqa
+from attnax.kernels.gqa import pack_gqa, unpack_gqa
 
 __all__ = ["linear_attention", "favor_projection", "compute_features", "FEATURE_MAPS"]
 

@@ -66,11 +66,11 @@ def _chunk_attention(q_c: jax.Array, q_start: Any, k: jax.Array, v: jax.Array, *
     if overlap:
       new_key = lambda j: j >= chunk * key_chunk
       chunk_mask = ((lambda b, h, i, j: new_key(j)) if mask_fn is None else
-                    (lambda b, h, i, j: new_key(j) & mask_fn(b, h, i, j)))
+                    (lambda b, h, i, j: new_key(j) & jnp.asarray(mask_fn(b, h, i, j), bool)))
     s, visible = tiles.tile_scores(s, score_fn=score_fn, mask_fn=chunk_mask, b=b_idx, h=h_idx,
                                    q_idx=q_idx, kv_idx=kv_idx)
     p, alpha, m, l = tiles.online_softmax_step(s, visible, m, l)
-    p = p.astype(v.dtype) if jnp.dtype(v.dtype).itemsize < 4 else p
+    p = tiles.low_precision(p, v.dtype)
     pv = tiles.pv_dot(p.reshape(bsz, hkv, g * c, key_chunk), v_c).reshape(bsz, hkv, g, c, dv)
     return (acc * alpha[..., None] + pv, m, l), None
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["ModOperands", "RefArray", "collect", "eval_jaxpr", "zero_cotangent", "is_array",
-           "has_closed_over_arrays"]
+           "has_functions"]
 
 
 def is_array(x: Any) -> bool:
@@ -380,9 +380,10 @@ def collect(score_fn: Any, mask_fn: Any) -> tuple[ModOperands, tuple[jax.Array, 
   return spec, tuple(_operand(x) for x in leaf_ops + captured)
 
 
-def has_closed_over_arrays(tree: Any) -> bool:
-  """Whether a function among the leaves of ``tree`` closes over arrays (then a kernel must not
-  cache its trace by the function's identity: the arrays are read at every call)."""
-  seen: set = set()
-  return any(callable(x) and not is_array(x) and _array_cells(x, seen)
-             for x in jax.tree_util.tree_leaves(tree))
+def has_functions(tree: Any) -> bool:
+  """Whether a plain function (not a pytree mod) is among the leaves of ``tree``.
+
+  A kernel must not cache its compiled trace by such a function's identity: what it closes over
+  (arrays, Python values) may change between calls, so it is traced again at every call.
+  """
+  return any(callable(x) and not is_array(x) for x in jax.tree_util.tree_leaves(tree))

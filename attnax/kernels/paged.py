@@ -26,8 +26,9 @@ from jax import lax
 
 from attnax.kernels import _checks
 from attnax.kernels import score_mods as sm
+from attnax.kernels.gqa import pack_gqa, unpack_gqa
 from attnax.kernels.merge import merge_attentions
-from attnax.kernels.ring import Positions, attend_packed, pack_gqa, unpack_gqa
+from attnax.kernels.ring import Positions, attend_packed
 
 __all__ = ["paged_attention", "gather_pages", "BACKENDS"]
 
@@ -73,7 +74,7 @@ def _check_paged(q, k_pages, v_pages, block_tables, lengths):
 
 
 def _split_partials(q5, k_pages, v_pages, block_tables, lengths, *, pages_per_split, scale,
-                    softcap, score_fn, mask_fn):
+                    score_fn, mask_fn):
   """Partial attention of every split of pages: f32 ``(n_splits, B, Hkv, G, Sq, Dv)`` and lses.
 
   Query ``i`` of sequence ``b`` sits at absolute position ``lengths[b] - Sq + i`` and sees the keys
@@ -100,7 +101,7 @@ def _split_partials(q5, k_pages, v_pages, block_tables, lengths, *, pages_per_sp
                          kv_len=kv_len)
     compute = lambda: attend_packed(q5, gather_pages(k_pages, tables),
                                     gather_pages(v_pages, tables), pos, scale=scale,
-                                    score_fn=score_fn, mask_fn=mask_fn, softcap=softcap)
+                                    score_fn=score_fn, mask_fn=mask_fn)
     empty = lambda: (jnp.zeros(q5.shape[:-1] + (dv,), jnp.float32),
                      jnp.full(q5.shape[:-1], -jnp.inf, jnp.float32))
     return lax.cond(start < longest, compute, empty)
@@ -131,8 +132,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
     score_mod, mask_mod: mods evaluated on absolute positions (``q_idx`` as above, ``kv_idx`` the
       key's position in its sequence; ``h`` the query head).
     scale: default ``D ** -0.5``.
-    softcap: if given, scores become ``softcap * tanh(scale * q.k / softcap)`` (Gemma 2), applied
-      after scaling and before the score mod.
+    softcap: shorthand for ``compose_score_mods(softcap_mod(softcap), score_mod)``: scores become
+      ``softcap * tanh(scale * q.k / softcap)`` (Gemma 2) after scaling, before the score mod.
     return_lse: also return the f32 lse ``(B, Hq, Sq)``.
     pages_per_split: pages per split-K group; default ``ceil(pages_per_sequence / 8)``.
     backend: ``"jax"`` (pure JAX; runs everywhere). A Pallas backend will be added beside it.
@@ -150,13 +151,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
   _checks.check_block("pages_per_split", pages_per_split)
   pages_per_split = min(pages_per_split, n_pages)
   if softcap is not None:
-    try:
-      softcap = float(softcap)
-    except TypeError:
-      raise ValueError(f"paged_attention: softcap must be a Python float, got "
-                       f"{type(softcap).__name__}") from None
-    if not softcap > 0:
-      raise ValueError(f"paged_attention: softcap must be positive, got {softcap}")
+    score_mod = sm.compose_score_mods(sm.softcap_mod(softcap), score_mod)
   scale = _checks.default_scale(scale, q.shape[-1])
   score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod)
   mask_fn = sm.and_masks(sm.CausalMask(0), mask_fn)   # keys at or before the query's position
@@ -164,7 +159,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
   hkv = k_pages.shape[0]
   q5 = pack_gqa(q, hkv)
   outs, lses = _split_partials(q5, k_pages, v_pages, bt, ln, pages_per_split=pages_per_split,
-                               scale=scale, softcap=softcap, score_fn=score_fn, mask_fn=mask_fn)
+                               scale=scale, score_fn=score_fn, mask_fn=mask_fn)
   out, lse = merge_attentions(outs, lses, out_dtype=q.dtype)
   out, lse = unpack_gqa(out), unpack_gqa(lse)
   return (out, lse) if return_lse else out

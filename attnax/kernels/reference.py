@@ -11,12 +11,9 @@ from attnax.kernels import _checks
 from attnax.kernels import score_mods as sm
 from attnax.kernels import tiles
 
-__all__ = ["standard_attention", "repeat_kv"]
+from attnax.kernels.gqa import repeat_kv
 
-
-def repeat_kv(x: jax.Array, groups: int) -> jax.Array:
-  """``(B, Hkv, S, D) -> (B, Hkv * groups, S, D)``: query head ``h`` reads kv head ``h // groups``."""
-  return x if groups == 1 else jnp.repeat(x, groups, axis=1)
+__all__ = ["standard_attention"]
 
 
 def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any = None,
@@ -65,7 +62,7 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: A
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
     p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
   # Low-precision inputs: probabilities enter the second matmul in v's dtype, as in the kernels.
-  acc = tiles.pv_dot(p.astype(v.dtype) if jnp.dtype(v.dtype).itemsize < 4 else p, v, precision)
+  acc = tiles.pv_dot(tiles.low_precision(p, v.dtype), v, precision)
   out, lse = tiles.finalize(acc, m, l)
   out = out.astype(q.dtype)
   return (out, lse) if return_lse else out

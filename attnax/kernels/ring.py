@@ -20,8 +20,8 @@ holds chunks ``i`` and ``2n-1-i``, so every device has the same visible area; a
 
 This module also holds the shared tile maths for attention over *packed GQA* blocks on absolute
 positions (:func:`attend_packed`, :func:`attend_packed_bwd`), which the paged kernel reuses: the
-``G = Hq // Hkv`` query heads that read one kv head are packed into one matrix, so K/V are never
-repeated. The per-step work is :func:`_segment_fwd` / :func:`_segment_bwd`; a Pallas step kernel can
+``G = Hq // Hkv`` query heads that read one kv head are packed into one matrix
+(:mod:`attnax.kernels.gqa`), so K/V are never repeated. The per-step work is :func:`_segment_fwd` / :func:`_segment_bwd`; a Pallas step kernel can
 replace those two functions without touching the ring.
 """
 
@@ -38,40 +38,21 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from attnax.kernels import _checks, merge, tiles
+from attnax.kernels import operands as ops_lib
 from attnax.kernels import score_mods as sm
+from attnax.kernels.gqa import fold_group as _flat
+from attnax.kernels.gqa import pack_gqa, unpack_gqa
+from attnax.kernels.tiles import low_precision as _low
 
 __all__ = [
     "ring_attention", "ring_attention_reference", "zigzag_indices", "to_zigzag", "from_zigzag",
-    "attend_packed", "attend_packed_bwd", "Positions", "pack_gqa", "unpack_gqa",
+    "attend_packed", "attend_packed_bwd", "Positions",
 ]
 
 f32 = jnp.float32
 
 
 # ----------------------------------------------------------------------------- packed GQA tiles
-
-
-def pack_gqa(x: jax.Array, num_kv_heads: int) -> jax.Array:
-  """``(B, Hq, L, ...) -> (B, Hkv, G, L, ...)``: query head ``h`` goes to ``(h // G, h % G)``."""
-  b, hq, length = x.shape[:3]
-  return x.reshape(b, num_kv_heads, hq // num_kv_heads, length, *x.shape[3:])
-
-
-def unpack_gqa(x: jax.Array) -> jax.Array:
-  """``(B, Hkv, G, L, ...) -> (B, Hkv * G, L, ...)``, the inverse of :func:`pack_gqa`."""
-  b, hkv, g, length = x.shape[:4]
-  return x.reshape(b, hkv * g, length, *x.shape[4:])
-
-
-def _flat(x: jax.Array) -> jax.Array:
-  """``(B, Hkv, G, L, X) -> (B, Hkv, G * L, X)``."""
-  b, hkv, g, length, last = x.shape
-  return x.reshape(b, hkv, g * length, last)
-
-
-def _low(x: jax.Array, like_dtype) -> jax.Array:
-  """Probabilities enter a matmul in the inputs' dtype when that is 16-bit (as in the kernels)."""
-  return x.astype(like_dtype) if jnp.dtype(like_dtype).itemsize < 4 else x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +92,7 @@ class Positions:
     """Scalar bool: does any (query, key) pair of the tile survive ``mask_fn`` and the lengths?"""
     vis = jnp.asarray(True)
     if mask_fn is not None:
-      vis = mask_fn(self.b, self.h, self.q, self.kv)
+      vis = jnp.asarray(mask_fn(self.b, self.h, self.q, self.kv), bool)
     if self.q_len is not None:
       vis = vis & (self.q < self.q_len)
     if self.kv_len is not None:
@@ -125,31 +106,28 @@ def _raw_scores(q5: jax.Array, k: jax.Array, scale: float) -> jax.Array:
   return tiles.qk_dot(q5.reshape(b, hkv, g * lq, d), k).reshape(b, hkv, g, lq, k.shape[2]) * scale
 
 
-def _modded_scores(s: jax.Array, pos: Positions, score_fn: Any, mask_fn: Any,
-                   softcap: float | None) -> tuple[jax.Array, jax.Array | None]:
-  """Soft-cap (``softcap * tanh(s / softcap)``), then the score mod, then the mask."""
-  if softcap is not None:
-    s = softcap * jnp.tanh(s / softcap)
+def _modded_scores(s: jax.Array, pos: Positions, score_fn: Any,
+                   mask_fn: Any) -> tuple[jax.Array, jax.Array | None]:
+  """The score mod, then the mask (and the length masks of ``pos``)."""
   return tiles.tile_scores(s, score_fn=score_fn, mask_fn=mask_fn, b=pos.b, h=pos.h, q_idx=pos.q,
                            kv_idx=pos.kv, q_len=pos.q_len, kv_len=pos.kv_len)
 
 
 def attend_packed(q5: jax.Array, k: jax.Array, v: jax.Array, pos: Positions, *, scale: float,
-                  score_fn: Any = None, mask_fn: Any = None,
-                  softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+                  score_fn: Any = None, mask_fn: Any = None) -> tuple[jax.Array, jax.Array]:
   """Attention of packed queries to one block of keys, on absolute positions.
 
   Args:
     q5: ``(B, Hkv, G, Lq, D)`` queries packed per kv head.
     k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``.
     pos: the absolute indices the mods see (and the length masks).
-    scale, score_fn, mask_fn, softcap: the score pipeline (scale, soft-cap, score mod, mask).
+    scale, score_fn, mask_fn: the score pipeline (scale, score mod, mask).
 
   Returns:
     ``(out, lse)``: f32 ``(B, Hkv, G, Lq, Dv)`` normalised over this block only, and f32
     ``(B, Hkv, G, Lq)`` (``-inf`` and output 0 for rows that see no key): ready for an LSE merge.
   """
-  s, vis = _modded_scores(_raw_scores(q5, k, scale), pos, score_fn, mask_fn, softcap)
+  s, vis = _modded_scores(_raw_scores(q5, k, scale), pos, score_fn, mask_fn)
   m, l = tiles.init_stats(s.shape[:-1], s.dtype)
   p, _, m, l = tiles.online_softmax_step(s, vis, m, l)
   acc = tiles.pv_dot(_flat(_low(p, v.dtype)), v).reshape(s.shape[:-1] + (v.shape[-1],))
@@ -158,12 +136,11 @@ def attend_packed(q5: jax.Array, k: jax.Array, v: jax.Array, pos: Positions, *, 
 
 def attend_packed_bwd(q5: jax.Array, k: jax.Array, v: jax.Array, do5: jax.Array,
                       delta: jax.Array, lse: jax.Array, pos: Positions, mod_floats: tuple,
-                      rebuild: Callable[[tuple], tuple[Any, Any]], *, scale: float,
-                      softcap: float | None = None):
+                      rebuild: Callable[[tuple], tuple[Any, Any]], *, scale: float):
   """Gradients of one (query block, key block) pair, FlashAttention-2 style.
 
   Args:
-    q5, k, v, pos, scale, softcap: as :func:`attend_packed`.
+    q5, k, v, pos, scale: as :func:`attend_packed`.
     do5: output cotangent ``(B, Hkv, G, Lq, Dv)``.
     delta: ``rowsum(do * out) - dlse``, f32 ``(B, Hkv, G, Lq)``, of the *final* output.
     lse: the final f32 log-sum-exp ``(B, Hkv, G, Lq)`` (over every key, not just this block).
@@ -171,13 +148,13 @@ def attend_packed_bwd(q5: jax.Array, k: jax.Array, v: jax.Array, do5: jax.Array,
 
   Returns:
     ``(dq5, dk, dv, d_mod_floats)``, all f32: this block's contribution to each gradient. The score
-    mod (and soft-cap) are differentiated with ``jax.vjp``, so any elementwise mod is exact.
+    mod is differentiated with ``jax.vjp``, so any elementwise mod is exact.
   """
   s_raw = _raw_scores(q5, k, scale)
 
   def scores_of(s_raw, floats):
     score_fn, mask_fn = rebuild(floats)
-    return _modded_scores(s_raw, pos, score_fn, mask_fn, softcap)
+    return _modded_scores(s_raw, pos, score_fn, mask_fn)
 
   s, vjp_fn, vis = jax.vjp(scores_of, s_raw, mod_floats, has_aux=True)
   p = tiles.probabilities(s, vis, lse)                       # (B, Hkv, G, Lq, Lk)
@@ -197,35 +174,23 @@ def attend_packed_bwd(q5: jax.Array, k: jax.Array, v: jax.Array, do5: jax.Array,
 
 @dataclasses.dataclass(frozen=True)
 class _ModSpec:
-  """The static part of the pair ``(score_fn, mask_fn)``: tree structure and non-array leaves.
+  """The mods' static part (:class:`~attnax.kernels.operands.ModOperands`) split by operand kind.
 
-  The array leaves travel as operands (replicated into ``shard_map``; float ones differentiated),
-  which is also how a Pallas step kernel would receive them.
+  The float operands travel as differentiated inputs of the ring's custom_vjp (replicated into
+  ``shard_map``), the others (ids) as plain inputs.
   """
-  treedef: Any
-  slots: tuple   # per leaf: ("f", i) float array, ("a", i) other array, ("s", value) static
+  mods: ops_lib.ModOperands
 
   def rebuild(self, floats: tuple, others: tuple) -> tuple[Any, Any]:
-    leaves = []
-    for kind, val in self.slots:
-      leaves.append(floats[val] if kind == "f" else others[val] if kind == "a" else val)
-    return jax.tree_util.tree_unflatten(self.treedef, leaves)
+    fl, ot = iter(floats), iter(others)
+    return self.mods.rebuild([next(fl) if f else next(ot) for f in self.mods.float_mask])
 
 
 def _split_mods(mods: tuple[Any, Any]) -> tuple[tuple, tuple, _ModSpec]:
-  leaves, treedef = jax.tree_util.tree_flatten(mods)
-  floats, others, slots = [], [], []
-  for leaf in leaves:
-    if isinstance(leaf, (jax.Array, np.ndarray)):
-      if jnp.issubdtype(leaf.dtype, jnp.floating):
-        slots.append(("f", len(floats)))
-        floats.append(jnp.asarray(leaf))
-      else:
-        slots.append(("a", len(others)))
-        others.append(jnp.asarray(leaf))
-    else:
-      slots.append(("s", leaf))
-  return tuple(floats), tuple(others), _ModSpec(treedef, tuple(slots))
+  spec, values = ops_lib.collect(*mods)
+  floats = tuple(x for x, f in zip(values, spec.float_mask) if f)
+  others = tuple(x for x, f in zip(values, spec.float_mask) if not f)
+  return floats, others, _ModSpec(spec)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -459,7 +424,7 @@ def _ring_bwd_local(q, k, v, out, lse, dout, dlse, floats, others, *, cfg: _Ring
   perm = [(j, (j + 1) % n) for j in range(n)]
   hkv = k.shape[1]
   q5, do5 = pack_gqa(q, hkv), pack_gqa(dout, hkv)
-  delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1) - dlse.astype(f32)
+  delta = tiles.backward_delta(out, dout, lse, dlse)
   delta5, lse5 = pack_gqa(delta, hkv), pack_gqa(lse, hkv)
   b_off = _batch_offset(cfg, q.shape[0])
   step = lambda k, v, t: _step_bwd(q5, k, v, do5, delta5, lse5, r, (r - t) % n, cfg, floats,

@@ -487,10 +487,13 @@ def mask_mod_to_score_mod(mask_mod: Any) -> MaskScoreMod:
 
 def mask_mod_to_boolean_mask(mask_mod: Any, batch: int, heads: int, q_len: int,
                              kv_len: int) -> jax.Array:
-  """Materialise ``mask_mod`` as booleans ``(batch, heads, q_len, kv_len)`` (small inputs only)."""
+  """Materialise ``mask_mod`` as booleans ``(batch, heads, q_len, kv_len)`` (small inputs only).
+
+  A mask returning ints or floats is read as non-zero = visible, as every kernel reads it.
+  """
   check_mod(mask_mod, 4, "mask_mod")
   b, h, i, j = index_grid(batch, heads, q_len, kv_len)
-  return jnp.broadcast_to(mask_mod(b, h, i, j), (batch, heads, q_len, kv_len))
+  return jnp.broadcast_to(jnp.asarray(mask_mod(b, h, i, j), bool), (batch, heads, q_len, kv_len))
 
 
 # ----------------------------------------------------------------------------- kernel plumbing

@@ -7,7 +7,8 @@ Pallas kernel, where ``b`` and ``h`` are scalars.
 
 Invariants: the running max starts at ``MASK_VALUE`` (finite), so ``exp(m_old - m_new)`` is never
 ``exp(-inf + inf)``; masked probabilities are zeroed explicitly, so a row that sees no key ends with
-``l = 0``, output 0 and lse ``-inf``.
+``l = 0``, output 0 and lse ``-inf``. Only that exact zero means "empty": NaN or inf in the inputs
+makes ``l`` NaN, which propagates to the output, the lse and the gradients.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def tile_scores(s: jax.Array, *, score_fn: Any, mask_fn: Any, b, h, q_idx, kv_id
     or ``None`` when every entry is visible.
   """
   if score_fn is not None:
-    s = score_fn(s, b, h, q_idx, kv_idx).astype(s.dtype)
+    s = _mod_result(score_fn(s, b, h, q_idx, kv_idx), s.shape, "score_mod").astype(s.dtype)
   visible = None
   if q_len is not None:
     visible = q_idx < q_len
@@ -65,11 +66,32 @@ def tile_scores(s: jax.Array, *, score_fn: Any, mask_fn: Any, b, h, q_idx, kv_id
     ok = kv_idx < kv_len
     visible = ok if visible is None else visible & ok
   if mask_fn is not None and apply_mask:
-    m = mask_fn(b, h, q_idx, kv_idx)
+    m = _mod_result(mask_fn(b, h, q_idx, kv_idx), s.shape, "mask_mod")
     visible = m if visible is None else visible & m
   if visible is not None:
     s = jnp.where(visible, s, MASK_VALUE)
   return s, visible
+
+
+def _mod_result(x: Any, shape: tuple, name: str) -> jax.Array:
+  """A mod's result checked against the scores it applies to (a ValueError at trace time).
+
+  It must broadcast to the scores without adding axes. A mask mod's result is read as booleans
+  (non-zero = visible), so an int or float mask means what it says under ``&``.
+  """
+  x = jnp.asarray(x)
+  try:
+    ok = jnp.broadcast_shapes(x.shape, shape) == tuple(shape)
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f"{name} returned shape {x.shape}, which does not broadcast to the scores "
+                     f"{tuple(shape)} it applies to (a mod must be elementwise)")
+  if name == "mask_mod":
+    return x if x.dtype == jnp.bool_ else x != 0
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    raise ValueError(f"score_mod returned {x.dtype}; it must return floating-point scores")
+  return jnp.broadcast_to(x, shape)
 
 
 def init_stats(shape: tuple[int, ...], dtype=f32) -> tuple[jax.Array, jax.Array]:
@@ -94,17 +116,23 @@ def online_softmax_step(s: jax.Array, visible: jax.Array | None, m_prev: jax.Arr
 
 
 def finalize(acc: jax.Array, m: jax.Array, l: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Normalise the accumulator: ``(out f32, lse)``; rows with ``l = 0`` give 0 and ``-inf``."""
-  out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-  return jnp.where((l > 0)[..., None], out, 0.0), safe_lse(m, l)
+  """Normalise the accumulator: ``(out f32, lse)``; rows with ``l = 0`` give 0 and ``-inf``.
+
+  Only ``l == 0`` means "no visible key": a NaN ``l`` (NaN or inf in q, k or the mods) propagates
+  into out and lse, as ``jax.nn.dot_product_attention`` does.
+  """
+  empty = (l == 0)[..., None]
+  out = acc / jnp.where(empty, 1.0, l[..., None])
+  return jnp.where(empty, 0.0, out), safe_lse(m, l)
 
 
 def probabilities(s: jax.Array, visible: jax.Array | None, lse: jax.Array) -> jax.Array:
   """Softmax probabilities recomputed from scores and the saved LSE (backward passes)."""
-  p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+  empty = (lse == -jnp.inf)[..., None]   # a NaN lse is not empty: its gradients are NaN
+  p = jnp.exp(s - jnp.where(empty, 0.0, lse[..., None]))
   if visible is not None:
     p = jnp.where(visible, p, 0.0)
-  return jnp.where(jnp.isfinite(lse)[..., None], p, 0.0)
+  return jnp.where(empty, 0.0, p)
 
 
 def low_precision(x: jax.Array, dtype) -> jax.Array:
@@ -126,6 +154,6 @@ def backward_delta(out: jax.Array, dout: jax.Array, lse: jax.Array | None = None
   if dlse is not None:
     dlse = dlse.astype(f32)
     if lse is not None:
-      dlse = jnp.where(jnp.isfinite(lse), dlse, 0.0)
+      dlse = jnp.where(lse == -jnp.inf, 0.0, dlse)
     delta = delta - dlse
   return delta

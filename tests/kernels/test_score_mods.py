@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from attnax.kernels import score_mods as sm
-from attnax.kernels import standard_attention
+from attnax.kernels import BlockMask, create_block_mask, flash_attention, standard_attention
+from attnax.kernels.block_mask import EMPTY, FULL, PARTIAL
 from attnax.kernels.score_mods import (
     MASK_VALUE, additive_bias_mod, alibi_mod, alibi_slopes, causal_mod, compose_score_mods,
     document_mask_mod, mask_mod_to_boolean_mask, mask_mod_to_score_mod, prefix_lm_mod,
@@ -28,8 +29,9 @@ B, HQ, HKV, SQ, SK, D = 2, 4, 2, 13, 19, 8
 # ----------------------------------------------------------------------------- numpy references
 
 
-def np_attention(q, k, v, mask=None, bias=None, scale=None):
-  """Float64 numpy attention. ``mask``/``bias`` broadcast to ``(B, Hq, Sq, Sk)``.
+def np_attention(q, k, v, mask=None, bias=None, scale=None, softcap=None):
+  """Float64 numpy attention. ``mask``/``bias`` broadcast to ``(B, Hq, Sq, Sk)``; ``softcap``
+  maps the (biased) scores to ``softcap * tanh(s / softcap)``.
 
   Returns ``(out (B, Hq, Sq, Dv), lse (B, Hq, Sq))``; a row with no visible key gives 0 / -inf.
   """
@@ -40,6 +42,8 @@ def np_attention(q, k, v, mask=None, bias=None, scale=None):
   s = scale * np.einsum("bhqd,bhkd->bhqk", q, k)
   if bias is not None:
     s = s + np.asarray(bias, np.float64)
+  if softcap is not None:
+    s = softcap * np.tanh(s / softcap)
   vis = np.ones(s.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), s.shape)
   s = np.where(vis, s, -np.inf)
   m = s.max(-1, keepdims=True)
@@ -413,6 +417,10 @@ def _all_mods():
       "bias": additive_bias_mod(jnp.ones((SQ, SK))),
       "composed": compose_score_mods(alibi_mod(num_heads=HQ), causal_mod(),
                                      additive_bias_mod(jnp.ones((SQ, SK)))),
+      # (the (B, Sk) boolean form is traced in test_padding_traced_under_jit: x + 1 is not bool)
+      "padding": sm.padding_mask_mod(jnp.array([5, 12])),
+      "softcap_or": compose_score_mods(sm.softcap_mod(3.0), mask_mod_to_score_mod(
+          sm.or_masks(sm.CausalMask(), sm.padding_mask_mod(jnp.array([4, 9])).mask_mod))),
   }
 
 
@@ -546,3 +554,326 @@ def test_and_masks_flattens():
   assert sm.and_masks() is None and sm.and_masks(None) is None and sm.and_masks(None, c) is c
   m = sm.and_masks(sm.and_masks(c, w), None, c)
   assert isinstance(m, sm.AndMask) and m.masks == (c, w, c)
+
+
+# ----------------------------------------------------------------------------- padding masks
+
+
+def _valid_rows(kind):
+  """(B, Sk) bool key masks: right- and left-padded rows, or a right-padded row and an empty one."""
+  valid = np.zeros((B, SK), bool)
+  if kind == "right_left":
+    valid[0, :11] = True         # right padding: 11 real tokens
+    valid[1, SK - 6:] = True     # left padding: the last 6 keys are real
+  else:                          # "empty_row": row 1 has no real token
+    valid[0, :SK - 4] = True
+  return valid
+
+
+def _expected_tiles(mask, block_q, block_k):
+  """Tile states (B, H, nq, nk) of a dense (B, H, Sq, Sk) mask: EMPTY where nothing in range is
+  visible, FULL where everything is and the tile is not ragged, else PARTIAL."""
+  b, h, sq, sk = mask.shape
+  nq, nk = -(-sq // block_q), -(-sk // block_k)
+  pad = np.zeros((b, h, nq * block_q, nk * block_k), bool)
+  pad[:, :, :sq, :sk] = mask
+  inr = np.zeros(pad.shape[2:], bool)
+  inr[:sq, :sk] = True
+  t = pad.reshape(b, h, nq, block_q, nk, block_k)
+  r = inr.reshape(nq, block_q, nk, block_k)
+  any_, all_ = t.any(axis=(3, 5)), (t | ~r).all(axis=(3, 5))
+  full_ = all_ & r.all(axis=(1, 3))
+  return np.where(any_, np.where(full_, FULL, PARTIAL), EMPTY)
+
+
+def _tiles_bh(bm, batch=B, heads=HQ):
+  """A BlockMask's tiles broadcast to (batch, heads, nq, nk) through batch_head_index."""
+  t = np.asarray(bm.tiles)
+  return np.stack([np.stack([t[bm.batch_head_index(b, h)] for h in range(heads)])
+                   for b in range(batch)])
+
+
+@pytest.mark.parametrize("lengths", [[7, 0], [SK + 3, 16]])
+def test_padding_lengths(lengths):
+  mod = sm.padding_mask_mod(jnp.asarray(lengths))
+  assert isinstance(mod.mask_mod, sm.PaddingLengthMask)
+  b, _, _, j = grid()
+  expected = full(j < np.asarray(lengths)[b])
+  np.testing.assert_array_equal(mask_of(mod), expected)
+  out, lse = check_attention(mod, mask=expected, seed=20 + lengths[1])
+  empty = ~expected.any(-1)
+  assert (np.asarray(out)[empty] == 0).all() and np.isneginf(np.asarray(lse)[empty]).all()
+  if lengths[1] == 0:
+    assert empty[1].all() and not empty[0].any()
+
+
+@pytest.mark.parametrize("kind", ["right_left", "empty_row"])
+@pytest.mark.parametrize("dtype", [np.bool_, np.int32])
+def test_padding_attention_mask(kind, dtype):
+  """A Hugging Face style (B, Sk) attention_mask, bool or 0/1 integers, left or right padded."""
+  valid = _valid_rows(kind)
+  mod = sm.padding_mask_mod(jnp.asarray(valid.astype(dtype)))
+  assert isinstance(mod.mask_mod, sm.PaddingMask) and mod.mask_mod.valid.dtype == jnp.bool_
+  b, _, _, j = grid()
+  expected = full(valid[b, j])
+  np.testing.assert_array_equal(mask_of(mod), expected)
+  out, lse = check_attention(mod, mask=expected, seed=30)
+  if kind == "empty_row":
+    assert (np.asarray(out)[1] == 0).all() and np.isneginf(np.asarray(lse)[1]).all()
+    assert np.isfinite(np.asarray(lse)[0]).all()
+
+
+def test_padding_lengths_equal_right_padded_mask():
+  lengths = np.array([11, 4])
+  valid = np.arange(SK)[None] < lengths[:, None]
+  np.testing.assert_array_equal(mask_of(sm.padding_mask_mod(jnp.asarray(lengths))),
+                                mask_of(sm.padding_mask_mod(jnp.asarray(valid))))
+
+
+def test_padding_block_mask_skips_padded_tiles():
+  """Both forms: padded key tiles EMPTY, valid tiles FULL, per batch row, as the dense mask says."""
+  bq, bk = 4, 4                                  # SQ=13, SK=19: ragged tails on both axes
+  left_right = _valid_rows("right_left")
+  mods = {
+      "lengths": sm.padding_mask_mod(jnp.array([8, 0])).mask_mod,
+      "mask": sm.padding_mask_mod(jnp.asarray(left_right)).mask_mod,
+      "mask_b1": sm.padding_mask_mod(jnp.asarray(left_right[1:])).mask_mod,
+  }
+  # Only the tile maps are kept: the index lists follow from them (tested in test_block_mask) and
+  # their sorts dominate compile time.
+  tiles = jax.jit(lambda ms: {n: create_block_mask(m, q_len=SQ, kv_len=SK, block_q=bq, block_k=bk,
+                                                   batch=B).tiles for n, m in ms.items()})(mods)
+  bms = {n: BlockMask(t, *[None] * 8, block_q=bq, block_k=bk, q_len=SQ, kv_len=SK)
+         for n, t in tiles.items()}
+  for name, m in mods.items():
+    bm = bms[name]
+    lead = 1 if name == "mask_b1" else B
+    assert bm.tiles.shape == (lead, 1, -(-SQ // bq), -(-SK // bk)), name
+    dense = np.asarray(mask_mod_to_boolean_mask(m, B, HQ, SQ, SK))
+    want = _expected_tiles(dense, bq, bk)
+    np.testing.assert_array_equal(_tiles_bh(bm), want, err_msg=name)
+  # Spelled out for the lengths form: row 0 has 8 real keys = kv blocks 0 and 1 (full), the rest
+  # empty; row 1 has none: every tile empty.
+  t = np.asarray(bms["lengths"].tiles)[:, 0]
+  assert (t[0, :-1, :2] == FULL).all() and (t[0, :, 2:] == EMPTY).all()
+  assert (t[1] == EMPTY).all()
+  # The mask form, q block 0: row 0 (keys 0..10 real, right padded) -> kv blocks 0, 1 full, 2
+  # partial, 3, 4 empty; row 1 (keys 13..18 real, left padded) -> blocks 0..2 empty, 3 partial
+  # (keys 12..15), 4 partial (all real, but ragged: keys 16..18 of 16..19).
+  t = np.asarray(bms["mask"].tiles)[:, 0, 0]
+  np.testing.assert_array_equal(t[0], [FULL, FULL, 1, EMPTY, EMPTY])
+  np.testing.assert_array_equal(t[1], [EMPTY, EMPTY, EMPTY, 1, 1])
+
+
+def test_padding_flash_attention():
+  """flash_attention with a (B, Sk) padding mask against the reference: a right-padded row, a
+  left-and-right-padded row and an empty row (output 0, lse -inf)."""
+  q, k, v = random_qkv(40, batch=3, q_heads=HQ, kv_heads=HKV, q_len=SQ, kv_len=SK, head_dim=D)
+  valid = np.zeros((3, SK), bool)
+  valid[0, :9] = True
+  valid[1, 2:12] = True
+  out, lse = jax.jit(lambda q, k, v, mod: flash_attention(
+      q, k, v, score_mod=mod, block_q=8, block_k=8, return_lse=True))(
+          q, k, v, sm.padding_mask_mod(jnp.asarray(valid)))
+  ref_out, ref_lse = np_attention(q, k, v, mask=valid[:, None, None, :])
+  assert rel_err(out, ref_out) < tol(jnp.float32)
+  fin = np.isfinite(ref_lse)
+  assert fin[:2].all() and not fin[2].any()
+  np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), fin)
+  assert rel_err(np.asarray(lse)[fin], ref_lse[fin]) < tol(jnp.float32)
+  assert (np.asarray(out)[2] == 0).all() and not np.isnan(np.asarray(out)).any()
+
+
+def test_padding_traced_under_jit():
+  """The valid array may be traced (value checks are skipped); new values need no retrace."""
+  q, k, v = random_qkv(41, batch=B, q_heads=HQ, kv_heads=HKV, q_len=SQ, kv_len=SK, head_dim=D)
+  traces = []
+
+  @jax.jit
+  def f(valid):
+    traces.append(1)
+    return standard_attention(q, k, v, score_mod=sm.padding_mask_mod(valid))
+
+  for kind in ("right_left", "empty_row"):
+    valid = _valid_rows(kind).astype(np.int32)
+    ref, _ = np_attention(q, k, v, mask=valid[:, None, None, :])
+    assert rel_err(f(jnp.asarray(valid)), ref) < tol(jnp.float32)
+  assert len(traces) == 1
+  (leaf,) = jax.tree.leaves(sm.padding_mask_mod(jnp.array([3, 4])))
+  np.testing.assert_array_equal(np.asarray(leaf), [3, 4])
+
+
+@pytest.mark.parametrize("valid", [
+    3,                                         # rank 0
+    np.ones((2, 3, 4), np.int32),              # rank 3
+    np.ones((2, SK), np.float32),              # float mask
+    np.ones((2,), np.float32),                 # float lengths
+    np.ones((SK,), bool),                      # a rank-1 boolean mask (needs a batch axis)
+    np.array([[0, 1, 2]], np.int32),           # integers other than 0/1
+    np.array([5, -1], np.int32),               # negative length
+    "abc",
+])
+def test_padding_rejects_bad_valid(valid):
+  with pytest.raises(ValueError, match="valid"):
+    sm.padding_mask_mod(valid)
+
+
+@pytest.mark.parametrize("valid,match", [
+    (np.ones((3, SK), bool), "batch"),          # batch 3 for inputs with B=2
+    (np.ones((B, SK - 1), bool), "kv_len"),     # does not cover the keys
+    (np.ones((3,), np.int32), "batch"),
+])
+def test_padding_checked_against_inputs(valid, match):
+  q, k, v = random_qkv(42, batch=B, q_heads=HQ, kv_heads=HKV, q_len=SQ, kv_len=SK, head_dim=D)
+  mod = sm.padding_mask_mod(jnp.asarray(valid))
+  with pytest.raises(ValueError, match=match):
+    standard_attention(q, k, v, score_mod=mod)
+  # also when nested in an OR / AND of masks
+  with pytest.raises(ValueError, match=match):
+    standard_attention(q, k, v, mask_mod=sm.or_masks(sm.CausalMask(), mod.mask_mod))
+  # a longer mask and a batch axis of 1 are fine
+  sm.check_mod_shapes(sm.padding_mask_mod(jnp.ones((1, SK + 5), bool)), batch=B, heads=HQ,
+                      q_len=SQ, kv_len=SK)
+
+
+# ----------------------------------------------------------------------------- soft-capping
+
+
+def test_softcap_mod_formula():
+  cap = 5.0
+  score = 10 * np.asarray(rand(50, (B, HQ, SQ, SK)))
+  got = apply_score_mod(sm.softcap_mod(cap), score)
+  np.testing.assert_allclose(got, cap * np.tanh(score / cap), rtol=1e-6, atol=1e-6)
+  assert np.abs(got).max() < cap and np.abs(score).max() > cap
+  # composed with ALiBi, in either order
+  alibi = alibi_mod(num_heads=HQ)
+  _, h, i, j = grid()
+  bias = full(np.asarray(alibi_slopes(HQ))[h] * (j - i))
+  np.testing.assert_allclose(apply_score_mod(compose_score_mods(alibi, sm.softcap_mod(cap)), score),
+                             cap * np.tanh((score + bias) / cap), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(apply_score_mod(compose_score_mods(sm.softcap_mod(cap), alibi), score),
+                             cap * np.tanh(score / cap) + bias, rtol=1e-5, atol=1e-5)
+  assert jax.tree.leaves(sm.softcap_mod(cap)) == []
+  assert jax.tree.structure(sm.softcap_mod(2)) != jax.tree.structure(sm.softcap_mod(3))
+
+
+def test_softcap_mod_attention():
+  """softcap + causal vs numpy attention with cap * tanh(s / cap) on large logits."""
+  cap = 2.0
+  q, k, v = random_qkv(51, batch=B, q_heads=HQ, kv_heads=HKV, q_len=SQ, kv_len=SK, head_dim=D,
+                       scale=8.0)
+  _, _, i, j = grid()
+  mask = full(j <= i + SK - SQ)
+  for mod in (compose_score_mods(sm.softcap_mod(cap), causal_mod(SK - SQ)),
+              compose_score_mods(causal_mod(SK - SQ), sm.softcap_mod(cap))):
+    out, lse = standard_attention(q, k, v, score_mod=mod, return_lse=True)
+    ref_out, ref_lse = np_attention(q, k, v, mask=mask, softcap=cap)
+    assert rel_err(out, ref_out) < tol(jnp.float32)
+    assert rel_err(lse, ref_lse) < tol(jnp.float32)
+  # the cap really changed the result
+  plain, _ = np_attention(q, k, v, mask=mask)
+  assert rel_err(ref_out, plain) > 1e-2
+
+
+@pytest.mark.parametrize("cap", [0, 0.0, -1.5, float("inf"), float("nan"), True, "30", None,
+                                 np.ones(2), jnp.asarray(30.0)])
+def test_softcap_rejects_bad_cap(cap):
+  with pytest.raises(ValueError, match="cap"):
+    sm.softcap_mod(cap)
+
+
+def test_softcap_accepts_numbers():
+  assert sm.softcap_mod(30).cap == 30.0 and isinstance(sm.softcap_mod(30).cap, float)
+  assert sm.softcap_mod(np.float32(2.5)).cap == 2.5
+
+
+# ----------------------------------------------------------------------------- OR of masks
+
+
+def test_or_masks_flattens():
+  c, w = sm.CausalMask(), sm.SlidingWindowMask(3)
+  p = sm.PrefixLMMask(jnp.array([2]))
+  assert sm.or_masks() is None and sm.or_masks(None) is None and sm.or_masks(None, c) is c
+  m = sm.or_masks(sm.or_masks(c, w), None, p)
+  assert isinstance(m, sm.OrMask) and m.masks == (c, w, p)
+  # AND inside OR (and OR inside AND) are kept as they are
+  a = sm.and_masks(c, w)
+  m = sm.or_masks(a, p)
+  assert m.masks == (a, p)
+  assert sm.and_masks(m, c).masks == (m, c)
+  assert [x.shape for x in jax.tree.leaves(m)] == [(1,)]
+
+
+@pytest.mark.parametrize("bad", [causal_mod(), _double, 3])
+def test_or_and_masks_reject_non_masks(bad):
+  for fn in (sm.or_masks, sm.and_masks):
+    with pytest.raises(ValueError, match="mask"):
+      fn(sm.CausalMask(), bad)
+
+
+def _or_cases():
+  """(name, OR mask, dense expected (B, Hq, Sq, Sq)) over square Sq x Sq inputs."""
+  ids = _ids(60, B, SQ)
+  b, h, i, j = grid(sk=SQ)
+  causal = j <= i
+  return [
+      ("causal|prefix", sm.or_masks(sm.CausalMask(), sm.PrefixLMMask(jnp.array([3, 9]))),
+       full(causal | (j < np.array([3, 9])[b]), sk=SQ)),
+      ("causal|document",
+       sm.or_masks(sm.CausalMask(), document_mask_mod(jnp.asarray(ids)).mask_mod),
+       full(causal | (ids[b, i] == ids[b, j]), sk=SQ)),
+      # no tile rule for the lambda (global first keys, per head): evaluated per tile
+      ("window|lambda", sm.or_masks(sm.SlidingWindowMask(2), lambda b, h, i, j: j < h + 1),
+       full(((i - j >= 0) & (i - j < 2)) | (j < h + 1), sk=SQ)),
+  ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_or_masks_attention(case):
+  name, m, expected = _or_cases()[case]
+  np.testing.assert_array_equal(np.asarray(mask_mod_to_boolean_mask(m, B, HQ, SQ, SQ)), expected,
+                                err_msg=name)
+  # as a score mod it carries, and as a kernel's mask_mod
+  check_attention(mask_mod_to_score_mod(m), mask=expected, sq=SQ, sk=SQ, seed=61 + case)
+  q, k, v = random_qkv(64, batch=B, q_heads=HQ, kv_heads=HKV, q_len=SQ, kv_len=SQ, head_dim=D)
+  ref, _ = np_attention(q, k, v, mask=expected)
+  assert rel_err(standard_attention(q, k, v, mask_mod=m), ref) < tol(jnp.float32)
+
+
+def test_or_masks_block_mask():
+  """Tiles of an OR: EMPTY exactly where the dense OR is empty, FULL only where it is full, and
+  FULL wherever one part is full."""
+  bq = bk = 4
+  cases = _or_cases()
+  masks = [m for _, m, _ in cases]
+  build = lambda m: create_block_mask(m, q_len=SQ, kv_len=SQ, block_q=bq, block_k=bk, batch=B,
+                                      heads=HQ).tiles
+  # (closed over, not passed: a lambda inside a mask pytree is a leaf but not an array)
+  tiles = jax.jit(lambda: [build(m) for m in masks] + [build(p) for m in masks for p in m.masks])()
+  bms = [BlockMask(t, *[None] * 8, block_q=bq, block_k=bk, q_len=SQ, kv_len=SQ) for t in tiles]
+  parts = iter(bms[len(masks):])
+  for (name, m, expected), bm in zip(cases, bms[:len(masks)]):
+    got, want = _tiles_bh(bm), _expected_tiles(expected, bq, bk)
+    np.testing.assert_array_equal(got == EMPTY, want == EMPTY, err_msg=name)
+    assert not ((got == FULL) & (want != FULL)).any(), name
+    for _ in m.masks:
+      assert ((_tiles_bh(next(parts)) != FULL) | (got == FULL)).all(), name
+  # causal|prefix is exact: the prefix columns and the lower triangle are full
+  np.testing.assert_array_equal(_tiles_bh(bms[0]), _expected_tiles(cases[0][2], bq, bk))
+
+
+def test_mask_results_combine_as_booleans():
+  """Mask mods returning integers (0 / nonzero) combine logically, not bitwise."""
+  two_if_causal = lambda b, h, i, j: jnp.where(j <= i, 2, 0)
+  one_if_even = lambda b, h, i, j: jnp.where(j % 2 == 0, 1, 0)
+  _, _, i, j = grid(sk=SQ)
+  for combine, op in ((sm.and_masks, np.logical_and), (sm.or_masks, np.logical_or)):
+    m = mask_mod_to_boolean_mask(combine(two_if_causal, one_if_even), B, HQ, SQ, SQ)
+    assert m.dtype == jnp.bool_
+    np.testing.assert_array_equal(np.asarray(m), full(op(j <= i, j % 2 == 0), sk=SQ))
+
+
+def test_new_names_are_exported():
+  import attnax.kernels as K
+  for name in ("padding_mask_mod", "softcap_mod", "and_masks", "or_masks"):
+    assert name in K.__all__ and name in sm.__all__ and getattr(K, name) is getattr(sm, name)

@@ -24,9 +24,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attnax.kernels import _checks
+from attnax.kernels import operands as ops_lib
 from attnax.kernels import score_mods as sm
 from attnax.kernels.aether import certify
 from attnax.kernels.aether.certify import AetherStats, RULES, tile_mask_mod
@@ -96,13 +96,19 @@ def _run(q, k, v, *, score_mod, mask_mod, score_fn, mask_fn, impl, return_stats,
 
 
 def _partition(tree: Any):
-  """Split a pytree of mods into its array leaves and a hashable static remainder (or None)."""
+  """Split a pytree of mods into its array leaves and a hashable static remainder.
+
+  The remainder is None (no compiled cache) when it is unhashable or holds a plain function (a
+  lambda mod): what it closes over is read at every call, never cached with it.
+  """
   leaves, treedef = jax.tree.flatten(tree)
-  is_arr = [isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves]
+  is_arr = [ops_lib.is_array(x) for x in leaves]
   static = (treedef, tuple(None if a else x for x, a in zip(leaves, is_arr)), tuple(is_arr))
   try:
     hash(static)
   except TypeError:
+    return None, None
+  if ops_lib.has_functions(static[1]):
     return None, None
   return [x for x, a in zip(leaves, is_arr) if a], static
 

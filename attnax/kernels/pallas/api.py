@@ -218,8 +218,8 @@ _DOC_ARGS = """
 def _split_static(tree):
   """Flatten ``tree`` into a hashable static key and its array leaves.
 
-  The key is None (trace every call) when the static part is unhashable or holds a function that
-  closes over arrays: those arrays are read afresh at every call, never cached with the function.
+  The key is None (trace every call) when the static part is unhashable or holds a plain function
+  (a lambda mod): what it closes over is read afresh at every call, never cached with it.
   """
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   is_arr = tuple(ops_lib.is_array(x) for x in leaves)
@@ -229,7 +229,7 @@ def _split_static(tree):
     hash((treedef, static))
   except TypeError:
     return None, arrays
-  if ops_lib.has_closed_over_arrays(static):
+  if ops_lib.has_functions(static):
     return None, arrays
   return (treedef, static, is_arr), arrays
 

@@ -371,7 +371,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
           st, visible, dmod = _scores(k, q, spec, score_fn, mask_fn, b, h, q_idx, kv_col, masked,
                                       True)
           # tiles.probabilities, transposed: exp(s - lse) with lse = -inf rows giving 0.
-          lse_safe = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+          lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)
           pt = jnp.exp(st - lse_safe[None, :])
           if visible is not None:
             pt = jnp.where(visible, pt, 0.0)

@@ -12,7 +12,7 @@ from attnax.kernels import score_mods as sm
 from attnax.kernels import tiles
 from attnax.kernels.aether import aether_attention, tile_mask_mod
 from attnax.kernels.aether.geometry import clustered_qkv
-from attnax.kernels.reference import repeat_kv
+from attnax.kernels.gqa import repeat_kv
 from tests.helpers import random_qkv, reference_attention
 
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnax.kernels import (causal_mod, compose_score_mods, alibi_mod, document_mask_mod,
-                            sliding_window_mod)
+from attnax.kernels import (additive_bias_mod, alibi_mod, causal_mod, compose_score_mods,
+                            document_mask_mod, sliding_window_mod, standard_attention)
 from attnax.kernels.pallas import pallas_flash_attention, pack_sequences, varlen_attention
 from tests.helpers import (kernel_grads, random_qkv, reference_attention, reference_grads,
                            rel_err, tol)
@@ -94,3 +94,33 @@ def test_varlen_bf16():
     ref = reference_attention(qs, ks, vs, score_mod=causal_mod())
     got = out[:, :, int(cu[i]):int(cu[i + 1])]
     assert rel_err(got, ref) < tol(jnp.bfloat16)
+
+
+def test_mod_array_gradients_and_closures_bf16():
+  """Learned bias table and ALiBi slopes get their true gradients on the GPU; closures over
+  arrays (a document-id mask and a bias table) run in the Triton kernels."""
+  b, h, s = 1, 4, 1024
+  q, k, v = random_qkv(20, batch=b, q_heads=h, kv_heads=2, q_len=s, kv_len=s, head_dim=128,
+                       dtype=jnp.bfloat16)
+  rng = np.random.default_rng(21)
+  bias = jnp.asarray(rng.standard_normal((1, h, s, s)), jnp.float32)
+  slopes = jnp.asarray(rng.uniform(0.01, 0.5, h), jnp.float32)
+  ids = jnp.asarray(np.arange(s) // 300, jnp.int32)
+  ct = jax.random.normal(jax.random.key(22), (b, h, s, 128), jnp.float32)
+
+  def loss(kernel):
+    def f(q, k, v, bias, slopes):
+      mod = compose_score_mods(causal_mod(), additive_bias_mod(bias), alibi_mod(slopes=slopes))
+      mask = lambda b_, h_, i, j: ids[i] == ids[j]
+      return jnp.sum(kernel(q, k, v, score_mod=mod, mask_mod=mask).astype(jnp.float32) * ct)
+    return f
+
+  got = jax.jit(jax.grad(loss(pallas_flash_attention), argnums=(0, 1, 2, 3, 4)))(
+      q, k, v, bias, slopes)
+  with jax.enable_x64(True):
+    up = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    ct = up(ct)
+    want = jax.grad(loss(standard_attention), argnums=(0, 1, 2, 3, 4))(
+        up(q), up(k), up(v), up(bias), up(slopes))
+  for name, g, w in zip(("q", "k", "v", "bias", "slopes"), got, want):
+    assert rel_err(g, w) < tol(jnp.bfloat16, grad=True), (name, rel_err(g, w))
