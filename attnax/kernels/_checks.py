@@ -43,8 +43,9 @@ def check_qkv(q: Any, k: Any, v: Any, *, kernel: str = "attention",
     raise ValueError(f"{kernel}: q and k must have the same head_dim: {shapes}")
   if hkv == 0 or hq % hkv:
     raise ValueError(f"{kernel}: query heads ({hq}) must be a multiple of kv heads ({hkv}): {shapes}")
-  if min(sq, sk, d, dv) == 0:
-    raise ValueError(f"{kernel}: empty dimension: {shapes}")
+  if min(b, hq, sq, sk, d, dv) == 0:
+    raise ValueError(f"{kernel}: empty dimension (batch, heads, sequence or head_dim of 0): "
+                     f"{shapes}")
   return b, hq, hkv, sq, sk, d, dv
 
 
@@ -62,6 +63,24 @@ def default_scale(scale: float | None, head_dim: int) -> float:
   if not np.isfinite(value):
     raise ValueError(f"scale must be finite, got {value}")
   return value
+
+
+def static_int(name: str, value: Any) -> int:
+  """``value`` as a Python int: a ValueError unless it is a static integer (no truncation).
+
+  Integral floats (``2.0``) are accepted; ``1.5``, bools and tracers are not.
+  """
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be a static int, got {value!r}")
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name} must be a static Python int, got a traced value; a position that "
+                     f"changes at run time belongs in an array the mod carries (e.g. "
+                     f"prefix_lm_mod(lengths) or a mask over positions) rather than here")
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, (float, np.floating)) and float(value).is_integer():
+    return int(value)
+  raise ValueError(f"{name} must be a static int, got {type(value).__name__} {value!r}")
 
 
 def check_positive_int(name: str, value: Any) -> int:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnax.kernels import _checks
 from attnax.kernels import score_mods as sm
 
 __all__ = ["BlockMask", "create_block_mask", "fit_block_mask", "EMPTY", "PARTIAL", "FULL"]
@@ -147,6 +148,9 @@ def create_block_mask(mask_mod: Any, *, q_len: int, kv_len: int, block_q: int = 
   the kernel masks positions past ``q_len``/``kv_len``). ``batch``/``heads`` are needed only by mask
   mods that depend on ``b``/``h`` and carry no tile rule of their own.
   """
+  for name, value in (("q_len", q_len), ("kv_len", kv_len), ("block_q", block_q),
+                      ("block_k", block_k), ("batch", batch), ("heads", heads)):
+    _checks.check_positive_int(f"create_block_mask: {name}", value)
   sm.check_mod(mask_mod, 4, "mask_mod")
   sm.check_mod_shapes(mask_mod, batch=None, heads=None, q_len=q_len, kv_len=kv_len,
                       name="mask_mod")

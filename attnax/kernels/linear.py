@@ -248,6 +248,10 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
     else:
       raise ValueError("linear_attention: feature_map='softmax' needs key= (to draw the FAVOR+ "
                        "random features) or projection= (a fixed (num_features, D) matrix)")
+    if scale < 0:
+      raise ValueError(f"linear_attention: feature_map='softmax' estimates exp(scale * q.k) with "
+                       f"features of sqrt(scale) q and sqrt(scale) k, so scale must be >= 0, got "
+                       f"{scale}")
     root = math.sqrt(scale)
     qs, ks = q.astype(f32) * root, k.astype(f32) * root
   elif projection is not None or key is not None:

@@ -45,6 +45,9 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: A
                                                 allow_f64=True)
   scale = _checks.default_scale(scale, d)
   score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod, batch=b, heads=hq, q_len=sq, kv_len=sk)
+  if isinstance(dropout_rate, jax.core.Tracer):
+    raise ValueError("dropout_rate must be a static Python float, got a traced value (pass it "
+                     "through functools.partial or mark it static under jit)")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
   if dropout_rate > 0.0 and dropout_rng is None:

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnax.kernels import _checks
+
 __all__ = [
     "MASK_VALUE", "causal_mod", "sliding_window_mod", "alibi_mod", "alibi_slopes",
     "prefix_lm_mod", "document_mask_mod", "additive_bias_mod", "compose_score_mods",
@@ -303,13 +305,23 @@ class ComposedScoreMod:
 # ----------------------------------------------------------------------------- factories
 
 
+# Offsets and windows are added to int32 positions: beyond +-2**30 they mean "everything" or
+# "nothing" for any sequence a kernel can hold, so they are clipped there and never overflow.
+_MAX_OFFSET = 2 ** 30
+
+
+def _offset(offset: Any, name: str = "causal_mod") -> int:
+  value = _checks.static_int(f"{name}: offset", offset)
+  return max(-_MAX_OFFSET, min(_MAX_OFFSET, value))
+
+
 def causal_mod(offset: int = 0) -> MaskScoreMod:
   """Causal mask: keep ``kv_idx <= q_idx + offset``.
 
   ``offset = Sk - Sq`` aligns the diagonal to the bottom right (xFormers' ``FromBottomRight``),
   as decoding with a cache needs.
   """
-  return MaskScoreMod(CausalMask(int(offset)))
+  return MaskScoreMod(CausalMask(_offset(offset)))
 
 
 def sliding_window_mod(window_size: int, offset: int = 0) -> MaskScoreMod:
@@ -317,9 +329,11 @@ def sliding_window_mod(window_size: int, offset: int = 0) -> MaskScoreMod:
 
   Each query sees ``window_size`` keys, its own position included.
   """
-  if int(window_size) < 1:
+  window_size = _checks.static_int("sliding_window_mod: window_size", window_size)
+  if window_size < 1:
     raise ValueError(f"window_size must be >= 1, got {window_size}")
-  return MaskScoreMod(SlidingWindowMask(int(window_size), int(offset)))
+  return MaskScoreMod(SlidingWindowMask(min(window_size, _MAX_OFFSET),
+                                        _offset(offset, "sliding_window_mod")))
 
 
 def prefix_lm_mod(prefix_length: int | jax.Array) -> MaskScoreMod:

@@ -2,7 +2,8 @@
 and the shapes (DESIGN section 3), never silently broadcasting.
 
 Checked through ``check_qkv`` directly and through ``standard_attention`` (eagerly and under jit,
-where the error must come at trace time).
+where the error must come at trace time). That every kernel raises them (and checks its mods'
+arrays against the inputs) is tests/kernels/test_conformance.py::test_bad_inputs.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ import pytest
 
 from attnax.kernels import _checks, standard_attention
 from attnax.kernels import score_mods as sm
-from attnax import kernels
-from attnax.kernels import alibi_mod, document_mask_mod
-from tests.helpers import random_qkv
 
 f32 = jnp.float32
 
@@ -255,18 +253,3 @@ def test_mod_arrays_that_fit(mod):
   sm.check_mod_shapes(mod, batch=2, heads=4, q_len=5, kv_len=7)
   out = standard_attention(q, k, v, score_mod=mod)
   assert out.shape == (2, 4, 5, 8)
-
-
-@pytest.mark.parametrize("kernel_name", ["standard_attention", "memory_efficient_attention",
-                                         "flash_attention", "pallas_flash_attention",
-                                         "aether_attention"])
-def test_every_kernel_checks_mod_arrays_against_the_inputs(kernel_name):
-  """Mod arrays that do not fit the inputs (ids shorter than the sequence, slopes for fewer heads)
-  would be read clamped inside a kernel: every kernel raises a ValueError naming the mod instead."""
-  kernel = getattr(kernels, kernel_name)
-  q, k, v = random_qkv(3, batch=1, q_heads=4, kv_heads=2, q_len=32, kv_len=32, head_dim=16)
-  short_ids = document_mask_mod(jnp.zeros(20, jnp.int32))
-  with pytest.raises(ValueError, match=r"doc_ids has shape \(1, 20\)"):
-    kernel(q, k, v, score_mod=short_ids)
-  with pytest.raises(ValueError, match=r"ALiBi slopes has shape \(2,\)"):
-    kernel(q, k, v, score_mod=alibi_mod(num_heads=2))

@@ -148,6 +148,9 @@ def _check_settings(epsilon, threshold, block_q, block_k, rule):
                        f"{type(threshold).__name__}") from None
     if math.isnan(threshold):
       raise ValueError("aether_attention: threshold must not be NaN")
+  if threshold is not None and epsilon == 0:
+    raise ValueError("aether_attention: epsilon=0 asks for dense attention and threshold= for the "
+                     "pull request's pruning rule; give one of them")
   _checks.check_block("block_q", block_q)
   _checks.check_block("block_k", block_k)
   if rule not in RULES:
@@ -197,6 +200,9 @@ def aether_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, epsilon: float
   b, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel="aether_attention")
   scale = _checks.default_scale(scale, d)
   epsilon, threshold = _check_settings(epsilon, threshold, block_q, block_k, rule)
+  # A tile larger than the sequence's power of two means one tile, whatever its size.
+  block_q = min(block_q, max(16, 1 << (sq - 1).bit_length()))
+  block_k = min(block_k, max(16, 1 << (sk - 1).bit_length()))
   score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod, batch=b, heads=hq, q_len=sq, kv_len=sk)
   impl = _kernel(implementation)[0]
   res = _run_compiled(q, k, v, score_mod=score_mod, mask_mod=mask_mod, score_fn=score_fn,

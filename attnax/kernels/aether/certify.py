@@ -280,8 +280,11 @@ def _decide_chunk(qc, rows, elig, geo, bounds, *, kv_heads, block_q, epsilon, th
   slack = ETA * qn[..., None] * geom(mun + rad)
   ub, lb = bounds(rows)
   if not isinstance(ub, float):
-    ub = ub.reshape(*ub.shape[:3], t, block_q, ub.shape[-1])
-    lb = lb.reshape(*lb.shape[:3], t, block_q, lb.shape[-1])
+    # Per-row bounds (R rows) split into (T, bq); a bound shared by every row (a bias with a
+    # query axis of 1) broadcasts over both.
+    rows6 = lambda x: (x[:, :, :, :, None, :] if x.shape[3] == 1 else
+                       x.reshape(*x.shape[:3], t, block_q, x.shape[-1]))
+    ub, lb = rows6(ub), rows6(lb)
     ub = ub + ETA * jnp.where(jnp.isfinite(ub), jnp.abs(ub), 0.0)
     lb = lb - ETA * jnp.where(jnp.isfinite(lb), jnp.abs(lb), 0.0)
   upper = c + qn[..., None] * geom(rad) + slack + ub                # U(r, b)

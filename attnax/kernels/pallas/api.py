@@ -267,6 +267,9 @@ def pallas_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mo
                            cu_seqlens_k: Any = None, backend: str = "auto",
                            num_warps: int | None = None, num_stages: int | None = None,
                            config: Any = None) -> Any:
+  # Checked before the internal jit, so a list or a float64 numpy array gets attnax's ValueError
+  # (not a tracer error, and no silent cast).
+  _checks.check_qkv(q, k, v, kernel="pallas_flash_attention")
   options = (("scale", scale), ("block_q", block_q), ("block_k", block_k), ("softcap", softcap),
              ("backend", backend), ("num_warps", num_warps), ("num_stages", num_stages),
              ("config", config))
