@@ -139,10 +139,13 @@ def _align_keys(phk, v_aug, offset: int, q_len: int, precision):
 
 
 def _normalise(num_aug: jax.Array) -> jax.Array:
-  """``num[..., :Dv] / num[..., Dv]``; rows whose denominator is 0 (relu) give 0."""
+  """``num[..., :Dv] / num[..., Dv]``; rows whose denominator is exactly 0 (relu) give 0.
+
+  A NaN denominator (NaN in the inputs) is not "0": it propagates.
+  """
   num, den = num_aug[..., :-1], num_aug[..., -1:]
-  ok = den > 0
-  return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+  zero = den == 0
+  return jnp.where(zero, 0.0, num / jnp.where(zero, 1.0, den))
 
 
 def _noncausal(phq, phk, v_aug, precision):

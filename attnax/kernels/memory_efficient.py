@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from attnax.kernels import _checks
 from attnax.kernels import score_mods as sm
 from attnax.kernels import tiles
+from attnax.kernels.gqa import pack_gqa
 
 __all__ = ["memory_efficient_attention"]
 
@@ -116,7 +117,7 @@ def memory_efficient_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scor
   ck = min(_checks.check_block("key_chunk_size", key_chunk_size), sk)
   g = hq // hkv
 
-  qg = q.reshape(bsz, hkv, g, sq, d)
+  qg = pack_gqa(q, hkv)
   i32 = jnp.int32
   b_idx = jnp.arange(bsz, dtype=i32).reshape(bsz, 1, 1, 1, 1)
   h_idx = (jnp.arange(hkv, dtype=i32)[:, None] * g + jnp.arange(g, dtype=i32)).reshape(1, hkv, g, 1, 1)

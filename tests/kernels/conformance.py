@@ -60,6 +60,8 @@ class Kernel:
     fast: if given, only these check ids (``"check"`` or ``"check[variant]"``) run by default;
       every other check of the row is marked slow (compile-heavy rows: Pallas interpret).
     slow: check ids marked slow (for rows without ``fast``).
+    gpu: the row needs a CUDA GPU (a compiled lowering): every check carries the ``gpu`` marker
+      (run with ``pytest -m gpu``), none is slow.
   """
   name: str
   fn: Callable[..., Any]
@@ -77,6 +79,7 @@ class Kernel:
   certified_epsilon: float = 0.0
   fast: frozenset | None = None
   slow: frozenset = frozenset()
+  gpu: bool = False
 
   def __post_init__(self):
     for cid in (self.fast or frozenset()) | self.slow:
@@ -248,6 +251,12 @@ KERNELS = (
     Kernel("paged", paged_adapter, bottom_right_causal=True, slow=_AUTODIFF_SLOW),
     # Kernelised attention is not softmax attention: it only joins the bad-input checks.
     Kernel("linear", adapter(linear_attention), softmax=False, lse=False, mods=False),
+    # The compiled lowerings (GPU only): the same checks, run with -m gpu.
+    Kernel("pallas_gpu", adapter(pallas_flash_attention, backend="triton", block_q=BLOCK,
+                                 block_k=BLOCK), block_sparse=True, gpu=True),
+    Kernel("aether_pallas_gpu", adapter(aether_attention, implementation="pallas",
+                                        epsilon=AETHER_EPSILON, block_q=BLOCK, block_k=BLOCK),
+           block_sparse=True, certified_epsilon=AETHER_EPSILON, gpu=True),
 )
 
 
@@ -264,6 +273,8 @@ def rows(check: str, variants: Any = (None,), *, needs: tuple[str, ...] = ("soft
       marks = []
       if missing:
         marks.append(pytest.mark.skip(reason=f"{row.name} lacks {', '.join(missing)}"))
+      elif row.gpu:
+        marks.append(pytest.mark.gpu)
       elif row.is_slow(check, variant):
         marks.append(pytest.mark.slow)
       pid = row.name if variant is None else f"{row.name}-{variant}"

@@ -15,6 +15,8 @@ import pytest
 
 from attnax.kernels import _checks, standard_attention
 from attnax.kernels import score_mods as sm
+from attnax import kernels
+from tests.helpers import random_qkv
 
 f32 = jnp.float32
 
@@ -253,3 +255,58 @@ def test_mod_arrays_that_fit(mod):
   sm.check_mod_shapes(mod, batch=2, heads=4, q_len=5, kv_len=7)
   out = standard_attention(q, k, v, score_mod=mod)
   assert out.shape == (2, 4, 5, 8)
+
+
+# ----------------------------------------------------------------------------- options and sizes
+
+
+def _bad_calls():
+  q, k, v = random_qkv(60, batch=1, q_heads=2, kv_heads=1, q_len=20, kv_len=20, head_dim=16)
+  key = jax.random.key(0)
+  return {
+      "causal_mod float offset": (lambda: sm.causal_mod(1.5), "offset"),
+      "causal_mod bool offset": (lambda: sm.causal_mod(True), "offset"),
+      "causal_mod traced offset": (lambda: jax.jit(sm.causal_mod)(3), "traced"),
+      "window float": (lambda: sm.sliding_window_mod(2.7), "window_size"),
+      "block_q 0": (lambda: kernels.create_block_mask(None, q_len=16, kv_len=16, block_q=0),
+                    "block_q"),
+      "block_k bool": (lambda: kernels.create_block_mask(None, q_len=16, kv_len=16,
+                                                         block_k=True), "block_k"),
+      "q_len float": (lambda: kernels.create_block_mask(None, q_len=16.5, kv_len=16), "q_len"),
+      "empty batch": (lambda: standard_attention(q[:0], k[:0], v[:0]), "empty"),
+      "empty heads": (lambda: standard_attention(q[:, :0], k, v), "empty"),
+      "scale nan": (lambda: standard_attention(q, k, v, scale=float("nan")), "scale"),
+      "scale bool": (lambda: kernels.flash_attention(q, k, v, scale=True), "scale"),
+      "pallas list input": (lambda: kernels.pallas_flash_attention(q.tolist(), k, v), "q"),
+      "pallas float64 numpy": (lambda: kernels.pallas_flash_attention(
+          np.asarray(q, np.float64), k, v), "dtype"),
+      "pallas num_warps 0": (lambda: kernels.pallas_flash_attention(q, k, v, num_warps=0),
+                             "num_warps"),
+      "softcap inf": (lambda: kernels.pallas_flash_attention(q, k, v, softcap=float("inf")),
+                      "cap"),
+      "favor negative scale": (lambda: kernels.linear_attention(
+          q, k, v, feature_map="softmax", key=key, scale=-1.0), "scale"),
+      "traced dropout_rate": (lambda: jax.jit(lambda r: standard_attention(
+          q, k, v, dropout_rate=r, dropout_rng=key))(0.1), "dropout_rate"),
+      "aether epsilon=0 and threshold": (lambda: kernels.aether_attention(
+          q, k, v, epsilon=0, threshold=1.0), "epsilon"),
+  }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_calls()))
+def test_options_and_sizes_raise(case):
+  call, word = _bad_calls()[case]
+  with pytest.raises(ValueError, match=word):
+    call()
+
+
+def test_huge_offsets_and_blocks_are_clipped():
+  """causal_mod(2**31 - 1) sees every key (no int32 overflow); a block larger than the sequence is
+  one tile."""
+  q, k, v = random_qkv(61, batch=1, q_heads=2, kv_heads=1, q_len=20, kv_len=24, head_dim=16)
+  ref = standard_attention(q, k, v)
+  for kernel in (standard_attention, kernels.flash_attention):
+    out = kernel(q, k, v, score_mod=sm.causal_mod(2 ** 31 - 1))
+    assert float(jnp.max(jnp.abs(out - ref))) == 0.0
+  out = kernels.aether_attention(q, k, v, block_k=2 ** 40, implementation="flash")
+  assert float(jnp.max(jnp.abs(out - ref))) < 1e-5

@@ -197,3 +197,15 @@ def test_errors_name_the_problem():
     linear_attention(q, k, v, feature_map="tanh")
   with pytest.raises(ValueError, match="multiple of kv heads"):
     linear_attention(*random_qkv(10, q_heads=3, kv_heads=2))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_input_propagates(causal):
+  """NaN in one query row gives NaN in that row (not 0); the other rows stay finite."""
+  q, k, v = random_qkv(90, batch=1, q_heads=2, kv_heads=1, q_len=12, kv_len=12, head_dim=8)
+  q = q.at[0, 1, 4, 0].set(jnp.nan)
+  out = np.asarray(linear_attention(q, k, v, causal=causal))
+  assert np.isnan(out[0, 1, 4]).all()
+  rest = np.ones(out.shape[:3], bool)
+  rest[0, 1, 4] = False
+  assert np.isfinite(out[rest]).all()
