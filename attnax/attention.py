@@ -520,14 +520,19 @@ class MultiHeadAttention(nnx.Module):
       max_length: capacity in positions (prompt plus generated tokens).
       dtype: dtype of the cached keys and values; default ``dtype``, else ``param_dtype``.
 
-    Resets ``cache_index`` to 0. Writing past ``max_length`` raises when the index is concrete (not
-    under ``jit``); under ``jit`` it cannot be checked, so size the cache for the whole sequence.
+    Resets ``cache_index`` to 0. Writing past ``max_length`` raises ``ValueError`` when the index
+    is concrete (not under ``jit``). Under ``jit`` (``nnx.jit``) it cannot raise; instead the
+    overflow is made visible: ``cache_index`` keeps counting past ``max_length``, and the output
+    of every step that does not fit (``cache_index + steps > max_length``), and of every later
+    step, is NaN. The cache contents are then unspecified: call ``init_cache`` again.
+
+    Raises:
+      ValueError: ``batch`` or ``max_length`` not a positive int (``1.5`` is not truncated).
     """
-    if int(batch) < 1 or int(max_length) < 1:
-      raise ValueError(f"init_cache needs batch >= 1 and max_length >= 1, got {batch}, "
-                       f"{max_length}")
+    batch = _checks.check_positive_int("init_cache: batch", batch)
+    max_length = _checks.check_positive_int("init_cache: max_length", max_length)
     dtype = _first(dtype, self.dtype, self.param_dtype)
-    shape = (int(batch), self.num_kv_heads, int(max_length), self.head_dim)
+    shape = (batch, self.num_kv_heads, max_length, self.head_dim)
     self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
     self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
     self.cache_index = nnx.Cache(jnp.array(0, dtype=jnp.int32))
@@ -554,7 +559,9 @@ class MultiHeadAttention(nnx.Module):
       decode: use the KV cache (see :meth:`init_cache`); default the constructor's ``decode``. The
         call's tokens are written at ``cache_index`` and attend to every written slot that the mods
         allow; mods and RoPE see absolute positions, so give the module a causal mod (e.g.
-        ``score_mod=causal_mod()``) for autoregressive decoding. Self-attention only.
+        ``score_mod=causal_mod()``) for autoregressive decoding. Self-attention only. A call
+        whose tokens do not fit (``cache_index + Sq > max_length``) raises ``ValueError`` when
+        the index is concrete; under ``jit`` its output is NaN (see :meth:`init_cache`).
 
     Returns:
       ``(..., Sq, out_features)``.
@@ -595,8 +602,9 @@ class MultiHeadAttention(nnx.Module):
     sm.check_mod(mask_mod, 4, "mask_mod")
     mask_mod = sm.and_masks(self.mask_mod, mask_mod)
 
+    overflow = None
     if decode:
-      q, k, v, score_mod, mask_mod = self._decode_step(q, k, v, score_mod, mask_mod)
+      q, k, v, score_mod, mask_mod, overflow = self._decode_step(q, k, v, score_mod, mask_mod)
     elif self.rope:
       q = apply_rope(q, jnp.arange(q.shape[2]), theta=self.rope_theta)
       k = apply_rope(k, jnp.arange(k.shape[2]), theta=self.rope_theta)
@@ -605,6 +613,8 @@ class MultiHeadAttention(nnx.Module):
     out = self.attention_fn(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=self.scale,
                             **options)                                 # (B, H, Sq, D)
     out = self.out(jnp.swapaxes(out, 1, 2))                            # (B, Sq, out_features)
+    if overflow is not None:      # a traced cache overflow: NaN, never a plausible wrong output
+      out = jnp.where(overflow, jnp.asarray(jnp.nan, out.dtype), out)
     return out.reshape(batch_shape + out.shape[-2:])
 
   def _dropout_options(self, deterministic, rngs) -> dict:
@@ -624,7 +634,11 @@ class MultiHeadAttention(nnx.Module):
     return dict(dropout_rate=self.dropout_rate, dropout_rng=stream())
 
   def _decode_step(self, q, k, v, score_mod, mask_mod):
-    """Write ``k``, ``v`` at ``cache_index``, return the cache as keys and position-shifted mods."""
+    """Write ``k``, ``v`` at ``cache_index``, return the cache as keys and position-shifted mods.
+
+    Also returns ``overflow``: ``None`` when the index is concrete (an overflow raised already),
+    else a traced bool scalar, true when this step's tokens do not fit in the cache.
+    """
     if self.cache_index is None:
       raise ValueError("decode=True needs a cache: call init_cache(batch, max_length) first")
     b, _, length, _ = self.cached_key.shape
@@ -633,7 +647,10 @@ class MultiHeadAttention(nnx.Module):
                        "(after flattening leading dims)")
     steps = q.shape[2]
     index = self.cache_index[...]
-    if not isinstance(index, jax.core.Tracer) and int(index) + steps > length:
+    overflow = None
+    if isinstance(index, jax.core.Tracer):
+      overflow = index + steps > length      # cannot raise: the caller turns the output to NaN
+    elif int(index) + steps > length:
       raise ValueError(f"KV cache overflow: {int(index)} positions written, {steps} more do not "
                        f"fit in max_length={length}")
     positions = index + jnp.arange(steps, dtype=jnp.int32)
@@ -654,7 +671,7 @@ class MultiHeadAttention(nnx.Module):
     score_mod = None if score_part is None else ShiftedScoreMod(score_part, offset)
     mask_mod = sm.and_masks(_shift_mask(sm.and_masks(carried, mask_mod), offset),
                             KVLengthMask(offset + steps))
-    return q, ck.astype(q.dtype), cv.astype(q.dtype), score_mod, mask_mod
+    return q, ck.astype(q.dtype), cv.astype(q.dtype), score_mod, mask_mod, overflow
 
   # --------------------------------------------------------------------------- Flax interop
 

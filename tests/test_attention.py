@@ -452,6 +452,31 @@ def test_decode_cache_state_and_errors():
   assert int(m.cache_index[...]) == 2
 
 
+def test_decode_overflow_under_jit_is_nan_not_a_wrong_answer():
+  """Traced cache_index cannot raise: the overflowing step (and every later one) returns NaN."""
+  m = make(score_mod=causal_mod())
+  x = inputs(26, B, 2, F)
+  m.init_cache(B, 5)
+  step = nnx.jit(lambda m, x: m(x, decode=True))
+  for t, fits in enumerate([True, True, False, False]):    # 2 + 2 fit in 5; 6 and 8 do not
+    out = step(m, x)
+    assert int(m.cache_index[...]) == 2 * (t + 1)           # keeps counting past max_length
+    assert np.all(np.isfinite(out)) if fits else np.all(np.isnan(out)), t
+  m.init_cache(B, 5)                                        # a fresh cache decodes again
+  assert np.all(np.isfinite(step(m, x)))
+
+
+@pytest.mark.parametrize("args,match", [
+    ((1.5, 6), r"batch must be a positive int, got 1.5"),
+    ((B, 0), r"max_length must be a positive int, got 0"),
+    ((B, 6.0), r"max_length must be a positive int, got 6.0"),
+    ((True, 6), r"batch must be a positive int, got True"),
+])
+def test_init_cache_needs_positive_ints(args, match):
+  with pytest.raises(ValueError, match="init_cache: " + match):
+    make().init_cache(*args)
+
+
 def test_decode_without_causal_mod_sees_only_written_slots():
   """No mod: prefill is bidirectional over the prompt, never over unwritten cache slots."""
   m = make()

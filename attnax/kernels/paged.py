@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from attnax.kernels import _checks
@@ -70,7 +71,42 @@ def _check_paged(q, k_pages, v_pages, block_tables, lengths):
   view = lambda x: jax.ShapeDtypeStruct((bt.shape[0], x.shape[0], bt.shape[1] * ps, x.shape[3]),
                                         x.dtype)
   _checks.check_qkv(q, view(k_pages), view(v_pages), kernel=name)
+  _check_values(bt, ln, sq=q.shape[2], num_pages=k_pages.shape[1], page_size=ps)
   return bt.astype(jnp.int32), ln.astype(jnp.int32)
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_values(bt, ln, *, sq, num_pages, page_size):
+  """ValueErrors for bad lengths / page indices, where their values are concrete (not traced)."""
+  name = "paged_attention"
+  capacity = bt.shape[1] * page_size
+  if _is_concrete(ln):
+    lv = np.asarray(ln).astype(np.int64)
+    bad = np.flatnonzero((lv < 0) | (lv > capacity) | ((lv > 0) & (lv < sq)))
+    if bad.size:
+      raise ValueError(
+          f"{name}: lengths must be 0 (an empty sequence) or in [Sq, capacity] = [{sq}, "
+          f"{capacity}] (the Sq new queries must be in the cache; capacity = "
+          f"pages_per_sequence * page_size = {bt.shape[1]} * {page_size}); got lengths "
+          f"{lv.tolist()} (bad rows {bad.tolist()}) for q with Sq={sq}, block_tables "
+          f"{tuple(bt.shape)}")
+  if _is_concrete(bt):
+    tv = np.asarray(bt).astype(np.int64)
+    if _is_concrete(ln):
+      # Only the pages that hold a sequence's tokens are read; entries past them are ignored.
+      used = np.arange(tv.shape[1])[None, :] * page_size < np.asarray(ln)[:, None]
+    else:
+      used = np.ones(tv.shape, bool)
+    bad = used & ((tv < 0) | (tv >= num_pages))
+    if bad.any():
+      rows, cols = np.nonzero(bad)
+      raise ValueError(
+          f"{name}: block_tables {tuple(bt.shape)} holds page indices outside [0, num_pages) = "
+          f"[0, {num_pages}): e.g. block_tables[{rows[0]}, {cols[0]}] = {tv[rows[0], cols[0]]} "
+          f"({bad.sum()} bad entries); k_pages/v_pages have {num_pages} pages")
 
 
 def _split_partials(q5, k_pages, v_pages, block_tables, lengths, *, pages_per_split, scale,
@@ -99,9 +135,15 @@ def _split_partials(q5, k_pages, v_pages, block_tables, lengths, *, pages_per_sp
     start = s * split_len
     pos = Positions.make(b, hkv, g, q_pos, start + jnp.arange(split_len, dtype=jnp.int32),
                          kv_len=kv_len)
-    compute = lambda: attend_packed(q5, gather_pages(k_pages, tables),
-                                    gather_pages(v_pages, tables), pos, scale=scale,
-                                    score_fn=score_fn, mask_fn=mask_fn)
+
+    def compute():
+      # Slots at or past a sequence's length hold garbage (possibly NaN, inf): zero them so that
+      # they contribute exactly 0 (0 * NaN in p @ V would be NaN) and get zero gradients.
+      valid = (start + jnp.arange(split_len, dtype=jnp.int32))[None, None, :, None] < kv_len[:, 0]
+      k = jnp.where(valid, gather_pages(k_pages, tables), 0)
+      v = jnp.where(valid, gather_pages(v_pages, tables), 0)
+      return attend_packed(q5, k, v, pos, scale=scale, score_fn=score_fn, mask_fn=mask_fn)
+
     empty = lambda: (jnp.zeros(q5.shape[:-1] + (dv,), jnp.float32),
                      jnp.full(q5.shape[:-1], -jnp.inf, jnp.float32))
     return lax.cond(start < longest, compute, empty)
@@ -125,12 +167,16 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
     q: ``(B, Hq, Sq, D)``, ``Hq % Hkv == 0`` (the ``Hq / Hkv`` query heads of a kv head are packed).
     k_pages: ``(Hkv, num_pages, page_size, D)`` key pages shared by all sequences.
     v_pages: ``(Hkv, num_pages, page_size, Dv)``.
-    block_tables: int ``(B, pages_per_sequence)``: the pages of each sequence, in order; entries
-      past a sequence's length are read only as padding (any valid page index).
-    lengths: int ``(B,)``: valid tokens per sequence, ``0 <= lengths <= pages_per_sequence *
-      page_size``. A sequence of length 0 gets output 0 (lse ``-inf``).
+    block_tables: int ``(B, pages_per_sequence)``: the pages of each sequence, in order, each in
+      ``[0, num_pages)``; entries past the pages that hold a sequence's ``lengths[b]`` tokens are
+      ignored (any value).
+    lengths: int ``(B,)``: valid tokens per sequence, ``0`` (an empty or inactive row: output 0,
+      lse ``-inf``) or ``Sq <= lengths <= capacity = pages_per_sequence * page_size``. Cache slots
+      at or past ``lengths[b]`` may hold anything (even NaN): they contribute exactly 0.
     score_mod, mask_mod: mods evaluated on absolute positions (``q_idx`` as above, ``kv_idx`` the
-      key's position in its sequence; ``h`` the query head).
+      key's position in its sequence; ``h`` the query head). The arrays they carry are checked
+      against ``batch=B``, ``heads=Hq`` and ``q_len = kv_len = capacity`` (positions run up to
+      the capacity), e.g. document ids need one entry per cache position.
     scale: default ``D ** -0.5``.
     softcap: shorthand for ``compose_score_mods(softcap_mod(softcap), score_mod)``: scores become
       ``softcap * tanh(scale * q.k / softcap)`` (Gemma 2) after scaling, before the score mod.
@@ -140,6 +186,16 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
 
   Returns:
     ``out`` ``(B, Hq, Sq, Dv)`` in q's dtype, or ``(out, lse)``.
+
+  Raises:
+    ValueError: bad shapes or dtypes; mod arrays that do not fit; and, where ``lengths`` /
+      ``block_tables`` are concrete (not traced), lengths outside the rule above or page indices
+      (of the pages a sequence uses) outside ``[0, num_pages)``.
+
+  Under ``jit`` those values cannot be checked. Then a row ``b`` whose length breaks the rule, or
+  whose used pages lie outside ``[0, num_pages)``, gets output NaN and lse NaN (the indices are
+  clamped into range for the computation, which is then discarded): never a plausible-looking
+  wrong answer. The other rows are unaffected.
   """
   bt, ln = _check_paged(q, k_pages, v_pages, block_tables, lengths)
   if backend not in BACKENDS:
@@ -153,13 +209,26 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
   if softcap is not None:
     score_mod = sm.compose_score_mods(sm.softcap_mod(softcap), score_mod)
   scale = _checks.default_scale(scale, q.shape[-1])
-  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod)
+  hkv, num_pages, ps, _ = k_pages.shape
+  capacity = n_pages * ps
+  # Query and key positions are absolute, up to the capacity: the mods' arrays must cover it.
+  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod, batch=q.shape[0], heads=q.shape[1],
+                                      q_len=capacity, kv_len=capacity)
   mask_fn = sm.and_masks(sm.CausalMask(0), mask_fn)   # keys at or before the query's position
 
-  hkv = k_pages.shape[0]
+  # Run-time guard (the values may be traced): rows with bad lengths / used pages become NaN.
+  sq = q.shape[2]
+  used = jnp.arange(n_pages, dtype=jnp.int32)[None, :] * ps < ln[:, None]
+  bad_row = ((ln < 0) | (ln > capacity) | ((ln > 0) & (ln < sq))
+             | jnp.any(used & ((bt < 0) | (bt >= num_pages)), axis=1))
+  bt = jnp.clip(bt, 0, num_pages - 1)
+  ln = jnp.clip(ln, 0, capacity)
+
   q5 = pack_gqa(q, hkv)
   outs, lses = _split_partials(q5, k_pages, v_pages, bt, ln, pages_per_split=pages_per_split,
                                scale=scale, score_fn=score_fn, mask_fn=mask_fn)
   out, lse = merge_attentions(outs, lses, out_dtype=q.dtype)
   out, lse = unpack_gqa(out), unpack_gqa(lse)
+  out = jnp.where(bad_row[:, None, None, None], jnp.asarray(jnp.nan, out.dtype), out)
+  lse = jnp.where(bad_row[:, None, None], jnp.nan, lse)
   return (out, lse) if return_lse else out

@@ -482,7 +482,7 @@ def _ring_call(q, k, v, floats, others, cfg: _Ring, mesh: Mesh):
 
 def _prepare(q, k, v, *, kernel, num_shards, causal, zigzag, score_mod, mask_mod, scale, block_q,
              axis_name=None, batch_axis=None):
-  _, _, _, sq, sk, d, _ = _checks.check_qkv(q, k, v, kernel=kernel)
+  b, hq, _, sq, sk, d, _ = _checks.check_qkv(q, k, v, kernel=kernel)
   _checks.check_block("block_q", block_q)
   unit = 2 * num_shards if zigzag else num_shards
   for name, length in (("q", sq), ("k/v", sk)):
@@ -490,7 +490,9 @@ def _prepare(q, k, v, *, kernel, num_shards, causal, zigzag, score_mod, mask_mod
       raise ValueError(f"{kernel}: the {name} sequence length ({length}) must be divisible by "
                        f"{'2 * ' if zigzag else ''}num_shards = {unit}"
                        f"{' (zig-zag chunks)' if zigzag else ''}; q {q.shape}, k {k.shape}")
-  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod)
+  # Mods index their arrays by global batch row, query head and absolute (natural-order) position.
+  score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod, batch=b, heads=hq, q_len=sq,
+                                      kv_len=sk)
   if causal:
     mask_fn = sm.and_masks(sm.CausalMask(0), mask_fn)
   floats, others, spec = _split_mods((score_fn, mask_fn))
@@ -523,7 +525,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis
       back with :func:`from_zigzag` at its output. Mods still see natural-order positions.
     score_mod, mask_mod: mods evaluated on absolute (natural-order) positions; their arrays (e.g.
       document ids of the whole sequence) are replicated to every device, and float arrays (ALiBi
-      slopes, a bias table) receive gradients.
+      slopes, a bias table) receive gradients. The arrays must fit the global ``B``, ``Hq``,
+      ``Sq``, ``Sk`` (a ValueError names the mod, its array's shape and the sizes otherwise).
     scale: default ``D ** -0.5``.
     return_lse: also return the f32 lse ``(B, Hq, Sq)`` (sharded like ``out``; differentiable).
     block_q: query block of each step's local attention (scores held: ``block_q * Sk / n``).

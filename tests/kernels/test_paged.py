@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnax.kernels import (alibi_mod, compose_score_mods, document_mask_mod, paged_attention,
-                            sliding_window_mod)
+from attnax.kernels import (additive_bias_mod, alibi_mod, compose_score_mods, document_mask_mod,
+                            paged_attention, sliding_window_mod)
 from attnax.kernels.paged import gather_pages
 from tests.helpers import reference_attention, rel_err, tol
 
@@ -77,14 +77,45 @@ def test_matches_contiguous_reference(heads, q_len, pages_per_split):
   assert rel_err(np.asarray(lse)[finite], ref_lse[finite]) < tol(jnp.float32)
 
 
+def with_garbage(cache, value=np.nan):
+  """The cache with ``value`` in every slot past each sequence's length and in every free page."""
+  q, k_pages, v_pages, tables, lengths = cache
+  kp, vp = np.array(k_pages), np.array(v_pages)
+  tb, ln = np.asarray(tables), np.asarray(lengths)
+  free = np.setdiff1d(np.arange(NUM_PAGES), tb)
+  kp[:, free], vp[:, free] = value, value
+  for b in range(tb.shape[0]):
+    for pos in range(ln[b], tb.shape[1] * PAGE):
+      kp[:, tb[b, pos // PAGE], pos % PAGE] = value
+      vp[:, tb[b, pos // PAGE], pos % PAGE] = value
+  return q, jnp.asarray(kp), jnp.asarray(vp), tables, lengths
+
+
 def test_empty_sequence_gives_zeros_not_nans():
-  cache = make_cache(2, lengths=(0, 0, 1, 2), q_len=2)
-  out, lse = paged(*cache, return_lse=True)
+  # Rows 0 and 1 are empty; unused slots (all of rows 0/1, the tails of rows 2/3) hold NaN.
+  cache = with_garbage(make_cache(2, lengths=(0, 0, 2, 5), q_len=2))
+  out, lse = paged(*cache, return_lse=True, pages_per_split=3)
   assert np.all(np.isfinite(out))
   assert np.all(np.asarray(out[:2]) == 0) and np.all(np.isneginf(lse[:2]))
-  # Length 1 with two queries: the first query sits at position -1 and sees nothing.
-  assert np.all(np.asarray(out[2, :, 0]) == 0) and np.all(np.isfinite(lse[2, :, 1]))
-  assert rel_err(out, reference(*cache)) < tol(jnp.float32)
+  assert np.all(np.isfinite(lse[2:]))
+  clean = make_cache(2, lengths=(0, 0, 2, 5), q_len=2)
+  assert rel_err(out, reference(*clean)) < tol(jnp.float32)
+
+
+def test_nan_garbage_past_lengths_contributes_nothing():
+  """0 x NaN in p @ V must not leak: slots past lengths (and free pages) are never read."""
+  clean = make_cache(9, q_len=2, lengths=(2, 13, 28, 6))
+  cache = with_garbage(clean)
+  ct = np.random.RandomState(9).randn(*cache[0].shape).astype(np.float32)
+  f = lambda q, kp, vp: jnp.sum(paged_attention(q, kp, vp, cache[3], cache[4]) * ct)
+  val, (dq, dkp, dvp) = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*cache[:3])
+  assert all(np.all(np.isfinite(g)) for g in (dq, dkp, dvp))
+  out = paged(*cache)
+  assert np.all(np.isfinite(out))
+  assert rel_err(out, reference(*clean)) < tol(jnp.float32)
+  assert np.isclose(val, np.sum(np.asarray(out) * ct), rtol=1e-5)
+  # Garbage slots get exactly zero gradient.
+  assert np.all(np.asarray(dkp)[np.isnan(np.asarray(cache[1]))] == 0)
 
 
 @pytest.mark.parametrize("mod_name", ["alibi", "document", "window", "softcap"])
@@ -180,3 +211,50 @@ def test_errors():
     paged_attention(q, kp, vp, bt, ln, backend="triton")
   with pytest.raises(ValueError, match="softcap"):
     paged_attention(q, kp, vp, bt, ln, softcap=-1.0)
+
+
+def test_bad_lengths_and_block_tables_raise_when_concrete():
+  q, kp, vp, bt, ln = make_cache(8, q_len=2, lengths=(0, 13, 28, 5))
+  cases = [
+      (bt, ln.at[2].set(29), "lengths", r"\[2, 28\].*29"),      # past the capacity 7 * 4
+      (bt, ln.at[1].set(-1), "lengths", r"-1"),
+      (bt, ln.at[3].set(1), "lengths", r"Sq=2"),                 # the 2 new queries are not cached
+      (bt.at[1, 0].set(-1), ln, "block_tables", r"\(4, 7\).*\[1, 0\] = -1"),
+      (bt.at[2, 6].set(NUM_PAGES), ln, "block_tables",
+       rf"\[2, 6\] = {NUM_PAGES}.*{NUM_PAGES} pages"),
+  ]
+  for tables, lengths, name, detail in cases:
+    with pytest.raises(ValueError, match=f"paged_attention: {name}.*{detail}"):
+      paged_attention(q, kp, vp, tables, lengths)
+  # Entries past the pages a sequence uses are ignored: row 0 is empty, row 3 uses 2 pages.
+  from attnax.kernels.paged import _check_values
+  _check_values(bt.at[0].set(-1).at[3, 2:].set(NUM_PAGES), ln, sq=2, num_pages=NUM_PAGES,
+                page_size=PAGE)
+
+
+def test_bad_lengths_and_block_tables_under_jit_give_nan_rows():
+  """Traced values cannot raise: a row with a bad length or a bad used page is NaN, not wrong."""
+  q, kp, vp, bt, ln = make_cache(10, q_len=2, batch=4, lengths=(2, 13, 28, 5))
+  bad_bt = bt.at[1, 3].set(-1).at[3, 5].set(-7)      # row 1 uses slot 3; row 3 (5 tokens) not 5
+  bad_ln = ln.at[0].set(1).at[2].set(40)              # below Sq; past the capacity
+  out, lse = paged(q, kp, vp, bad_bt, bad_ln, return_lse=True)
+  nan_rows = [True, True, True, False]
+  for b, is_nan in enumerate(nan_rows):
+    assert np.all(np.isnan(out[b])) == is_nan and np.all(np.isnan(lse[b])) == is_nan
+  assert rel_err(out[3], reference(q, kp, vp, bt, ln)[3]) < tol(jnp.float32)
+
+
+def test_mod_arrays_must_fit_the_cache():
+  q, kp, vp, bt, ln = make_cache(11)                 # B=4, Hq=4, capacity 28
+  docs = jnp.zeros((4, 28), jnp.int32)
+  cases = [
+      (alibi_mod(num_heads=2), r"ALiBi slopes has shape \(2,\).*heads=4"),
+      (document_mask_mod(docs[:, :10]), r"doc_ids has shape \(4, 10\).*q_len=28"),
+      (document_mask_mod(docs[:2]), r"doc_ids has shape \(2, 28\).*batch=4"),
+      (additive_bias_mod(jnp.zeros((4, 4, 10, 28))), r"bias has shape \(4, 4, 10, 28\).*q_len=28"),
+  ]
+  for mod, match in cases:
+    with pytest.raises(ValueError, match="score_mod: " + match):
+      paged_attention(q, kp, vp, bt, ln, score_mod=mod)
+  with pytest.raises(ValueError, match=r"mask_mod: doc_ids has shape \(4, 10\)"):
+    paged_attention(q, kp, vp, bt, ln, mask_mod=document_mask_mod(docs[:, :10]).mask_mod)

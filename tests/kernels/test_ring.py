@@ -223,6 +223,29 @@ def test_errors(mesh):
     ring_attention(q, k, v, mesh=None, axis_name="sp")
 
 
+def test_mod_arrays_must_fit_the_global_shapes(mesh):
+  """Mods read their arrays by global row, head and position: a misfit raises, never clamps."""
+  q, k, v = _zeros(S, 2 * S)                       # B=2, Hq=4, Sq=32, Sk=64
+  docs = jnp.zeros((2, S), jnp.int32)
+  cases = [
+      (dict(score_mod=alibi_mod(num_heads=2)),
+       r"score_mod: ALiBi slopes has shape \(2,\).*heads=4"),
+      (dict(score_mod=document_mask_mod(docs[:, :S // 2], jnp.zeros((2, 2 * S), jnp.int32))),
+       r"score_mod: doc_ids has shape \(2, 16\).*q_len=32"),
+      (dict(score_mod=document_mask_mod(docs)),      # one id table for a 64-key sequence
+       r"score_mod: kv_doc_ids has shape \(2, 32\).*kv_len=64"),
+      (dict(mask_mod=document_mask_mod(jnp.zeros((3, 2 * S), jnp.int32)).mask_mod),
+       r"mask_mod: doc_ids has shape \(3, 64\).*batch=2"),
+      (dict(score_mod=additive_bias_mod(jnp.zeros((2, 4, S, S)))),
+       r"score_mod: bias has shape \(2, 4, 32, 32\).*kv_len=64"),
+  ]
+  for kw, match in cases:
+    with pytest.raises(ValueError, match=match):
+      ring_attention(q, k, v, mesh=mesh, axis_name="sp", **kw)
+    with pytest.raises(ValueError, match=match):
+      ring_attention_reference(q, k, v, num_shards=N, **kw)
+
+
 @pytest.mark.slow
 def test_bf16_grads(mesh):
   q, k, v = random_qkv(10, q_len=64, kv_len=64, dtype=jnp.bfloat16)

@@ -20,7 +20,6 @@ operands (ids) get none.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -144,7 +143,6 @@ def _backward(lowering, spec, q, k, v, out, lse, dout, dlse, arrays, diff):
   return dq, dk, dv, d_ops
 
 
-@functools.lru_cache(maxsize=256)
 def _attention_vjp(lowering: Lowering, spec: tk.KernelSpec):
   """The custom_vjp of one (lowering, spec): ``f(q, k, v, operands, schedule) -> (out, lse)``.
 

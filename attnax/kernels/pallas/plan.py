@@ -158,7 +158,7 @@ def build_plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_m
   if cu_seqlens_q is not None or cu_seqlens_k is not None:
     cu_q = cu_seqlens_q if cu_seqlens_q is not None else cu_seqlens_k
     mask_fn = sm.and_masks(mask_fn, varlen.varlen_mask_mod(cu_q, cu_seqlens_k, q_len=sq,
-                                                           kv_len=sk))
+                                                           kv_len=sk, batch=b))
 
   if block_mask is not None:
     block_mask = bm_lib.fit_block_mask(block_mask, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq,
