@@ -20,6 +20,7 @@ from attnax.kernels.score_mods import (
     document_mask_mod, mask_mod_to_boolean_mask, mask_mod_to_score_mod, prefix_lm_mod,
     sliding_window_mod,
 )
+from tests.kernels.test_block_mask import expected_tiles
 from tests.helpers import rel_err, tol, rand, random_qkv
 
 
@@ -573,17 +574,8 @@ def _valid_rows(kind):
 def _expected_tiles(mask, block_q, block_k):
   """Tile states (B, H, nq, nk) of a dense (B, H, Sq, Sk) mask: EMPTY where nothing in range is
   visible, FULL where everything is and the tile is not ragged, else PARTIAL."""
-  b, h, sq, sk = mask.shape
-  nq, nk = -(-sq // block_q), -(-sk // block_k)
-  pad = np.zeros((b, h, nq * block_q, nk * block_k), bool)
-  pad[:, :, :sq, :sk] = mask
-  inr = np.zeros(pad.shape[2:], bool)
-  inr[:sq, :sk] = True
-  t = pad.reshape(b, h, nq, block_q, nk, block_k)
-  r = inr.reshape(nq, block_q, nk, block_k)
-  any_, all_ = t.any(axis=(3, 5)), (t | ~r).all(axis=(3, 5))
-  full_ = all_ & r.all(axis=(1, 3))
-  return np.where(any_, np.where(full_, FULL, PARTIAL), EMPTY)
+  any_, all_, ragged = expected_tiles(mask, block_q, block_k)
+  return np.where(any_, np.where(all_ & ~ragged, FULL, PARTIAL), EMPTY)
 
 
 def _tiles_bh(bm, batch=B, heads=HQ):
