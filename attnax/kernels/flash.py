@@ -257,8 +257,11 @@ def _zeros_like_diff(grp: _Group) -> tuple:
   return tuple(jnp.zeros(grp.values[i].shape, f32) for i in grp.diff)
 
 
-def _backward_group(grp: _Group, q, k, v, do, lse, delta):
+def _backward_group(grp: _Group, q, k, v, do, lse, delta, with_qkv: bool = True):
   """dQ pass over the per-q-block lists and dK/dV pass over the per-kv-block lists.
+
+  ``with_qkv=False`` runs only what the operand cotangents need: the dQ pass without its dQ
+  matmul, and no dK/dV pass (dq, dk, dv come back None).
 
   Args:
     q, do: ``(Bv, Hv, G, Sq_pad, D|Dv)``; k, v: ``(Bv, Hv, Sk_pad, D|Dv)``.
@@ -298,15 +301,17 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta):
         dq, d_ops = carry
         k_blk, v_blk = kv_slices(kb)
         _, ds, inc = tile_grads(q_blk, do_blk, lse_blk, delta_blk, k_blk, v_blk, qb, kb, masked)
-        dq = dq + tiles.pv_dot(_fold(_lowp(ds, q.dtype)), k_blk).reshape(dq.shape)
+        if with_qkv:
+          dq = dq + tiles.pv_dot(_fold(_lowp(ds, q.dtype)), k_blk).reshape(dq.shape)
         return dq, tuple(a + b.astype(f32) for a, b in zip(d_ops, inc))
       return body
 
-    carry = ((jnp.zeros((bv, hv, g, bq, d), f32), _zeros_like_diff(grp)), jnp.int32(0))
+    dq0 = jnp.zeros((bv, hv, g, bq, d), f32) if with_qkv else None
+    carry = ((dq0, _zeros_like_diff(grp)), jnp.int32(0))
     carry = _loop(lists.full_kv_counts[qb], lists.full_kv_indices, qb, tile(False), carry)
     carry = _loop(lists.kv_counts[qb], lists.kv_indices, qb, tile(True), carry)
     (dq, d_ops), visits = carry
-    return (dq * scale, visits), d_ops
+    return (None if dq is None else dq * scale, visits), d_ops
 
   def dkv_block(kb):
     k_blk, v_blk = kv_slices(kb)
@@ -332,6 +337,8 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta):
 
   (dq, dq_visits), d_ops = _map_accumulate(dq_block, jnp.arange(nq, dtype=i32),
                                            _zeros_like_diff(grp))
+  if not with_qkv:
+    return None, None, None, d_ops, dq_visits.sum(), jnp.int32(0)
   dk, dv, dkv_visits = jax.lax.map(dkv_block, jnp.arange(nk, dtype=i32))
   dq = jnp.moveaxis(dq, 0, 3).reshape(bv, hv, g, sqp, d)
   dk = jnp.moveaxis(dk, 0, 2).reshape(bv, hv, skp, d)
@@ -383,12 +390,14 @@ def _flash_forward(cfg: _Config, mods, values, bm, state, q, k, v):
   return out, lse, visits.sum()
 
 
-def flash_backward(cfg: _Config, mods, values, diff, bm, state, q, k, v, out, lse, dout, dlse):
+def flash_backward(cfg: _Config, mods, values, diff, bm, state, q, k, v, out, lse, dout, dlse,
+                   with_qkv: bool = True):
   """Backward over all groups.
 
   Returns ``(dq, dk, dv, d_operands, dq tiles visited, dkv tiles visited)``; ``d_operands`` are
-  the f32 cotangents of ``values[i]`` for ``i`` in ``diff``. Used by :func:`flash_attention` and, for
-  the mods' operands alone, by the Pallas kernels' backward.
+  the f32 cotangents of ``values[i]`` for ``i`` in ``diff``. Used by :func:`flash_attention` and, with
+  ``with_qkv=False`` (dq, dk, dv None: only the operands' work is done), by the Pallas kernels'
+  backward.
   """
   bsz, hq, sq, d = q.shape
   hkv, sk, g = k.shape[1], k.shape[2], cfg.groups
@@ -406,11 +415,13 @@ def flash_backward(cfg: _Config, mods, values, diff, bm, state, q, k, v, out, ls
     n, lists_n, st_n, q_n, k_n, v_n, do_n, lse_n, delta_n = x
     grp = make_group(n, lists_n, st_n)
     dq, dk, dv, d_ops, dq_visits, dkv_visits = _backward_group(grp, q_n, k_n, v_n, do_n, lse_n,
-                                                               delta_n)
+                                                               delta_n, with_qkv)
     return (dq, dk, dv, dq_visits, dkv_visits), d_ops
 
   zeros = tuple(jnp.zeros(values[i].shape, f32) for i in diff)
   (dq, dk, dv, dq_visits, dkv_visits), d_ops = _map_accumulate(run, xs, zeros)
+  if not with_qkv:
+    return None, None, None, d_ops, dq_visits.sum(), dkv_visits.sum()
   dq = _merge_lead(dq, cfg.nb, cfg.nh)[:, :, :, :sq].reshape(bsz, hq, sq, d)
   dk = _merge_lead(dk, cfg.nb, cfg.nh)[:, :, :sk]
   dv = _merge_lead(dv, cfg.nb, cfg.nh)[:, :, :sk]
@@ -448,27 +459,6 @@ def _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k, block_mask):
   return cfg, mods, values, bm, state
 
 
-def _unwrap_cotangent(ct):
-  """A symbolic-zero cotangent as None, anything else as is."""
-  return None if isinstance(ct, jax.custom_derivatives.SymbolicZero) else ct
-
-
-def differentiated(values, float_mask) -> tuple[tuple, tuple[int, ...]]:
-  """``(plain values, indices of the float operands being differentiated)`` from the primals a
-  ``custom_vjp`` with ``symbolic_zeros=True`` passes to its forward rule."""
-  plain = tuple(x.value for x in values)
-  diff = tuple(i for i, (x, f) in enumerate(zip(values, float_mask)) if f and x.perturbed)
-  return plain, diff
-
-
-def operand_cotangents(values, diff, d_ops) -> tuple:
-  """Cotangents for every operand: the computed ones in ``diff`` (in the operand's dtype), None
-  (a symbolic zero) for the rest."""
-  by_index = dict(zip(diff, d_ops))
-  return tuple(by_index[i].astype(x.dtype) if i in by_index else None
-               for i, x in enumerate(values))
-
-
 def _make_flash(cfg: _Config, mods: ops_lib.ModOperands):
   """The custom_vjp attention for one configuration: ``f(q, k, v, values, bm, state)``.
 
@@ -482,21 +472,19 @@ def _make_flash(cfg: _Config, mods: ops_lib.ModOperands):
     return out, lse
 
   def fwd(q, k, v, values, bm, state):
-    q, k, v = q.value, k.value, v.value
-    bm, state = jax.tree.map(lambda x: x.value, (bm, state))
-    values, diff = differentiated(values, mods.float_mask)
+    q, k, v, bm, state = ops_lib.primal_values((q, k, v, bm, state))
+    values, marks = ops_lib.differentiated(values, mods.float_mask)
     out, lse, _ = _flash_forward(cfg, mods, values, bm, state, q, k, v)
-    marks = tuple(() if i in diff else None for i in range(len(values)))
     return (out, lse), (q, k, v, out, lse, values, bm, state, marks)
 
   def bwd(res, cts):
     q, k, v, out, lse, values, bm, state, marks = res
-    diff = tuple(i for i, m in enumerate(marks) if m is not None)
-    dout, dlse = map(_unwrap_cotangent, cts)
+    diff = ops_lib.marked(marks)
+    dout, dlse = map(ops_lib.cotangent_or_none, cts)
     dout = jnp.zeros_like(out) if dout is None else dout
     dq, dk, dv, d_ops, _, _ = flash_backward(cfg, mods, values, diff, bm, state, q, k, v, out,
                                              lse, dout, dlse)
-    return dq, dk, dv, operand_cotangents(values, diff, d_ops), None, None
+    return dq, dk, dv, ops_lib.operand_cotangents(values, diff, d_ops), None, None
 
   attn.defvjp(fwd, bwd, symbolic_zeros=True)
   return attn
@@ -581,4 +569,5 @@ def operand_cotangents_over(q, k, v, out, lse, dout, dlse, *, mods: ops_lib.ModO
                     block_q=min(block_q, sq), block_k=min(block_k, sk))
   cfg = _Config(scale=scale, block_q=bm.block_q, block_k=bm.block_k, q_len=sq, kv_len=sk,
                 groups=hq // hkv, nb=bm.tiles.shape[0], nh=bm.tiles.shape[1])
-  return flash_backward(cfg, mods, values, diff, bm, state, q, k, v, out, lse, dout, dlse)[3]
+  return flash_backward(cfg, mods, values, diff, bm, state, q, k, v, out, lse, dout, dlse,
+                        with_qkv=False)[3]

@@ -29,8 +29,9 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ModOperands", "RefArray", "collect", "eval_jaxpr", "zero_cotangent", "is_array",
-           "has_functions"]
+__all__ = ["ModOperands", "RefArray", "collect", "eval_jaxpr", "is_array", "has_functions",
+           "split_static", "join_static", "primal_values", "differentiated", "marked",
+           "cotangent_or_none", "operand_cotangents"]
 
 
 def is_array(x: Any) -> bool:
@@ -46,14 +47,6 @@ def _operand(x: Any) -> jax.Array:
   if x.dtype == jnp.float64 and not jax.config.jax_enable_x64:
     return x.astype(jnp.float32)
   return x
-
-
-def zero_cotangent(x: Any) -> Any:
-  """The zero cotangent of ``x``: zeros for floats, ``float0`` for ints and bools."""
-  x = jnp.asarray(x)
-  if jnp.issubdtype(x.dtype, jnp.inexact):
-    return jnp.zeros_like(x)
-  return np.zeros(x.shape, jax.dtypes.float0)
 
 
 # ----------------------------------------------------------------------------- refs in kernels
@@ -314,10 +307,6 @@ class ModOperands:
     return isinstance(other, ModOperands) and self._key() == other._key()
 
   @property
-  def num_operands(self) -> int:
-    return len(self.meta)
-
-  @property
   def float_mask(self) -> tuple[bool, ...]:
     """Which operands are floating point (differentiable)."""
     return tuple(jnp.issubdtype(jnp.dtype(d), jnp.inexact) for _, d in self.meta)
@@ -335,12 +324,10 @@ class ModOperands:
     wrap = lambda f: None if f is None else _Closure(f, self.cells, cell_vals)
     return wrap(score_fn), wrap(mask_fn)
 
-  def refs_to_values(self, refs: Sequence[Any]) -> tuple[Any, ...]:
-    """RefArray views of a kernel's 1-D operand refs (see :meth:`kernel_operands`)."""
-    return tuple(RefArray(r, shape, dtype) for r, (shape, dtype) in zip(refs, self.meta))
-
   def rebuild_from_refs(self, refs: Sequence[Any]) -> tuple[Any, Any]:
-    return self.rebuild(self.refs_to_values(refs))
+    """The mods inside a kernel: :class:`RefArray` views of its 1-D operand refs (the layout of
+    :meth:`kernel_operands`)."""
+    return self.rebuild([RefArray(r, shape, dtype) for r, (shape, dtype) in zip(refs, self.meta)])
 
   @staticmethod
   def kernel_operands(operands: Sequence[Any]) -> tuple[jax.Array, ...]:
@@ -387,3 +374,69 @@ def has_functions(tree: Any) -> bool:
   (arrays, Python values) may change between calls, so it is traced again at every call.
   """
   return any(callable(x) and not is_array(x) for x in jax.tree_util.tree_leaves(tree))
+
+
+def split_static(tree: Any) -> tuple[Any, tuple]:
+  """``(key, arrays)``: a hashable static key of ``tree`` and its array leaves, for a kernel's own
+  compiled cache (``join_static(key, arrays)`` gives the tree back).
+
+  The key is None (trace every call) when the static part is unhashable or holds a plain function
+  (a lambda mod): what it closes over is read afresh at every call, never cached with it.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  is_arr = tuple(is_array(x) for x in leaves)
+  static = tuple(None if a else x for x, a in zip(leaves, is_arr))
+  arrays = tuple(x for x, a in zip(leaves, is_arr) if a)
+  try:
+    hash((treedef, static))
+  except TypeError:
+    return None, arrays
+  if has_functions(static):
+    return None, arrays
+  return (treedef, static, is_arr), arrays
+
+
+def join_static(key: Any, arrays: Sequence[Any]) -> Any:
+  """The inverse of :func:`split_static`."""
+  treedef, static, is_arr = key
+  it = iter(arrays)
+  return jax.tree_util.tree_unflatten(treedef, [next(it) if a else x
+                                                for x, a in zip(static, is_arr)])
+
+
+# ----------------------------------------------------------------------------- custom_vjp plumbing
+#
+# Kernels' custom_vjps are built with ``symbolic_zeros=True``: the forward rule sees which operands
+# carry a tangent, and only those float operands get a cotangent pass in the backward.
+
+
+def primal_values(primals: Any) -> Any:
+  """The plain values of a pytree of ``CustomVJPPrimal`` (what a symbolic-zeros fwd rule gets)."""
+  return jax.tree.map(lambda x: x.value, primals)
+
+
+def differentiated(primals: Sequence[Any], float_mask: Sequence[bool]) -> tuple[tuple, tuple]:
+  """``(plain operand values, marks)``: ``marks[i]`` is ``()`` for a float operand being
+  differentiated and None otherwise; empty pytrees, so they ride along in the residuals.
+  :func:`marked` reads them back."""
+  values = tuple(x.value for x in primals)
+  marks = tuple(() if f and x.perturbed else None for x, f in zip(primals, float_mask))
+  return values, marks
+
+
+def marked(marks: Sequence[Any]) -> tuple[int, ...]:
+  """Indices of the operands :func:`differentiated` marked."""
+  return tuple(i for i, m in enumerate(marks) if m is not None)
+
+
+def cotangent_or_none(ct: Any) -> Any:
+  """A symbolic-zero cotangent as None, anything else as is."""
+  return None if isinstance(ct, jax.custom_derivatives.SymbolicZero) else ct
+
+
+def operand_cotangents(values: Sequence[Any], diff: Sequence[int], d_ops: Sequence[Any]) -> tuple:
+  """Cotangents for every operand: the computed ones in ``diff`` (in the operand's dtype), None
+  (a symbolic zero) for the rest."""
+  by_index = dict(zip(diff, d_ops))
+  return tuple(by_index[i].astype(x.dtype) if i in by_index else None
+               for i, x in enumerate(values))

@@ -79,34 +79,43 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def _bad_entries(xp, bt, ln, *, sq, pages_per_sequence, num_pages, page_size):
+  """``(bad lengths (B,), bad used pages (B, n))`` under the rules of :func:`paged_attention`.
+
+  ``xp`` is numpy (concrete values, for the ValueError) or jax.numpy (the run-time guard). Either
+  array may be None (not concrete): its result is then None; with ``ln`` None every page counts
+  as used.
+  """
+  capacity = pages_per_sequence * page_size
+  bad_len = None if ln is None else (ln < 0) | (ln > capacity) | ((ln > 0) & (ln < sq))
+  if bt is None:
+    return bad_len, None
+  used = (xp.ones(bt.shape, bool) if ln is None else
+          xp.arange(pages_per_sequence)[None, :] * page_size < ln[:, None])
+  return bad_len, used & ((bt < 0) | (bt >= num_pages))
+
+
 def _check_values(bt, ln, *, sq, num_pages, page_size):
   """ValueErrors for bad lengths / page indices, where their values are concrete (not traced)."""
   name = "paged_attention"
   capacity = bt.shape[1] * page_size
-  if _is_concrete(ln):
-    lv = np.asarray(ln).astype(np.int64)
-    bad = np.flatnonzero((lv < 0) | (lv > capacity) | ((lv > 0) & (lv < sq)))
-    if bad.size:
-      raise ValueError(
-          f"{name}: lengths must be 0 (an empty sequence) or in [Sq, capacity] = [{sq}, "
-          f"{capacity}] (the Sq new queries must be in the cache; capacity = "
-          f"pages_per_sequence * page_size = {bt.shape[1]} * {page_size}); got lengths "
-          f"{lv.tolist()} (bad rows {bad.tolist()}) for q with Sq={sq}, block_tables "
-          f"{tuple(bt.shape)}")
-  if _is_concrete(bt):
-    tv = np.asarray(bt).astype(np.int64)
-    if _is_concrete(ln):
-      # Only the pages that hold a sequence's tokens are read; entries past them are ignored.
-      used = np.arange(tv.shape[1])[None, :] * page_size < np.asarray(ln)[:, None]
-    else:
-      used = np.ones(tv.shape, bool)
-    bad = used & ((tv < 0) | (tv >= num_pages))
-    if bad.any():
-      rows, cols = np.nonzero(bad)
-      raise ValueError(
-          f"{name}: block_tables {tuple(bt.shape)} holds page indices outside [0, num_pages) = "
-          f"[0, {num_pages}): e.g. block_tables[{rows[0]}, {cols[0]}] = {tv[rows[0], cols[0]]} "
-          f"({bad.sum()} bad entries); k_pages/v_pages have {num_pages} pages")
+  lv = np.asarray(ln).astype(np.int64) if _is_concrete(ln) else None
+  tv = np.asarray(bt).astype(np.int64) if _is_concrete(bt) else None
+  bad_len, bad_page = _bad_entries(np, tv, lv, sq=sq, pages_per_sequence=bt.shape[1],
+                                   num_pages=num_pages, page_size=page_size)
+  if bad_len is not None and bad_len.any():
+    raise ValueError(
+        f"{name}: lengths must be 0 (an empty sequence) or in [Sq, capacity] = [{sq}, "
+        f"{capacity}] (the Sq new queries must be in the cache; capacity = "
+        f"pages_per_sequence * page_size = {bt.shape[1]} * {page_size}); got lengths "
+        f"{lv.tolist()} (bad rows {np.flatnonzero(bad_len).tolist()}) for q with Sq={sq}, "
+        f"block_tables {tuple(bt.shape)}")
+  if bad_page is not None and bad_page.any():
+    rows, cols = np.nonzero(bad_page)
+    raise ValueError(
+        f"{name}: block_tables {tuple(bt.shape)} holds page indices outside [0, num_pages) = "
+        f"[0, {num_pages}): e.g. block_tables[{rows[0]}, {cols[0]}] = {tv[rows[0], cols[0]]} "
+        f"({bad_page.sum()} bad entries); k_pages/v_pages have {num_pages} pages")
 
 
 def _split_partials(q5, k_pages, v_pages, block_tables, lengths, *, pages_per_split, scale,
@@ -218,9 +227,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
 
   # Run-time guard (the values may be traced): rows with bad lengths / used pages become NaN.
   sq = q.shape[2]
-  used = jnp.arange(n_pages, dtype=jnp.int32)[None, :] * ps < ln[:, None]
-  bad_row = ((ln < 0) | (ln > capacity) | ((ln > 0) & (ln < sq))
-             | jnp.any(used & ((bt < 0) | (bt >= num_pages)), axis=1))
+  bad_len, bad_page = _bad_entries(jnp, bt, ln, sq=sq, pages_per_sequence=n_pages,
+                                   num_pages=num_pages, page_size=ps)
+  bad_row = bad_len | jnp.any(bad_page, axis=1)
   bt = jnp.clip(bt, 0, num_pages - 1)
   ln = jnp.clip(ln, 0, capacity)
 

@@ -277,13 +277,14 @@ def _bad_calls():
       "empty heads": (lambda: standard_attention(q[:, :0], k, v), "empty"),
       "scale nan": (lambda: standard_attention(q, k, v, scale=float("nan")), "scale"),
       "scale bool": (lambda: kernels.flash_attention(q, k, v, scale=True), "scale"),
-      "pallas list input": (lambda: kernels.pallas_flash_attention(q.tolist(), k, v), "q"),
+      "pallas list input": (lambda: kernels.pallas_flash_attention(q.tolist(), k, v),
+                            "q must be an array"),
       "pallas float64 numpy": (lambda: kernels.pallas_flash_attention(
-          np.asarray(q, np.float64), k, v), "dtype"),
+          np.asarray(q, np.float64), k, v), "q has unsupported dtype float64"),
       "pallas num_warps 0": (lambda: kernels.pallas_flash_attention(q, k, v, num_warps=0),
-                             "num_warps"),
+                             "num_warps must be a positive int"),
       "softcap inf": (lambda: kernels.pallas_flash_attention(q, k, v, softcap=float("inf")),
-                      "cap"),
+                      "cap must be finite"),
       "favor negative scale": (lambda: kernels.linear_attention(
           q, k, v, feature_map="softmax", key=key, scale=-1.0), "scale"),
       "traced dropout_rate": (lambda: jax.jit(lambda r: standard_attention(

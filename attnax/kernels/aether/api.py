@@ -95,37 +95,16 @@ def _run(q, k, v, *, score_mod, mask_mod, score_fn, mask_fn, impl, return_stats,
   return jax.lax.cond(jnp.any(possible), pruned, dense)
 
 
-def _partition(tree: Any):
-  """Split a pytree of mods into its array leaves and a hashable static remainder.
-
-  The remainder is None (no compiled cache) when it is unhashable or holds a plain function (a
-  lambda mod): what it closes over is read at every call, never cached with it.
-  """
-  leaves, treedef = jax.tree.flatten(tree)
-  is_arr = [ops_lib.is_array(x) for x in leaves]
-  static = (treedef, tuple(None if a else x for x, a in zip(leaves, is_arr)), tuple(is_arr))
-  try:
-    hash(static)
-  except TypeError:
-    return None, None
-  if ops_lib.has_functions(static[1]):
-    return None, None
-  return [x for x, a in zip(leaves, is_arr) if a], static
-
-
 @functools.partial(jax.jit, static_argnames=("static", "settings"))
 def _run_jit(q, k, v, arrays, *, static, settings):
-  treedef, others, is_arr = static
-  it = iter(arrays)
-  leaves = [next(it) if a else x for x, a in zip(others, is_arr)]
-  score_mod, mask_mod, score_fn, mask_fn = jax.tree.unflatten(treedef, leaves)
+  score_mod, mask_mod, score_fn, mask_fn = ops_lib.join_static(static, arrays)
   return _run(q, k, v, score_mod=score_mod, mask_mod=mask_mod, score_fn=score_fn, mask_fn=mask_fn,
               **dict(settings))
 
 
 def _run_compiled(q, k, v, *, score_mod, mask_mod, score_fn, mask_fn, **settings):
   """:func:`_run`, compiled once per (shapes, mods' structure, settings) when the mods allow it."""
-  arrays, static = _partition((score_mod, mask_mod, score_fn, mask_fn))
+  static, arrays = ops_lib.split_static((score_mod, mask_mod, score_fn, mask_fn))
   if static is None:
     return _run(q, k, v, score_mod=score_mod, mask_mod=mask_mod, score_fn=score_fn,
                 mask_fn=mask_fn, **settings)

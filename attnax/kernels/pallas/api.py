@@ -159,21 +159,19 @@ def _attention_vjp(lowering: Lowering, spec: tk.KernelSpec):
     return forward(q, k, v, operands, schedule)
 
   def fwd(q, k, v, operands, schedule):
-    q, k, v = q.value, k.value, v.value
-    schedule = jax.tree.map(lambda x: x.value, schedule)
-    operands, diff = flash.differentiated(operands, float_mask)
+    q, k, v, schedule = ops_lib.primal_values((q, k, v, schedule))
+    operands, marks = ops_lib.differentiated(operands, float_mask)
     out, lse = forward(q, k, v, operands, schedule)
-    marks = tuple(() if i in diff else None for i in range(len(operands)))
     return (out, lse), (q, k, v, operands, schedule, out, lse, marks)
 
   def bwd(res, cts):
     q, k, v, operands, schedule, out, lse, marks = res
-    diff = tuple(i for i, m in enumerate(marks) if m is not None)
-    dout, dlse = (None if isinstance(c, jax.custom_derivatives.SymbolicZero) else c for c in cts)
+    diff = ops_lib.marked(marks)
+    dout, dlse = map(ops_lib.cotangent_or_none, cts)
     dout = jnp.zeros_like(out) if dout is None else dout
     arrays = dataclasses.replace(schedule, operands=operands)
     dq, dk, dv, d_ops = _backward(lowering, spec, q, k, v, out, lse, dout, dlse, arrays, diff)
-    return dq, dk, dv, flash.operand_cotangents(operands, diff, d_ops), None
+    return dq, dk, dv, ops_lib.operand_cotangents(operands, diff, d_ops), None
 
   attn.defvjp(fwd, bwd, symbolic_zeros=True)
   return attn
@@ -213,32 +211,6 @@ _DOC_ARGS = """
 """
 
 
-def _split_static(tree):
-  """Flatten ``tree`` into a hashable static key and its array leaves.
-
-  The key is None (trace every call) when the static part is unhashable or holds a plain function
-  (a lambda mod): what it closes over is read afresh at every call, never cached with it.
-  """
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  is_arr = tuple(ops_lib.is_array(x) for x in leaves)
-  static = tuple(None if a else x for x, a in zip(leaves, is_arr))
-  arrays = tuple(x for x, a in zip(leaves, is_arr) if a)
-  try:
-    hash((treedef, static))
-  except TypeError:
-    return None, arrays
-  if ops_lib.has_functions(static):
-    return None, arrays
-  return (treedef, static, is_arr), arrays
-
-
-def _join_static(key, arrays):
-  treedef, static, is_arr = key
-  it = iter(arrays)
-  return jax.tree_util.tree_unflatten(treedef, [next(it) if a else x
-                                                for x, a in zip(static, is_arr)])
-
-
 def _attention(q, k, v, tree, options):
   score_mod, mask_mod, block_mask, cu_q, cu_k = tree
   lowering, spec, arrays, qp, kp, vp = _plan(
@@ -251,7 +223,7 @@ def _attention(q, k, v, tree, options):
 
 
 def _attention_static(key, options, q, k, v, arrays):
-  return _attention(q, k, v, _join_static(key, arrays), options)
+  return _attention(q, k, v, ops_lib.join_static(key, arrays), options)
 
 
 _attention_jit = jax.jit(_attention_static, static_argnums=(0, 1))
@@ -272,7 +244,7 @@ def pallas_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mo
              ("backend", backend), ("num_warps", num_warps), ("num_stages", num_stages),
              ("config", config))
   tree = (score_mod, mask_mod, block_mask, cu_seqlens_q, cu_seqlens_k)
-  key, arrays = _split_static(tree)
+  key, arrays = ops_lib.split_static(tree)
   try:
     hash(options)
   except TypeError:

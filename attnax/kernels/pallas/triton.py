@@ -44,6 +44,9 @@ _TN = (((0,), (0,)), ((), ()))   # a.T @ b
 # ----------------------------------------------------------------------------- config
 
 
+MAX_HEAD_DIM = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class TritonConfig:
   """The Triton lowering's knobs (static, hashable).
@@ -186,8 +189,6 @@ def not_supported_reasons(q: Any, k: Any, v: Any, *, interpret: bool) -> list[st
     pass
   return reasons
 
-
-MAX_HEAD_DIM = 256
 
 
 # ----------------------------------------------------------------------------- shared tile maths
