@@ -304,9 +304,15 @@ class MultiHeadAttention(nnx.Module):
     mask_mod: :class:`~attnax.kernels.MaskMod` applied at every call; per-call mask mods are and-ed
       with it.
     scale: score scale passed to the kernel; default ``head_dim ** -0.5``.
-    dropout_rate: attention-weight dropout. Only kernels whose signature takes ``dropout_rate`` and
-      ``dropout_rng`` support it (``standard_attention`` does); with any other kernel a rate above 0
-      raises ``ValueError`` here, at construction, rather than silently doing something else.
+    dropout_rate: attention-weight dropout, applied inside the kernel to the softmax
+      probabilities (kept ones scaled by ``1 / (1 - dropout_rate)``). Kernels whose signature
+      takes ``dropout_rate`` and ``dropout_rng`` support it: ``standard_attention``,
+      ``memory_efficient_attention``, ``flash_attention`` and ``pallas_flash_attention`` (fused:
+      the mask is regenerated in the backward, never stored), and ``functools.partial`` objects
+      of them. The key comes from the module's ``rngs`` (its ``dropout`` stream) at every training
+      call. Any other kernel works with ``dropout_rate > 0`` whenever dropout is off
+      (``deterministic=True``) and raises ``ValueError`` naming the kernel on a call that would
+      drop, rather than silently not dropping.
     deterministic: default of the call's ``deterministic`` (dropout off when True).
     use_bias: whether the four projections have biases.
     dtype: computation dtype of the projections and the kernel (default: inferred from inputs and
@@ -415,12 +421,8 @@ class MultiHeadAttention(nnx.Module):
     sm.check_mod(mask_mod, 4, "mask_mod")
     if not 0.0 <= float(dropout_rate) < 1.0:
       raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
-    if dropout_rate > 0.0 and not (accepts_keyword(attention_fn, "dropout_rate")
-                                   and accepts_keyword(attention_fn, "dropout_rng")):
-      raise ValueError(
-          f"dropout_rate={dropout_rate} needs an attention_fn that takes dropout_rate and "
-          f"dropout_rng (standard_attention does); {_kernel_name(attention_fn)!r} does not. "
-          "Use dropout_rate=0 with this kernel, or put an nnx.Dropout on the module's output")
+    # Whether the kernel can drop is checked at the calls that drop (deterministic=False), so a
+    # module with dropout_rate > 0 still evaluates with any kernel.
     head_dim = qkv_features // num_heads
     if rope:
       if head_dim % 2:
@@ -626,6 +628,14 @@ class MultiHeadAttention(nnx.Module):
                        "(or use nnx.view(model, deterministic=...))")
     if deterministic:
       return {}
+    if not (accepts_keyword(self.attention_fn, "dropout_rate")
+            and accepts_keyword(self.attention_fn, "dropout_rng")):
+      raise ValueError(
+          f"dropout_rate={self.dropout_rate} with deterministic=False needs an attention_fn that "
+          f"takes dropout_rate and dropout_rng (standard_attention, memory_efficient_attention, "
+          f"flash_attention, pallas_flash_attention do); {_kernel_name(self.attention_fn)!r} "
+          "does not. Call with deterministic=True, use one of those kernels, or set "
+          "dropout_rate=0 and put an nnx.Dropout on the module's output")
     stream = self.rngs if rngs is None else rngs
     if isinstance(stream, nnx.Rngs):
       stream = stream.dropout
@@ -672,6 +682,69 @@ class MultiHeadAttention(nnx.Module):
     mask_mod = sm.and_masks(_shift_mask(sm.and_masks(carried, mask_mod), offset),
                             KVLengthMask(offset + steps))
     return q, ck.astype(q.dtype), cv.astype(q.dtype), score_mod, mask_mod, overflow
+
+  # --------------------------------------------------------------------------- paged decoding
+
+  def decode_paged(self, inputs: jax.Array, cache: Any, layer: int = 0, *, score_mod: Any = None,
+                   mask_mod: Any = None, **paged_options: Any) -> tuple[jax.Array, Any]:
+    """One decoding step (or prefill chunk) over a paged KV cache: ``(out, cache)``.
+
+    The functional counterpart of ``decode=True`` for serving many sequences of different lengths
+    together: the cache is a :class:`~attnax.kernels.PagedKVCache` passed in and returned (one
+    pytree of arrays, so the whole step jits), and its ``layer``-th pools hold this module's keys
+    and values. Before the step, ``cache.allocate(num_new)`` gives row ``b`` room for
+    ``num_new[b]`` tokens (once for all layers); this method then projects the step's tokens,
+    writes their keys and values (after QK-norm and RoPE) into the cache
+    (:meth:`~attnax.kernels.PagedKVCache.append`) and attends with
+    :func:`~attnax.kernels.paged_attention`.
+
+    Args:
+      inputs: ``(B, S, in_features)``, ``B = cache.batch``: the step's ``S`` token slots per row,
+        right-aligned: of row ``b`` the last ``cache.pending[b]`` are its new tokens, at absolute
+        positions ``cache.lengths[b] - pending[b] ..``; slots before them are padding (their
+        outputs are meaningless).
+      cache: the :class:`~attnax.kernels.PagedKVCache` (its pools' dtype is the KV dtype: a float
+        dtype, or int8 with per-token scales).
+      layer: which of the cache's layers is this module's (static).
+      score_mod, mask_mod: this call's mods, composed with the constructor's. Every mod sees
+        absolute positions, and the kernel is causal on them (a ``causal_mod()`` given to the
+        module is then redundant, and harmless).
+      paged_options: options of ``paged_attention`` (``backend``, ``softcap``, ``config``, ...).
+
+    Returns:
+      ``(out (B, S, out_features), cache)`` with the step's keys and values written. Dropout is
+      not applied (decoding is inference).
+    """
+    if inputs.ndim != 3 or inputs.shape[-1] != self.in_features or inputs.shape[0] != cache.batch:
+      raise ValueError(f"decode_paged: inputs must have shape (batch={cache.batch}, S, "
+                       f"in_features={self.in_features}); got {inputs.shape}")
+    if cache.k_pages[layer].shape[0] != self.num_kv_heads or \
+        cache.k_pages[layer].shape[-1] != self.head_dim:
+      raise ValueError(f"decode_paged: cache layer {layer} holds pages "
+                       f"{cache.k_pages[layer].shape} (num_kv_heads, num_pages, page_size, "
+                       f"head_dim), but the module has {self.num_kv_heads} kv heads of "
+                       f"{self.head_dim}")
+    q, k, v = self.query(inputs), self.key(inputs), self.value(inputs)   # (B, S, H, D)
+    if self.query_norm is not None:
+      q, k = self.query_norm(q), self.key_norm(k)
+    dt = jnp.result_type(q, k, v)
+    q, k, v = (jnp.swapaxes(x, 1, 2).astype(dt) for x in (q, k, v))   # (B, H, S, D)
+    steps = inputs.shape[1]
+    # Right-aligned: slot i of row b is position lengths[b] - S + i (padding slots clamp to 0).
+    positions = jnp.maximum(cache.lengths[:, None] - steps + jnp.arange(steps), 0)
+    if self.rope:
+      q = apply_rope(q, positions[:, None, :], theta=self.rope_theta)
+      k = apply_rope(k, positions[:, None, :], theta=self.rope_theta)
+    cache = cache.append(layer, k, v)
+    score_mod = sm.compose_score_mods(self.score_mod, score_mod)
+    sm.check_mod(mask_mod, 4, "mask_mod")
+    mask_mod = sm.and_masks(self.mask_mod, mask_mod)
+    if not cache.quantized:     # the kernel reads q in the pools' dtype
+      q = q.astype(cache.k_pages[layer].dtype)
+    out = cache.attend(layer, q, score_mod=score_mod, mask_mod=mask_mod, scale=self.scale,
+                       **paged_options)
+    out = self.out(jnp.swapaxes(out.astype(dt), 1, 2))                 # (B, S, out_features)
+    return out, cache
 
   # --------------------------------------------------------------------------- Flax interop
 

@@ -13,7 +13,6 @@ attnax mods, and ``is_causal`` into :func:`~attnax.kernels.causal_mod`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable
 
@@ -22,30 +21,17 @@ import jax.numpy as jnp
 
 from attnax.attention import _kernel_name, accepts_keyword, is_attention_fn
 from attnax.kernels import score_mods as sm
+from attnax.nn import check_broadcast, check_layout, peer_empty_rows, run_kernel
 
 __all__ = ["flax_attention_fn", "ArrayMask"]
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ArrayMask:
-  """A mask mod reading a boolean array: keep where ``mask[b, h, q_idx, kv_idx]``.
-
-  ``mask`` has rank 4; size-1 axes broadcast (Flax's masks are broadcastable to
-  ``(B, H, Sq, Sk)``).
-  """
-  mask: jax.Array
-
-  def __call__(self, b, h, q_idx, kv_idx):
-    return sm.take(self.mask, b, h, q_idx, kv_idx)
+# Flax's boolean mask as a mask mod (kept under its old name here).
+ArrayMask = sm.ArrayMask
 
 
-def _to_rank4(x: jax.Array, batch_shape: tuple[int, ...], name: str) -> jax.Array:
+def _to_rank4(x: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
   """Flax's ``(batch..., H, Sq, Sk)``-broadcastable array -> rank 4 with one batch axis."""
   nb = len(batch_shape)
-  if x.ndim > nb + 3:
-    raise ValueError(f"{name} of shape {x.shape} has more axes than (batch..., heads, q, kv) "
-                     f"with batch dims {batch_shape}")
   x = x.reshape((1,) * (nb + 3 - x.ndim) + x.shape)
   if nb == 0:
     return x[None]
@@ -58,9 +44,14 @@ def _to_rank4(x: jax.Array, batch_shape: tuple[int, ...], name: str) -> jax.Arra
   return x.reshape((math.prod(batch_shape),) + x.shape[nb:])
 
 
+_SOW_REASON = ("sow_weights=True asks for the (batch, heads, q, kv) attention weights, which an "
+               "attnax kernel never materialises (that is what keeps it O(seq) in memory); run the "
+               "layers whose weights you inspect with Flax's own dot_product_attention")
+
+
 def flax_attention_fn(kernel: Callable[..., Any], *, score_mod: Any = None, mask_mod: Any = None,
                       **options: Any) -> Callable[..., jax.Array]:
-  """An ``attention_fn`` for ``flax.nnx.MultiHeadAttention`` that runs an attnax kernel.
+  """An ``attention_fn`` for ``flax.nnx.MultiHeadAttention`` (and Linen's) that runs an attnax kernel.
 
   Example::
 
@@ -80,12 +71,18 @@ def flax_attention_fn(kernel: Callable[..., Any], *, score_mod: Any = None, mask
     ``(batch..., Sk, Hkv, D)``, ``value`` ``(batch..., Sk, Hkv, Dv)`` and returning
     ``(batch..., Sq, H, Dv)``. Flax's scaling ``D ** -0.5`` is the kernels' default.
 
-  Translation rules: ``bias`` becomes :func:`~attnax.kernels.additive_bias_mod` and ``mask`` an
-  :class:`ArrayMask` (False = masked), both read at the kernel's indices; ``is_causal`` is
-  ``causal_mod()`` (top-left aligned, as Flax's ``tril``). Dropout is passed to the kernel when it
-  takes ``dropout_rate``/``dropout_rng`` and raises ``ValueError`` otherwise; masks are drawn per
-  weight (``broadcast_dropout`` is ignored), so they differ from Flax's own draws. ``module``
-  (Flax's ``sow_weights=True``) raises: attnax kernels do not materialise the weights.
+  Translation rules: shapes are checked first (a ValueError naming them, whatever else the call
+  asks for); ``bias`` becomes :func:`~attnax.kernels.additive_bias_mod` and ``mask``
+  :func:`~attnax.kernels.array_mask_mod` (False = masked), both read at the kernel's indices;
+  ``is_causal`` is ``causal_mod()`` (top-left aligned, as Flax's ``tril``). A query that sees no
+  key gets the mean of the values, as Flax gives (its softmax over equal masked logits is
+  uniform), instead of the kernels' 0. ``precision`` reaches kernels that take one
+  (``standard_attention``); the fused kernels ignore it (their matmuls accumulate in f32 at the
+  input precision; Flax itself ignores it unless dropout or ``sow_weights`` is on). Dropout is
+  passed to the kernel when it takes ``dropout_rate``/``dropout_rng`` and raises ``ValueError``
+  otherwise; masks are drawn per weight (``broadcast_dropout`` is ignored), so they differ from
+  Flax's own draws. ``sow_weights=True`` (Flax passes ``module``) raises ``ValueError``: the
+  kernels never materialise the weights.
   """
   if not is_attention_fn(kernel):
     raise ValueError(f"{_kernel_name(kernel)!r} does not meet the AttentionFn signature "
@@ -95,6 +92,7 @@ def flax_attention_fn(kernel: Callable[..., Any], *, score_mod: Any = None, mask
   held = (score_mod, mask_mod)
   takes_dropout = accepts_keyword(kernel, "dropout_rate") and accepts_keyword(kernel, "dropout_rng")
   takes_precision = accepts_keyword(kernel, "precision")
+  name = f"flax_attention_fn({_kernel_name(kernel)})"
 
   def attention_fn(query: jax.Array, key: jax.Array, value: jax.Array,
                    bias: jax.Array | None = None, mask: jax.Array | None = None, *,
@@ -103,19 +101,27 @@ def flax_attention_fn(kernel: Callable[..., Any], *, score_mod: Any = None, mask
                    precision: Any = None, module: Any = None, is_causal: bool = False,
                    **unused: Any) -> jax.Array:
     del broadcast_dropout
+    # Shapes first: a shape error is reported as one, whatever else the call asks for.
+    batch_shape, sq, sk, heads, _ = check_layout(query, key, value, fn=name)
+    target = batch_shape + (heads, sq, sk)
+    axes = "(batch..., heads, q_length, kv_length)"
+    if bias is not None:
+      bias = check_broadcast(bias, target, "bias", name, axes)
+    if mask is not None:
+      mask = check_broadcast(mask, target, "mask", name, axes)
     if module is not None:
-      raise ValueError(f"flax_attention_fn({_kernel_name(kernel)}): sow_weights is not supported, "
-                       "attnax kernels do not materialise the attention weights")
+      raise ValueError(f"{name}: {_SOW_REASON}")
     if unused.get("input_positions") is not None:
-      raise ValueError("flax_attention_fn: input_positions (Flax's RoPE hook) is not supported; "
+      raise ValueError(f"{name}: input_positions (Flax's RoPE hook) is not supported; "
                        "use attnax.MultiHeadAttention(rope=True)")
-    if query.ndim < 3 or key.ndim != query.ndim or value.ndim != query.ndim:
-      raise ValueError(f"query, key, value must be (batch..., S, heads, head_dim) of one rank, got "
-                       f"{query.shape}, {key.shape}, {value.shape}")
-    batch_shape = query.shape[:-3]
-    if key.shape[:-3] != batch_shape or value.shape[:-3] != batch_shape:
-      raise ValueError(f"query, key, value batch dims differ: {query.shape}, {key.shape}, "
-                       f"{value.shape}")
+    kwargs = dict(options)
+    if not deterministic and dropout_rate > 0.0:
+      if not takes_dropout:
+        raise ValueError(f"{name}: dropout_rate={dropout_rate}: {_kernel_name(kernel)!r} does not "
+                         "take dropout_rate/dropout_rng")
+      kwargs.update(dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    if precision is not None and takes_precision:
+      kwargs["precision"] = precision
     dt = dtype if dtype is not None else jnp.result_type(query, key, value)
     to_kernel = lambda x: jnp.swapaxes(
         x.reshape((math.prod(batch_shape),) + x.shape[-3:]), 1, 2).astype(dt)
@@ -123,27 +129,23 @@ def flax_attention_fn(kernel: Callable[..., Any], *, score_mod: Any = None, mask
 
     base_score, base_mask = held
     score = sm.compose_score_mods(
-        base_score, None if bias is None else sm.additive_bias_mod(
-            _to_rank4(jnp.asarray(bias), batch_shape, "bias")))
+        base_score, None if bias is None else sm.additive_bias_mod(_to_rank4(bias, batch_shape)))
     masks = [base_mask]
     if mask is not None:
-      masks.append(ArrayMask(_to_rank4(jnp.asarray(mask), batch_shape, "mask").astype(bool)))
+      masks.append(sm.array_mask_mod(_to_rank4(mask, batch_shape).astype(bool)).mask_mod)
     if is_causal:
       masks.append(sm.CausalMask(0))
-    kwargs = dict(options)
-    if not deterministic and dropout_rate > 0.0:
-      if not takes_dropout:
-        raise ValueError(f"dropout_rate={dropout_rate}: {_kernel_name(kernel)!r} does not take "
-                         "dropout_rate/dropout_rng (standard_attention does)")
-      kwargs.update(dropout_rate=dropout_rate, dropout_rng=dropout_rng)
-    if precision is not None:
-      if not takes_precision:
-        raise ValueError(f"precision={precision}: {_kernel_name(kernel)!r} takes no precision")
-      kwargs["precision"] = precision
-    out = kernel(q, k, v, score_mod=score, mask_mod=sm.and_masks(*masks), **kwargs)
+    combined = sm.and_masks(*masks)
+    # Rows that see no key get Flax's mean of the values; only a mask (Flax's, is_causal or one
+    # the held mods carry) can empty a row.
+    maybe_empty = sm.and_masks(sm.split_score_mod(score)[1], combined) is not None
+    out, lse = run_kernel(kernel, q, k, v, score_mod=score, mask_mod=combined, scale=None,
+                          need_lse=maybe_empty, fn=name, **kwargs)
+    if maybe_empty:
+      out, _ = peer_empty_rows(out, lse, v)
     out = jnp.swapaxes(out, 1, 2)                              # (B, Sq, H, Dv)
     return out.reshape(batch_shape + out.shape[1:])
 
-  attention_fn.__name__ = f"flax_attention_fn({_kernel_name(kernel)})"
+  attention_fn.__name__ = name
   attention_fn.kernel = kernel
   return attention_fn

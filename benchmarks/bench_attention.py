@@ -30,6 +30,11 @@ Rules (also in benchmarks/README.md):
   copies are rotated so consecutive calls do not hit in L2.
 * A failure (unsupported case, out of memory, missing package or kernel) is printed as
   ``n/a (reason)`` in its cell; the run goes on.
+* ``flex`` is PyTorch FlexAttention (``torch.compile(flex_attention)``, its own
+  ``create_block_mask``) on the same inputs when torch imports; its recompile limits are raised and
+  it compiles once per case and mode (see "FlexAttention" in README.md).
+* ``--out PATH`` writes ``PATH.json`` (records carry each case's shape and mask kind) and
+  ``PATH.md``; ``plot_bench.py`` (or ``--plot DIR``) draws TFLOP/s against S per mask kind from it.
 """
 
 from __future__ import annotations
@@ -84,6 +89,8 @@ class Case:
   causal: bool = False
   window: int | None = None         # causal sliding window: keep 0 <= i - j < window
   docs: int | None = None           # number of equal documents packed into seq (causal in each)
+  alibi: bool = False               # ALiBi (the paper's per-head slopes) on top of causal
+  prefix: int | None = None         # prefix LM: keys < prefix visible to all queries, causal after
   aether: str | None = None         # "iid" or "clustered": an AETHER case
   kernels: tuple[str, ...] = ()     # default kernels, run in this order
   modes: tuple[str, ...] = MODES
@@ -98,7 +105,37 @@ class Case:
       return f"causal window {self.window}"
     if self.docs:
       return f"{self.docs} causal documents of {self.seq // self.docs}"
+    if self.alibi:
+      return "ALiBi + causal"
+    if self.prefix:
+      return f"prefix LM, prefix {self.prefix}"
     return "causal" if self.causal else "dense"
+
+  @property
+  def mask_kind(self) -> str:
+    """The family the plots group by: dense, causal, window, documents, alibi, prefix, aether-*."""
+    if self.aether:
+      return f"aether-{self.aether}"
+    if self.window:
+      return "window"
+    if self.docs:
+      return "documents"
+    if self.alibi:
+      return "alibi"
+    if self.prefix:
+      return "prefix"
+    return "causal" if self.causal else "dense"
+
+  @property
+  def is_causal(self) -> bool:
+    """Whether the case's mask is causal (or a causal one plus more: window, documents, ALiBi)."""
+    return self.causal or bool(self.window or self.docs or self.alibi)
+
+  def meta(self) -> dict:
+    """The case's shape and mask, stored with every JSON record (the plots read them)."""
+    return {"batch": self.batch, "heads": self.heads, "seq": self.seq, "head_dim": self.head_dim,
+            "mask": self.mask_kind, "kind": self.kind, "window": self.window, "docs": self.docs,
+            "prefix": self.prefix, "pairs": self.pairs()}
 
   def pairs(self) -> float:
     """Visible (query, key) pairs per (batch, head) used for the FLOP count."""
@@ -109,23 +146,51 @@ class Case:
     if self.docs:
       ln = s // self.docs
       return self.docs * ln * (ln + 1) / 2
-    return s * s / 2 if self.causal else float(s * s)
+    if self.prefix:     # queries < P see the P prefix keys; query i >= P sees i + 1 keys
+      p = min(self.prefix, s)
+      return p * p + (s * (s + 1) - p * (p + 1)) / 2
+    return s * s / 2 if self.is_causal else float(s * s)
 
   def flops(self, mode: str) -> float:
     f = 4.0 * self.batch * self.heads * self.head_dim * self.pairs()
     return f * (1.0 + BWD_FLOP_FACTOR) if mode == "fwd+bwd" else f
 
 
-PEERS = ("cudnn", "xla", "mha", "tokamax-mosaic", "tokamax-triton")
-DENSE_ATTNAX = ("attnax-pallas", "attnax-flash")
+PEERS = ("cudnn", "xla", "mha", "tokamax-mosaic", "tokamax-triton", "flex")
+# pallas_flash_attention by lowering: mosaic (sm90), triton, and auto (what a user gets by default).
+PALLAS_ATTNAX = ("attnax-mosaic", "attnax-triton", "attnax-pallas")
+# Dense attnax kernels; the first that ran is the AETHER cases' xdense baseline.
+DENSE_ATTNAX = PALLAS_ATTNAX + ("attnax-flash",)
 MAIN_KERNELS = PEERS + DENSE_ATTNAX
-MASK_KERNELS = ("cudnn", "cudnn-mask", "xla", "mha", "tokamax-mosaic", "tokamax-triton") + DENSE_ATTNAX
-AETHER_KERNELS = DENSE_ATTNAX + ("cudnn", "aether")
+MASK_KERNELS = ("cudnn", "cudnn-mask", "xla", "mha", "tokamax-mosaic", "tokamax-triton",
+                "flex") + DENSE_ATTNAX
+# ALiBi: cuDNN plain causal is the baseline (another function); FlexAttention is the peer to beat.
+ALIBI_KERNELS = ("cudnn", "flex") + DENSE_ATTNAX
+PREFIX_KERNELS = ("cudnn", "cudnn-mask", "xla", "flex") + DENSE_ATTNAX
+AETHER_KERNELS = ("attnax-mosaic", "attnax-pallas", "attnax-flash", "cudnn", "aether")
 
 
-def _main_case(s: int, causal: bool) -> Case:
-  tag = f"s{s // 1024}k" + ("-causal" if causal else "")
-  return Case(tag, batch=max(1, 16384 // s), heads=16, seq=s, causal=causal, kernels=MAIN_KERNELS)
+def _main_case(s: int, causal: bool, head_dim: int = 128, batch: int | None = None) -> Case:
+  tag = f"s{s // 1024}k" + ("" if head_dim == 128 else f"-d{head_dim}") + ("-causal" if causal else "")
+  return Case(tag, batch=batch or max(1, 16384 // s), heads=16, seq=s, head_dim=head_dim,
+              causal=causal, kernels=MAIN_KERNELS)
+
+
+def _curve_cases() -> list[Case]:
+  """More sequence lengths per mask kind, so that the plots have curves (the "curves" group)."""
+  out = []
+  for s in (1024, 2048, 8192):
+    out += [_main_case(s, False), _main_case(s, True)]
+  for s in (8192, 16384):
+    tag = f"{s // 1024}k"
+    out += [Case(f"window{tag}", batch=32768 // s, heads=16, seq=s, window=1024,
+                 kernels=MASK_KERNELS),
+            Case(f"docs{tag}", batch=32768 // s, heads=16, seq=s, docs=s // 4096,
+                 kernels=MASK_KERNELS)]
+  for s in (2048, 4096, 16384):
+    out.append(Case(f"alibi{s // 1024}k", batch=max(1, 16384 // s), heads=16, seq=s, alibi=True,
+                    kernels=ALIBI_KERNELS))
+  return out
 
 
 def _aether_case(s: int, tag: str, keys: str) -> Case:
@@ -145,22 +210,36 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("docs32k", batch=1, heads=16, seq=32768, docs=8, kernels=MASK_KERNELS,
          note="cudnn: dense causal over all 32768 (no document mask; the baseline to beat); "
               "cudnn-mask: documents as a dense mask; mha: segment_ids; tokamax: k_start mask"),
+    Case("alibi8k", batch=2, heads=16, seq=8192, alibi=True, kernels=ALIBI_KERNELS,
+         note="alibi_mod + causal_mod; flex: ALiBi score_mod + causal block mask; cudnn: plain "
+              "causal (no ALiBi; the baseline, a different function)"),
+    Case("prefix8k", batch=2, heads=16, seq=8192, prefix=2048, kernels=PREFIX_KERNELS,
+         note="prefix_lm_mod(prefix); cudnn: plain causal (the baseline, a different function); "
+              "cudnn-mask, xla: the prefix-LM mask as a dense boolean mask"),
+    _main_case(4096, False, 64), _main_case(4096, True, 64),
+    _main_case(4096, False, 256), _main_case(4096, True, 256),
     Case("s1m-causal", batch=1, heads=8, seq=1 << 20, causal=True, kernels=("attnax-pallas",),
          note="attnax only; add attnax-flash with --kernels attnax-pallas,attnax-flash (pure JAX: "
               "minutes per call at this size)"),
 ] + [_aether_case(s, tag, keys)
      for s, tag in ((4096, "4k"), (32768, "32k"), (131072, "128k"), (1 << 20, "1m"))
-     for keys in ("iid", "clustered")]}
+     for keys in ("iid", "clustered")] + _curve_cases()}
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "main": ("s4k", "s4k-causal", "s16k", "s16k-causal"),
-    "masks": ("window32k", "docs32k"),
+    "masks": ("window32k", "docs32k", "alibi8k", "prefix8k"),
+    "dims": ("s4k-d64", "s4k-d64-causal", "s4k-d256", "s4k-d256-causal"),
+    # The cells of issue 10's targets (mosaic forward against cuDNN, tokamax and FlexAttention).
+    "targets": ("s4k", "s4k-causal", "s16k", "s16k-causal", "window32k", "docs32k", "alibi8k",
+                "s4k-d64", "s4k-d64-causal", "s4k-d256", "s4k-d256-causal"),
+    "curves": tuple(c.name for c in _curve_cases()),
     "long": ("s1m-causal",),
     "aether": tuple(n for n in CASES if n.startswith("aether-")),
     "aether-small": ("aether-4k-iid", "aether-4k-clustered", "aether-32k-iid",
                      "aether-32k-clustered"),
 }
-GROUPS["all"] = GROUPS["main"] + GROUPS["masks"] + GROUPS["long"] + GROUPS["aether"]
+GROUPS["all"] = (GROUPS["main"] + GROUPS["masks"] + GROUPS["dims"] + GROUPS["curves"]
+                 + GROUPS["long"] + GROUPS["aether"])
 DEFAULT_CASES = "main,masks"
 
 
@@ -175,7 +254,11 @@ def quick_case(c: Case) -> Case:
     return dataclasses.replace(c, batch=1, heads=2, seq=512, head_dim=64, docs=4)
   if c.seq >= 1 << 20:
     return dataclasses.replace(c, batch=1, heads=2, seq=1024, head_dim=64)
-  return dataclasses.replace(c, batch=2, heads=2, seq=256 if c.seq <= 4096 else 512, head_dim=64)
+  if c.prefix:
+    return dataclasses.replace(c, batch=2, heads=2, seq=256, head_dim=64, prefix=64)
+  # The head-dim variants keep their D (their point); the others run at D=64.
+  return dataclasses.replace(c, batch=2, heads=2, seq=256 if c.seq <= 4096 else 512,
+                             head_dim=64 if c.head_dim == 128 else c.head_dim)
 
 
 # ============================================================================ inputs
@@ -242,7 +325,7 @@ class Inputs:
     self._dense_mask = None
 
   def dense_mask(self) -> jax.Array:
-    """The case's mask as booleans ``(1, 1, S, S)`` (window and document cases); built once."""
+    """The case's mask as booleans ``(1, 1, S, S)`` (window, document, prefix cases); built once."""
     if self._dense_mask is None:
       c = self.case
       i = jnp.arange(c.seq, dtype=jnp.int32)[:, None]
@@ -252,6 +335,8 @@ class Inputs:
       elif c.docs:
         ln = c.seq // c.docs
         m = (j <= i) & (i // ln == j // ln)
+      elif c.prefix:
+        m = (j <= i) | (j < c.prefix)
       else:
         raise Unsupported("no mask in this case")
       self._dense_mask = jax.block_until_ready(m[None, None])
@@ -266,7 +351,8 @@ class Inputs:
 #
 # A builder takes (case, inputs, on_gpu) and returns fn(q, k, v) in its layout, or raises
 # Unsupported. `exact` says whether the row computes the case's function (its output is checked
-# against the reference); `layout` is the kernel's native layout.
+# against the reference); `layout` is the kernel's native layout. An `engine="torch"` kernel
+# (FlexAttention) is built and timed by the torch path instead (`flex_cell`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +363,7 @@ class Kernel:
   desc: str
   gpu_only: bool = False
   exact: Callable[[Case], bool] = lambda case: True
+  engine: str = "jax"                           # "jax", or "torch" (timed by flex_cell)
 
 
 def _attnax(name: str):
@@ -293,16 +380,20 @@ def _attnax_mod(case: Case, inp: Inputs):
     return sm.sliding_window_mod(case.window)
   if case.docs:
     return sm.compose_score_mods(sm.causal_mod(), sm.document_mask_mod(inp.aux["doc_ids"]))
+  if case.alibi:
+    return sm.compose_score_mods(sm.alibi_mod(num_heads=case.heads), sm.causal_mod())
+  if case.prefix:
+    return sm.prefix_lm_mod(case.prefix)
   return sm.causal_mod() if case.causal else None
 
 
-def build_attnax(name: str):
+def build_attnax(name: str, **options):
+  """``attnax.kernels.<name>`` with the case's mods; ``options`` (e.g. ``backend=``) passed on."""
   def build(case, inp, on_gpu):
     kern = _attnax(name)
     mod = _attnax_mod(case, inp)
-    if mod is None:
-      return lambda q, k, v: kern(q, k, v)
-    return lambda q, k, v: kern(q, k, v, score_mod=mod)
+    kw = dict(options) if mod is None else dict(options, score_mod=mod)
+    return lambda q, k, v: kern(q, k, v, **kw)
   return build
 
 
@@ -325,13 +416,15 @@ def build_jax_nn(impl: str, dense_mask: bool = False):
       raise Unsupported("needs a GPU")
     dpa = functools.partial(jax.nn.dot_product_attention, implementation=impl)
     if dense_mask:
-      if not (case.window or case.docs):
-        raise Unsupported("dense-mask variant is for the window and document cases")
+      if not (case.window or case.docs or case.prefix):
+        raise Unsupported("dense-mask variant is for the window, document and prefix cases")
       mask = inp.dense_mask()
       return lambda q, k, v: dpa(q, k, v, mask=mask)
-    if case.docs:
-      if impl == "cudnn":   # the baseline: dense causal over the whole packed sequence
+    if case.docs or case.alibi or case.prefix:
+      if impl == "cudnn":   # the baseline: plain causal (documents: over the whole packed sequence)
         return lambda q, k, v: dpa(q, k, v, is_causal=True)
+      if case.alibi:
+        raise Unsupported("no ALiBi here (a dense bias would be another kernel)")
       mask = inp.dense_mask()
       return lambda q, k, v: dpa(q, k, v, mask=mask)
     win = _window(case)
@@ -344,6 +437,8 @@ def build_mha(case, inp, on_gpu):
   from jax.experimental.pallas.ops.gpu import attention as pl_attn
   if case.window:
     raise Unsupported("no window support")
+  if case.alibi or case.prefix:
+    raise Unsupported("no ALiBi or prefix-LM support")
   if case.seq % 128 and case.seq > 128:
     raise Unsupported("seq must be a multiple of 128")
   scale = case.head_dim ** -0.5
@@ -362,6 +457,8 @@ def build_tokamax(impl: str):
       import tokamax
     except Exception as e:  # noqa: BLE001
       raise Unsupported(f"tokamax not importable: {type(e).__name__}: {e}") from None
+    if case.alibi or case.prefix:
+      raise Unsupported("no ALiBi or prefix-LM mask in this benchmark's tokamax rows")
     if case.docs:
       # tokamax's own way to say "packed causal documents": per-query first visible key.
       from tokamax._src.ops.attention import api as tk_api
@@ -380,10 +477,235 @@ def build_tokamax(impl: str):
   return build
 
 
+# ============================================================================ FlexAttention (torch)
+#
+# PyTorch's FlexAttention as a peer, in the same process as the JAX kernels: the case's q, k, v, ct
+# (the bhsd sets, FlexAttention's layout) are copied once into torch tensors through DLPack, outside
+# timing; the case's mask is FlexAttention's own `create_block_mask`, its mods FlexAttention
+# `score_mod`s. torch._dynamo recompiles flex_attention for every new mask, score_mod or shape and,
+# past its recompile limit (8), silently runs an unfused path that materialises the scores (30-40x
+# slower): the limits are raised and the compile cache is reset once per case, so each case compiles
+# exactly once per mode (fwd under no_grad, fwd+bwd with grad), with dynamic shapes off.
+
+_FLEX_STATE: dict[str, Any] = {}
+DYNAMO_LIMIT = 1000
+
+
+def _torch_flex():
+  """``(torch, torch.nn.attention.flex_attention)`` or Unsupported with the reason."""
+  try:
+    import torch
+  except Exception as e:  # noqa: BLE001
+    raise Unsupported(f"torch not importable: {type(e).__name__}: {e}") from None
+  try:
+    from torch.nn.attention import flex_attention as fa
+  except Exception as e:  # noqa: BLE001
+    raise Unsupported(f"no FlexAttention in torch {torch.__version__}: {e}") from None
+  return torch, fa
+
+
+def raise_dynamo_limits(torch, limit: int = DYNAMO_LIMIT) -> dict[str, int]:
+  """Raise every recompile limit this torch has (names changed across versions); returns them."""
+  cfg = torch._dynamo.config
+  done = {}
+  for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+               "accumulated_cache_size_limit"):
+    if hasattr(cfg, name):
+      try:
+        setattr(cfg, name, max(int(getattr(cfg, name)), limit))
+        done[name] = int(getattr(cfg, name))
+      except Exception:  # noqa: BLE001  (an alias a version refuses to set)
+        pass
+  return done
+
+
+def to_torch(torch, x, device):
+  """A torch copy of a JAX array on ``device`` (DLPack; a host copy if DLPack refuses)."""
+  x = jax.block_until_ready(x)
+  try:
+    t = torch.from_dlpack(x)
+  except Exception:  # noqa: BLE001
+    a = np.asarray(jax.device_get(x))
+    if a.dtype == jnp.bfloat16:     # numpy knows bf16 only through ml_dtypes: move the bits
+      t = torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16)
+    else:
+      t = torch.from_numpy(a.copy())
+  # An own copy: autograd leaves that share nothing with JAX's immutable buffers.
+  return t.to(device).clone()
+
+
+def to_jax(torch, t):
+  """A JAX array holding a torch tensor's values (DLPack; through the host if DLPack refuses)."""
+  t = t.detach().contiguous()
+  if t.is_cuda:
+    torch.cuda.synchronize()
+  try:
+    return jax.block_until_ready(jnp.array(jnp.from_dlpack(t), copy=True))
+  except Exception:  # noqa: BLE001
+    return jnp.asarray(t.float().cpu().numpy())
+
+
+def flex_mods(torch, case: Case, inp: "Inputs", device):
+  """``(mask_mod or None, score_mod or None)``: the case's mask and mods in FlexAttention's terms."""
+  mask_mod = None
+  if case.window:
+    w = case.window
+
+    def mask_mod(b, h, q_idx, kv_idx):
+      return (q_idx >= kv_idx) & (q_idx - kv_idx < w)
+  elif case.docs:
+    ids = to_torch(torch, inp.aux["doc_ids"], device)        # (B, S) int32
+
+    def mask_mod(b, h, q_idx, kv_idx):
+      return (q_idx >= kv_idx) & (ids[b, q_idx] == ids[b, kv_idx])
+  elif case.prefix:
+    p = case.prefix
+
+    def mask_mod(b, h, q_idx, kv_idx):
+      return (q_idx >= kv_idx) | (kv_idx < p)
+  elif case.is_causal:
+    def mask_mod(b, h, q_idx, kv_idx):
+      return q_idx >= kv_idx
+  score_mod = None
+  if case.alibi:
+    from attnax.kernels.score_mods import alibi_slopes
+    slopes = to_torch(torch, alibi_slopes(case.heads), device)  # f32 (H,): attnax's slopes
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+      return score + slopes[h] * (kv_idx - q_idx)
+  return mask_mod, score_mod
+
+
+def flex_setup(case: Case, inp: "Inputs", on_gpu: bool) -> dict:
+  """The case's compiled flex_attention, block mask, mods and torch inputs (built once per case)."""
+  st = _FLEX_STATE.get("case")
+  if st is not None and st["inp"] is inp:
+    if "error" in st:
+      raise Unsupported(st["error"])
+    return st
+  flex_release()
+  torch, fa = _torch_flex()
+  if on_gpu and not torch.cuda.is_available():
+    raise Unsupported("torch sees no CUDA device")
+  device = "cuda" if on_gpu else "cpu"
+  st = {"inp": inp, "torch": torch}
+  _FLEX_STATE["case"] = st
+  try:
+    st["limits"] = raise_dynamo_limits(torch)
+    torch._dynamo.reset()     # a fresh compile cache per case: no stale guards, one compile per mode
+    mask_mod, score_mod = flex_mods(torch, case, inp, device)
+    t0 = time.perf_counter()
+    block_mask = None
+    if mask_mod is not None:
+      # _compile fuses the mask evaluation: eager materialises int64 (S, S) index grids (8 GB at 32k).
+      block_mask = fa.create_block_mask(mask_mod, case.batch if case.docs else None, None,
+                                        case.seq, case.seq, device=device,
+                                        _compile=case.seq >= 16384)
+    st["block_mask_s"] = time.perf_counter() - t0
+    compiled = torch.compile(fa.flex_attention, dynamic=False)
+    sets = [tuple(to_torch(torch, x, device) for x in xs) for xs in inp.sets["bhsd"]]
+    grad_sets = [tuple(x.detach().requires_grad_(True) for x in xs[:3]) + (xs[3],) for xs in sets]
+  except Unsupported as e:
+    st["error"] = str(e)
+    raise
+  except Exception as e:  # noqa: BLE001
+    st["error"] = _short(e)
+    raise
+
+  def fwd(q, k, v, ct):
+    with torch.no_grad():
+      return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+  def fwd_bwd(q, k, v, ct):
+    out = compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    # The pullback of ct (as out.backward(ct)), without accumulating into .grad between calls.
+    return (out,) + tuple(torch.autograd.grad(out, (q, k, v), ct))
+
+  st.update(device=device, fwd=fwd, fwd_bwd=fwd_bwd, sets=sets, grad_sets=grad_sets)
+  return st
+
+
+def flex_release():
+  """Drop the last case's torch state and return its memory to the device."""
+  st = _FLEX_STATE.pop("case", None)
+  if st is None:
+    return
+  torch = st["torch"]
+  st.clear()
+  gc.collect()
+  try:
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+      torch.cuda.empty_cache()
+  except Exception:  # noqa: BLE001
+    pass
+
+
+def time_torch(torch, fn, argsets, *, budget_s: float, target_rep_s: float = 0.025,
+               max_reps: int = 30) -> tuple["Timing", Any]:
+  """:func:`time_fn` for torch: the same protocol; each repeat is timed by CUDA events on a GPU."""
+  cuda = argsets[0][0].is_cuda
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
+  n = len(argsets)
+  t0 = time.perf_counter()
+  out0 = fn(*argsets[0])
+  sync()
+  compile_s = time.perf_counter() - t0
+  if compile_s < budget_s:
+    fn(*argsets[1 % n])
+    sync()
+  t0 = time.perf_counter()
+  fn(*argsets[0])
+  sync()
+  t1 = time.perf_counter() - t0
+  samples = [t1]
+  calls = 1
+  if t1 < budget_s / 2:
+    inner = max(1, min(200, int(target_rep_s / max(t1, 1e-7))))
+    reps = max(3, min(max_reps, int(budget_s / (inner * t1))))
+    samples = []
+    for r in range(reps):
+      if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+      else:
+        t0 = time.perf_counter()
+      out = None
+      for i in range(inner):
+        out = fn(*argsets[(r * inner + i) % n])
+      if cuda:
+        end.record()
+        end.synchronize()
+        dt = start.elapsed_time(end) / 1e3
+      else:
+        dt = time.perf_counter() - t0
+      samples.append(dt / inner)
+      calls += inner
+    del out
+  return Timing(statistics.median(samples), min(samples), len(samples), calls, compile_s), out0
+
+
+def flex_cell(case: Case, inp: "Inputs", on_gpu: bool, mode: str, budget_s: float):
+  """Time FlexAttention on the case: ``(timing, outputs as JAX arrays in bhsd)``."""
+  st = flex_setup(case, inp, on_gpu)
+  torch = st["torch"]
+  if st["device"] == "cpu" and mode != "fwd":
+    raise Unsupported("FlexAttention has no backward on CPU")
+  if mode == "fwd":
+    timing, out0 = time_torch(torch, st["fwd"], st["sets"], budget_s=budget_s)
+    return timing, to_jax(torch, out0)
+  timing, out0 = time_torch(torch, st["fwd_bwd"], st["grad_sets"], budget_s=budget_s)
+  return timing, tuple(to_jax(torch, t) for t in out0)
+
+
+def _flex_build(case, inp, on_gpu):
+  raise Unsupported("FlexAttention is timed by flex_cell")  # never called: engine="torch"
+
+
 KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("cudnn", "bshd", build_jax_nn("cudnn"),
            'jax.nn.dot_product_attention(implementation="cudnn")', gpu_only=True,
-           exact=lambda c: not c.docs),
+           exact=lambda c: not (c.docs or c.alibi or c.prefix)),
     Kernel("cudnn-mask", "bshd", build_jax_nn("cudnn", dense_mask=True),
            "cuDNN with the case's mask as a dense boolean mask", gpu_only=True),
     Kernel("xla", "bshd", build_jax_nn("xla"), 'jax.nn.dot_product_attention(implementation="xla")'),
@@ -392,8 +714,15 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
            'tokamax.dot_product_attention(implementation="mosaic")', gpu_only=True),
     Kernel("tokamax-triton", "bshd", build_tokamax("triton"),
            'tokamax.dot_product_attention(implementation="triton")', gpu_only=True),
+    Kernel("flex", "bhsd", _flex_build,
+           "torch.compile(flex_attention) with its create_block_mask (torch, same inputs)",
+           engine="torch"),
+    Kernel("attnax-mosaic", "bhsd", build_attnax("pallas_flash_attention", backend="mosaic"),
+           'attnax.kernels.pallas_flash_attention(backend="mosaic")', gpu_only=True),
+    Kernel("attnax-triton", "bhsd", build_attnax("pallas_flash_attention", backend="triton"),
+           'attnax.kernels.pallas_flash_attention(backend="triton")', gpu_only=True),
     Kernel("attnax-pallas", "bhsd", build_attnax("pallas_flash_attention"),
-           "attnax.kernels.pallas_flash_attention"),
+           'attnax.kernels.pallas_flash_attention (backend="auto")'),
     Kernel("attnax-flash", "bhsd", build_attnax("flash_attention"),
            "attnax.kernels.flash_attention (pure JAX)"),
     Kernel("attnax-memeff", "bhsd", build_attnax("memory_efficient_attention"),
@@ -405,7 +734,10 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
 KERNEL_GROUPS = {
     "peers": PEERS + ("cudnn-mask",),
     "tokamax": ("tokamax-mosaic", "tokamax-triton"),
-    "attnax": ("attnax-pallas", "attnax-flash", "attnax-memeff", "attnax-standard", "aether"),
+    "pallas": PALLAS_ATTNAX,
+    "attnax": PALLAS_ATTNAX + ("attnax-flash", "attnax-memeff", "attnax-standard", "aether"),
+    # What issue 10's targets compare: the mosaic lowering, its Triton sibling and the peers to beat.
+    "targets": ("cudnn", "tokamax-mosaic", "flex", "attnax-mosaic", "attnax-triton"),
 }
 
 
@@ -494,7 +826,9 @@ class Runner:
     self.dtype = jnp.dtype(args.dtype)
     self.t_start = time.time()
     self.records: list[dict] = []
+    self.cases: dict[str, dict] = {}
     self.md: list[str] = []
+    self.torch_version: str | None = None
 
   def out(self, line: str = ""):
     print(line, flush=True)
@@ -507,6 +841,7 @@ class Runner:
 
   def run_case(self, case: Case, kernel_names: list[str], modes: list[str]):
     args = self.args
+    t_case = time.time()
     self.out(f"### {case.name}: B={case.batch} H={case.heads} S={case.seq} D={case.head_dim} "
              f"{jnp.dtype(self.dtype).name}, {case.kind}")
     if case.note:
@@ -544,20 +879,23 @@ class Runner:
           if kern.gpu_only and not self.on_gpu:
             raise Unsupported("needs a GPU")
           epsilon = args.epsilon
-          if kname == "aether":
-            fn = build_aether(case, inp, self.on_gpu, epsilon=epsilon)
-          else:
-            fn = kern.build(case, inp, self.on_gpu)
-          if mode == "fwd":
-            jf = jax.jit(lambda q, k, v, ct, fn=fn: fn(q, k, v))
-          else:
-            def fb(q, k, v, ct, fn=fn):
-              o, pull = jax.vjp(fn, q, k, v)
-              return (o,) + tuple(pull(ct))
-            jf = jax.jit(fb)
-          argsets = inp.sets[kern.layout]
           budget = args.budget_s
-          timing, out0 = time_fn(jf, argsets, budget_s=budget)
+          if kern.engine == "torch":
+            timing, out0 = flex_cell(case, inp, self.on_gpu, mode, budget)
+          else:
+            if kname == "aether":
+              fn = build_aether(case, inp, self.on_gpu, epsilon=epsilon)
+            else:
+              fn = kern.build(case, inp, self.on_gpu)
+            if mode == "fwd":
+              jf = jax.jit(lambda q, k, v, ct, fn=fn: fn(q, k, v))
+            else:
+              def fb(q, k, v, ct, fn=fn):
+                o, pull = jax.vjp(fn, q, k, v)
+                return (o,) + tuple(pull(ct))
+              jf = jax.jit(fb)
+            argsets = inp.sets[kern.layout]
+            timing, out0 = time_fn(jf, argsets, budget_s=budget)
           cell["ms"] = timing.median_s * 1e3
           cell["min_ms"] = timing.min_s * 1e3
           cell["samples"] = timing.samples
@@ -593,9 +931,14 @@ class Runner:
     if case.aether and "aether" in kernel_names and not self.past_deadline():
       aether_stats = self._aether_stats(case, inp, ref, ref_name)
     ref.clear()
+    flex_release()
     self._table(case, kernel_names, modes, cells, ref_name, notes, aether_stats)
+    meta = case.meta()
     for cell in cells.values():
-      self.records.append(cell)
+      self.records.append({**cell, **meta})
+    self.cases[case.name] = meta
+    self.out(f"(case done in {time.time() - t_case:.0f} s)")
+    self.out()
     del inp
     gc.collect()
 
@@ -749,6 +1092,13 @@ class Runner:
       vers.append(f"tokamax {md.version('tokamax')}")
     except Exception:  # noqa: BLE001
       vers.append("tokamax absent")
+    if "flex" in kernel_names:
+      try:
+        import torch
+        vers.append(f"torch {torch.__version__}")
+        self.torch_version = torch.__version__
+      except Exception as e:  # noqa: BLE001
+        vers.append(f"torch not importable ({type(e).__name__})")
     self.out("- versions: " + ", ".join(vers))
     self.out(f"- command: {' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}")
     self.out(f"- cases: {', '.join(case_names)}; kernels: {', '.join(kernel_names)}; "
@@ -765,12 +1115,14 @@ class Runner:
       base, ext = path, ""
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-            "jax": jax.__version__, "argv": sys.argv, "l2_bytes": L2_BYTES,
+            "jax": jax.__version__, "torch": self.torch_version, "argv": sys.argv,
+            "l2_bytes": L2_BYTES,
             "bwd_flop_factor": BWD_FLOP_FACTOR}
     d = os.path.dirname(os.path.abspath(base))
     os.makedirs(d, exist_ok=True)
     with open(base + ".json", "w") as f:
-      json.dump({"meta": meta, "results": self.records}, f, indent=1, default=str)
+      json.dump({"meta": meta, "cases": self.cases, "results": self.records}, f, indent=1,
+                default=str)
     with open(base + ".md", "w") as f:
       f.write("\n".join(self.md) + "\n")
 
@@ -780,7 +1132,7 @@ def applies(kname: str, case: Case) -> bool:
   if kname == "aether":
     return bool(case.aether)
   if kname == "cudnn-mask":
-    return bool(case.window or case.docs)
+    return bool(case.window or case.docs or case.prefix)
   return True
 
 
@@ -809,6 +1161,10 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true",
                  help="tiny sizes and short timing (runs on CPU; GPU-only peers print n/a)")
   p.add_argument("--out", default="", help="write PATH.json and PATH.md (tables)")
+  p.add_argument("--plot", default="", metavar="DIR",
+                 help="at the end, PNGs of TFLOP/s against S per mask kind in DIR (matplotlib; "
+                      "the same as plot_bench.py on the JSON; without --out the JSON goes to "
+                      "DIR/bench.json)")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
   p.add_argument("--epsilon", type=float, default=1e-3, help="AETHER certified epsilon")
   p.add_argument("--budget-s", type=float, default=None,
@@ -870,7 +1226,31 @@ def main(argv=None):
     runner.run_case(case, ks, ms)
     runner.write(args.out)     # after every case: a timeout still leaves the tables done so far
   runner.write(args.out)
+  if args.plot:
+    make_plots(runner, args)
   return 0
+
+
+def make_plots(runner: "Runner", args) -> None:
+  """``--plot DIR``: the PNGs of plot_bench.py for this run's JSON; a missing matplotlib is a note."""
+  if args.out:
+    base, ext = os.path.splitext(args.out)
+    path = (base if ext in (".json", ".md") else args.out) + ".json"
+  else:
+    path = os.path.join(args.plot, "bench.json")
+    runner.write(path)
+  try:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("plot_bench", os.path.join(_HERE, "plot_bench.py"))
+    plot_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_bench)
+    for png in plot_bench.plot([path], args.plot):
+      print(f"plot: {png}", file=sys.stderr)
+  except ImportError as e:
+    print(f"--plot: no plots ({e}); make them elsewhere with benchmarks/plot_bench.py {path} "
+          f"--out DIR", file=sys.stderr)
+  except Exception as e:  # noqa: BLE001  (plots never fail the benchmark)
+    print(f"--plot failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ import importlib.metadata as md, platform, sys, warnings
 warnings.filterwarnings("ignore")
 print("python", platform.python_version(), sys.executable)
 for n in ("jax", "jaxlib", "jax-cuda13-plugin", "flax", "numpy", "tokamax", "pydantic", "qwix",
-          "triton", "pytest"):
+          "triton", "torch", "matplotlib", "pytest"):
   try:
     print(f"  {n} {md.version(n)}")
   except md.PackageNotFoundError:

@@ -419,12 +419,52 @@ def test_dropout_with_standard_attention():
   assert rel_err(view(x), plain(x)) < tol(jnp.float32)
 
 
-def test_dropout_needs_a_kernel_that_supports_it():
+def test_dropout_needs_a_kernel_that_supports_it_only_when_it_drops():
+  """A kernel without dropout serves a module with dropout_rate > 0 whenever dropout is off
+  (deterministic=True: the plain module's output); a call that would drop raises, naming it."""
   def no_dropout(q, k, v, *, score_mod=None, mask_mod=None, scale=None):
     return standard_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale)
-  with pytest.raises(ValueError, match="dropout_rate.*no_dropout"):
-    make(no_dropout, dropout_rate=0.1)
-  make(no_dropout, dropout_rate=0.0)
+  m = make(no_dropout, dropout_rate=0.1, score_mod=causal_mod())
+  x = inputs(22, B, S, F)
+  assert rel_err(m(x, deterministic=True), make(score_mod=causal_mod())(x)) < tol(jnp.float32)
+  assert rel_err(nnx.view(m, deterministic=True)(x), make(score_mod=causal_mod())(x)) \
+      < tol(jnp.float32)
+  with pytest.raises(ValueError, match="dropout_rate=0.1 with deterministic=False.*no_dropout"):
+    m(x, deterministic=False)
+  make(no_dropout, dropout_rate=0.0)(x)
+
+
+# Fused kernels with dropout: flash_attention is the default run's representative; the others run
+# under -m slow (compile-heavy on CPU: pallas interprets); tests/kernels/test_dropout.py checks
+# every dropout kernel's mask and gradients against the reference in the default run.
+FUSED_DROPOUT = [pytest.param("flash_attention"),
+                 pytest.param("memory_efficient_attention", marks=pytest.mark.slow),
+                 pytest.param("pallas_flash_attention", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name", FUSED_DROPOUT)
+def test_dropout_with_fused_kernels(name):
+  """Training with dropout through a fused kernel: the module passes the key of its rngs'
+  dropout stream, and the kernel drops exactly the weights standard_attention drops with that key,
+  so output and parameter gradients equal those of the standard_attention module (same params);
+  deterministic=True turns dropout off."""
+  kernel = KERNELS[name]
+  mod = causal_mod()
+  m = make(kernel, dropout_rate=0.3, score_mod=mod)
+  ref = make(dropout_rate=0.3, score_mod=mod)
+  x = inputs(23, B, S, F)
+
+  def loss(model, x):
+    out = model(x, deterministic=False, rngs=nnx.Rngs(dropout=5))
+    return jnp.sum(out ** 2), out
+
+  step = nnx.jit(nnx.grad(loss, has_aux=True))    # one compile per module: output and gradients
+  (g, got), (g_ref, want) = step(m, x), step(ref, x)
+  assert rel_err(got, want) < tol(jnp.float32)
+  plain = apply(make(score_mod=mod), x)
+  assert rel_err(got, plain) > 1e-2                     # it did drop
+  grad_leaves_close(g, g_ref)
+  assert rel_err(nnx.jit(lambda m, x: m(x, deterministic=True))(m, x), plain) < tol(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- decoding

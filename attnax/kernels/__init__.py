@@ -6,9 +6,10 @@ signature ``kernel(q, k, v, *, score_mod=None, mask_mod=None, scale=None, return
 
 from attnax.kernels.protocols import AttentionFn, MaskMod, ScoreMod
 from attnax.kernels.score_mods import (
-    additive_bias_mod, alibi_mod, alibi_slopes, and_masks, causal_mod, compose_score_mods,
-    document_mask_mod, mask_mod_to_boolean_mask, mask_mod_to_score_mod, or_masks,
-    padding_mask_mod, prefix_lm_mod, sliding_window_mod, softcap_mod,
+    additive_bias_mod, alibi_mod, alibi_slopes, and_masks, array_mask_mod, causal_mod,
+    compose_score_mods, document_mask_mod, local_window_mod, mask_mod_to_boolean_mask,
+    mask_mod_to_score_mod, or_masks, padding_mask_mod, prefix_lm_mod, sliding_window_mod,
+    softcap_mod,
 )
 from attnax.kernels.block_mask import BlockMask, create_block_mask
 from attnax.kernels.merge import merge_attentions
@@ -30,7 +31,7 @@ from attnax.kernels.linear import favor_projection, linear_attention
 from attnax.kernels.ring import (
     from_zigzag, ring_attention, ring_attention_reference, to_zigzag, zigzag_indices,
 )
-from attnax.kernels.paged import paged_attention
+from attnax.kernels.paged import PagedKVCache, paged_attention
 
 __all__ = [
     # protocols
@@ -40,7 +41,7 @@ __all__ = [
     "pallas_flash_attention", "pallas_flash_attention_fwd", "pallas_flash_attention_bwd",
     "aether_attention", "AetherAttention", "compute_block_geometry",
     "linear_attention", "favor_projection", "ring_attention", "ring_attention_reference",
-    "paged_attention",
+    "paged_attention", "PagedKVCache",
     # varlen and ring layout helpers
     "varlen_attention", "pack_sequences", "unpack_sequences", "seqlens_to_doc_ids",
     "cu_seqlens_to_doc_ids", "seqlens_to_cu_seqlens", "to_zigzag", "from_zigzag",
@@ -48,8 +49,9 @@ __all__ = [
     # block sparsity and partial results
     "BlockMask", "create_block_mask", "merge_attentions",
     # score mods
-    "causal_mod", "sliding_window_mod", "alibi_mod", "alibi_slopes", "prefix_lm_mod",
-    "document_mask_mod", "padding_mask_mod", "additive_bias_mod", "softcap_mod",
+    "causal_mod", "sliding_window_mod", "local_window_mod", "alibi_mod", "alibi_slopes",
+    "prefix_lm_mod", "document_mask_mod", "padding_mask_mod", "array_mask_mod",
+    "additive_bias_mod", "softcap_mod",
     "compose_score_mods", "and_masks", "or_masks", "mask_mod_to_score_mod",
     "mask_mod_to_boolean_mask", "score_mods",
 ]

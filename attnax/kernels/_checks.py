@@ -9,6 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# The kernels written in plain JAX also run float64 (f64 statistics and accumulators); the Pallas
+# kernels stop at f32 (GPU matmul units have no f64 path worth a kernel).
+F64_KERNELS = ("standard_attention", "memory_efficient_attention", "flash_attention",
+               "aether_attention (implementation='flash' or 'reference')", "ring_attention",
+               "paged_attention", "linear_attention")
 
 
 def check_qkv(q: Any, k: Any, v: Any, *, kernel: str = "attention",
@@ -25,8 +30,12 @@ def check_qkv(q: Any, k: Any, v: Any, *, kernel: str = "attention",
       raise ValueError(f"{kernel}: {name} must have rank 4 (batch, heads, seq, head_dim); got {shapes}")
     allowed = SUPPORTED_DTYPES + ((jnp.float64,) if allow_f64 else ())
     if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in allowed]:
+      hint = ""
+      if jnp.dtype(x.dtype) == jnp.float64:
+        hint = (" (float64 runs in the pure-JAX kernels: " + ", ".join(F64_KERNELS) + ")")
+      supported = "float32, bfloat16, float16" + (", float64" if allow_f64 else "")
       raise ValueError(f"{kernel}: {name} has unsupported dtype {x.dtype}; "
-                       f"supported: float32, bfloat16, float16; got {shapes}")
+                       f"supported: {supported}{hint}; got {shapes}")
   if not (q.dtype == k.dtype == v.dtype):
     raise ValueError(f"{kernel}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
                      f"{shapes}")
@@ -93,6 +102,55 @@ def check_positive_int(name: str, value: Any) -> int:
 def check_block(name: str, value: int) -> int:
   """Block and chunk sizes: static positive ints."""
   return check_positive_int(name, value)
+
+
+def check_dropout(dropout_rate: Any, dropout_rng: Any, *,
+                  kernel: str = "attention") -> tuple[float, jax.Array | None]:
+  """``(rate, seed)``: attention dropout's static rate and its uint32 ``(2,)`` seed (or None).
+
+  ``dropout_rate`` must be a static Python float in ``[0, 1)``. ``dropout_rng`` is a PRNG key
+  (``jax.random.key`` or a legacy ``uint32 (2,)`` ``PRNGKey``) or an integer scalar seed; it may
+  be traced, so a new key per step recompiles nothing. The seed words feed
+  :func:`attnax.kernels.tiles.dropout_keep`; the same key gives the same mask in every kernel.
+  With rate 0 the key is ignored (may be None) and the seed is None.
+  """
+  if isinstance(dropout_rate, jax.core.Tracer):
+    raise ValueError(f"{kernel}: dropout_rate must be a static Python float, got a traced value "
+                     "(pass it through functools.partial or mark it static under jit)")
+  concrete_scalar = (isinstance(dropout_rate, (jax.Array, np.ndarray))
+                     and jnp.ndim(dropout_rate) == 0
+                     and jnp.issubdtype(dropout_rate.dtype, jnp.floating))
+  if (isinstance(dropout_rate, (bool, np.bool_))
+      or not (concrete_scalar or isinstance(dropout_rate, (int, float, np.integer, np.floating)))):
+    raise ValueError(f"{kernel}: dropout_rate must be a float in [0, 1), got "
+                     f"{type(dropout_rate).__name__} {dropout_rate!r}")
+  rate = float(dropout_rate)
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"{kernel}: dropout_rate must be in [0, 1), got {dropout_rate}")
+  if rate == 0.0:
+    return 0.0, None
+  if dropout_rng is None:
+    raise ValueError(f"{kernel}: dropout_rate={rate} > 0 needs dropout_rng (a jax.random.key or "
+                     "an integer seed)")
+  if not hasattr(dropout_rng, "dtype"):
+    if isinstance(dropout_rng, (int, np.integer)) and not isinstance(dropout_rng, bool):
+      dropout_rng = np.uint32(int(dropout_rng) % 2 ** 32)
+    else:
+      raise ValueError(f"{kernel}: dropout_rng must be a PRNG key or an integer seed, got "
+                       f"{type(dropout_rng).__name__}")
+  shape, dtype = tuple(jnp.shape(dropout_rng)), dropout_rng.dtype
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if shape:
+      raise ValueError(f"{kernel}: dropout_rng must be a single PRNG key, got keys of shape "
+                       f"{shape}")
+    return rate, jax.random.bits(dropout_rng, (2,), jnp.uint32)
+  if dtype == jnp.uint32 and shape == (2,):      # a legacy raw key, jax.random.PRNGKey(seed)
+    return rate, jax.random.bits(dropout_rng, (2,), jnp.uint32)
+  if jnp.issubdtype(dtype, jnp.integer) and shape == ():
+    seed = jnp.asarray(dropout_rng).astype(jnp.uint32)
+    return rate, jnp.stack([seed, jnp.zeros((), jnp.uint32)])
+  raise ValueError(f"{kernel}: dropout_rng must be a PRNG key (jax.random.key(...), or a uint32 "
+                   f"(2,) PRNGKey) or an integer scalar seed, got {dtype} of shape {shape}")
 
 
 def check_lse(lse: Any, q: jax.Array) -> None:

@@ -22,6 +22,13 @@ partial -> elementwise mask).
 
 Ragged lengths are padded internally to block multiples; the tail tiles are partial and mask the
 positions past ``Sq``/``Sk`` via ``tiles.tile_scores``.
+
+Dropout (FlashAttention's scheme): the keep mask of a tile is regenerated from the seed and the
+absolute indices (:func:`attnax.kernels.tiles.dropout_keep`) wherever the tile is visited: in the
+forward (on the probabilities entering ``P V``, after the running sum ``l`` has counted them) and
+in both backward passes (``dV = (P Z)^T dO``, ``dS = P (Z dP' - delta)``); nothing is stored.
+
+Precision follows the inputs: f32 statistics and accumulators for f32/bf16/f16, f64 for f64.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ class _Config:
   groups: int        # G = Hq // Hkv
   nb: int            # batch rows walked sequentially (the BlockMask's B'); B // nb vectorised
   nh: int            # kv heads walked sequentially (1 or Hkv); Hkv // nh vectorised
+  dropout_rate: float = 0.0
 
   @property
   def ragged_q(self) -> bool:
@@ -133,7 +141,8 @@ class _Group:
   ``lists`` the group's BlockMask lists (leading axes removed); ``state`` ``(G, nq, nk)`` or None;
   ``b_idx`` ``(Bv, 1, 1, 1, 1)`` and ``h_idx`` ``(1, Hv, G, 1, 1)`` absolute batch / query head.
   ``mods`` and ``values`` are the mods' static part and their operand arrays; ``diff`` lists the
-  operands whose cotangents the backward accumulates.
+  operands whose cotangents the backward accumulates; ``seed`` the dropout seed (uint32 ``(2,)``,
+  None without dropout).
   """
   cfg: _Config
   mods: ops_lib.ModOperands
@@ -143,6 +152,17 @@ class _Group:
   state: Any
   b_idx: jax.Array
   h_idx: jax.Array
+  seed: Any = None
+
+  def keep(self, qb: jax.Array, kb: jax.Array) -> jax.Array | None:
+    """Dropout's keep mask of tile ``(qb, kb)``, ``(Bv, Hv, G, bq, bk)``; None without dropout."""
+    cfg = self.cfg
+    if not cfg.dropout_rate:
+      return None
+    bq, bk = cfg.block_q, cfg.block_k
+    q_idx = (qb * bq + jnp.arange(bq, dtype=i32)).reshape(1, 1, 1, bq, 1)
+    kv_idx = (kb * bk + jnp.arange(bk, dtype=i32)).reshape(1, 1, 1, 1, bk)
+    return tiles.dropout_keep(self.seed, cfg.dropout_rate, self.b_idx, self.h_idx, q_idx, kv_idx)
 
   def scores(self, q_blk: jax.Array, k_blk: jax.Array, qb: jax.Array, kb: jax.Array,
              masked: bool, with_vjp: bool = False):
@@ -155,7 +175,8 @@ class _Group:
         ``d(modded scores)`` returning ``(d(raw scores), cotangents of the diff operands)``.
 
     Returns:
-      ``(s, visible)`` or ``(s, visible, vjp)``; ``s`` f32 ``(Bv, Hv, G, bq, bk)``.
+      ``(s, visible)`` or ``(s, visible, vjp)``; ``s`` f32 (f64 for f64 inputs)
+      ``(Bv, Hv, G, bq, bk)``.
     """
     cfg = self.cfg
     bv, hv, g, bq, d = q_blk.shape
@@ -206,6 +227,7 @@ def _forward_group(grp: _Group, q, k, v):
   bv, hv, g, sqp, _ = q.shape
   dv = v.shape[-1]
   nq = sqp // bq
+  acc_t = tiles.acc_dtype(q.dtype)
 
   def q_block(qb):
     q_blk = jax.lax.dynamic_slice_in_dim(q, qb * bq, bq, axis=3)
@@ -217,12 +239,15 @@ def _forward_group(grp: _Group, q, k, v):
         v_blk = jax.lax.dynamic_slice_in_dim(v, kb * bk, bk, axis=2)
         s, visible = grp.scores(q_blk, k_blk, qb, kb, masked)
         p, alpha, m, l = tiles.online_softmax_step(s, visible, m, l)
+        keep = grp.keep(qb, kb)
+        if keep is not None:   # after l has counted p: the LSE is that of the undropped softmax
+          p = tiles.apply_dropout(p, keep, cfg.dropout_rate)
         pv = tiles.pv_dot(_fold(_lowp(p, v.dtype)), v_blk).reshape(bv, hv, g, bq, dv)
         return acc * alpha[..., None] + pv, m, l
       return body
 
-    m, l = tiles.init_stats((bv, hv, g, bq))
-    carry = ((jnp.zeros((bv, hv, g, bq, dv), f32), m, l), jnp.int32(0))
+    m, l = tiles.init_stats((bv, hv, g, bq), acc_t)
+    carry = ((jnp.zeros((bv, hv, g, bq, dv), acc_t), m, l), jnp.int32(0))
     carry = _loop(lists.full_kv_counts[qb], lists.full_kv_indices, qb, tile(False), carry)
     carry = _loop(lists.kv_counts[qb], lists.kv_indices, qb, tile(True), carry)
     (acc, m, l), visits = carry
@@ -254,7 +279,12 @@ def _map_accumulate(fn, xs, acc):
 
 
 def _zeros_like_diff(grp: _Group) -> tuple:
-  return tuple(jnp.zeros(grp.values[i].shape, f32) for i in grp.diff)
+  return _diff_zeros(grp.values, grp.diff)
+
+
+def _diff_zeros(values: tuple, diff: tuple) -> tuple:
+  """Accumulators for the operand cotangents: f32, or f64 for f64 operands."""
+  return tuple(jnp.zeros(values[i].shape, tiles.acc_dtype(values[i].dtype)) for i in diff)
 
 
 def _backward_group(grp: _Group, q, k, v, do, lse, delta, with_qkv: bool = True):
@@ -268,22 +298,29 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta, with_qkv: bool = True)
     lse, delta: f32 ``(Bv, Hv, G, Sq_pad)``; ``delta = rowsum(dO * O) - dlse``.
 
   Returns:
-    ``(dq f32, dk f32, dv f32, d_operands, dq_visits, dkv_visits)``: ``d_operands`` f32, one per
-    entry of ``grp.diff``, accumulated in the dQ pass (every visited tile once).
+    ``(dq, dk, dv, d_operands, dq_visits, dkv_visits)``, accumulated in f32 (f64 for f64 inputs):
+    ``d_operands`` one per entry of ``grp.diff``, accumulated in the dQ pass (every visited tile
+    once).
   """
   cfg, lists = grp.cfg, grp.lists
   bq, bk, scale = cfg.block_q, cfg.block_k, cfg.scale
   bv, hv, g, sqp, d = q.shape
   skp, dvd = k.shape[2], v.shape[-1]
   nq, nk = sqp // bq, skp // bk
+  acc_t = tiles.acc_dtype(q.dtype)
 
   def tile_grads(q_blk, do_blk, lse_blk, delta_blk, k_blk, v_blk, qb, kb, masked):
-    """``(p, ds, d_operands)`` of one tile; ``ds`` is d(loss)/d(scaled score), f32."""
+    """``(pz, ds, d_operands)`` of one tile: ``pz`` the (dropped) probabilities that weighted V,
+    ``ds`` d(loss)/d(scaled score)."""
     s, visible, vjp = grp.scores(q_blk, k_blk, qb, kb, masked, with_vjp=True)
     p = tiles.probabilities(s, visible, lse_blk)
     dp = tiles.qk_dot(_fold(do_blk), v_blk).reshape(p.shape)
+    pz, keep = p, grp.keep(qb, kb)
+    if keep is not None:   # out = (P Z) V: dP = Z dP', dV = (P Z)^T dO; delta is unchanged
+      dp = tiles.apply_dropout(dp, keep, cfg.dropout_rate)
+      pz = tiles.apply_dropout(p, keep, cfg.dropout_rate)
     ds, d_ops = vjp(p * (dp - delta_blk[..., None]))
-    return p, ds, d_ops
+    return pz, ds, d_ops
 
   def q_slices(qb):
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, qb * bq, bq, axis=3)
@@ -303,10 +340,10 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta, with_qkv: bool = True)
         _, ds, inc = tile_grads(q_blk, do_blk, lse_blk, delta_blk, k_blk, v_blk, qb, kb, masked)
         if with_qkv:
           dq = dq + tiles.pv_dot(_fold(_lowp(ds, q.dtype)), k_blk).reshape(dq.shape)
-        return dq, tuple(a + b.astype(f32) for a, b in zip(d_ops, inc))
+        return dq, tuple(a + b.astype(a.dtype) for a, b in zip(d_ops, inc))
       return body
 
-    dq0 = jnp.zeros((bv, hv, g, bq, d), f32) if with_qkv else None
+    dq0 = jnp.zeros((bv, hv, g, bq, d), acc_t) if with_qkv else None
     carry = ((dq0, _zeros_like_diff(grp)), jnp.int32(0))
     carry = _loop(lists.full_kv_counts[qb], lists.full_kv_indices, qb, tile(False), carry)
     carry = _loop(lists.kv_counts[qb], lists.kv_indices, qb, tile(True), carry)
@@ -323,13 +360,14 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta, with_qkv: bool = True)
         p, ds, _ = tile_grads(q_blk, do_blk, lse_blk, delta_blk, k_blk, v_blk, qb, kb, masked)
         # Contract over the packed group and the rows: (Bv,Hv,G*bq,bk)^T @ (Bv,Hv,G*bq,X).
         dv = dv + jnp.einsum("...qk,...qd->...kd", _fold(_lowp(p, do.dtype)), _fold(do_blk),
-                             preferred_element_type=f32)
+                             preferred_element_type=acc_t)
         dk = dk + jnp.einsum("...qk,...qd->...kd", _fold(_lowp(ds, q.dtype)), _fold(q_blk),
-                             preferred_element_type=f32)
+                             preferred_element_type=acc_t)
         return dk, dv
       return body
 
-    carry = ((jnp.zeros((bv, hv, bk, d), f32), jnp.zeros((bv, hv, bk, dvd), f32)), jnp.int32(0))
+    carry = ((jnp.zeros((bv, hv, bk, d), acc_t), jnp.zeros((bv, hv, bk, dvd), acc_t)),
+             jnp.int32(0))
     carry = _loop(lists.full_q_counts[kb], lists.full_q_indices, kb, tile(False), carry)
     carry = _loop(lists.q_counts[kb], lists.q_indices, kb, tile(True), carry)
     (dk, dv), visits = carry
@@ -349,7 +387,7 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta, with_qkv: bool = True)
 # ----------------------------------------------------------------------------- all groups
 
 
-def _groups(cfg: _Config, mods, values, diff, bm: BlockMask, state, *arrays):
+def _groups(cfg: _Config, mods, values, diff, bm: BlockMask, state, seed, *arrays):
   """Split the ``(B, Hkv, ...)`` arrays into sequential groups; the per-group xs for lax.map.
 
   Returns ``(xs, make_group)`` where ``make_group(n, lists, state)`` builds the :class:`_Group`.
@@ -364,21 +402,21 @@ def _groups(cfg: _Config, mods, values, diff, bm: BlockMask, state, *arrays):
     bn, hn = n // nh, n % nh
     b_idx = (bn * bv + jnp.arange(bv, dtype=i32)).reshape(bv, 1, 1, 1, 1)
     h_idx = gqa_head_index(hv, g, hn * hv)
-    return _Group(cfg, mods, values, diff, lists_n, st_n, b_idx, h_idx)
+    return _Group(cfg, mods, values, diff, lists_n, st_n, b_idx, h_idx, seed)
 
   xs = (jnp.arange(nb * nh, dtype=i32), lists, st) + tuple(_split_lead(a, nb, nh) for a in arrays)
   return xs, make_group
 
 
-def _flash_forward(cfg: _Config, mods, values, bm, state, q, k, v):
-  """Forward over all groups: ``(out (B,Hq,Sq,Dv) q.dtype, lse f32 (B,Hq,Sq), tiles visited)``."""
+def _flash_forward(cfg: _Config, mods, values, bm, state, q, k, v, seed=None):
+  """Forward over all groups: ``(out (B,Hq,Sq,Dv) q.dtype, lse (B,Hq,Sq), tiles visited)``."""
   bsz, hq, sq, d = q.shape
   hkv, g = k.shape[1], cfg.groups
   nq, nk = -(-sq // cfg.block_q), -(-cfg.kv_len // cfg.block_k)
   qp = _pad_axis(q, 2, nq * cfg.block_q).reshape(bsz, hkv, g, nq * cfg.block_q, d)
   kp = _pad_axis(k, 2, nk * cfg.block_k)
   vp = _pad_axis(v, 2, nk * cfg.block_k)
-  xs, make_group = _groups(cfg, mods, values, (), bm, state, qp, kp, vp)
+  xs, make_group = _groups(cfg, mods, values, (), bm, state, seed, qp, kp, vp)
 
   def run(x):
     n, lists_n, st_n, q_n, k_n, v_n = x
@@ -391,11 +429,11 @@ def _flash_forward(cfg: _Config, mods, values, bm, state, q, k, v):
 
 
 def flash_backward(cfg: _Config, mods, values, diff, bm, state, q, k, v, out, lse, dout, dlse,
-                   with_qkv: bool = True):
-  """Backward over all groups.
+                   with_qkv: bool = True, seed=None):
+  """Backward over all groups (``seed``: the forward's dropout seed, when it dropped).
 
   Returns ``(dq, dk, dv, d_operands, dq tiles visited, dkv tiles visited)``; ``d_operands`` are
-  the f32 cotangents of ``values[i]`` for ``i`` in ``diff``. Used by :func:`flash_attention` and, with
+  the cotangents of ``values[i]`` for ``i`` in ``diff`` (f32, f64 for f64 operands). Used by :func:`flash_attention` and, with
   ``with_qkv=False`` (dq, dk, dv None: only the operands' work is done), by the Pallas kernels'
   backward.
   """
@@ -409,7 +447,8 @@ def flash_backward(cfg: _Config, mods, values, diff, bm, state, q, k, v, out, ls
   lsep, deltap = grouped(lse, -jnp.inf), grouped(delta)
   kp = _pad_axis(k, 2, nk * cfg.block_k)
   vp = _pad_axis(v, 2, nk * cfg.block_k)
-  xs, make_group = _groups(cfg, mods, values, diff, bm, state, qp, kp, vp, dop, lsep, deltap)
+  xs, make_group = _groups(cfg, mods, values, diff, bm, state, seed, qp, kp, vp, dop, lsep,
+                           deltap)
 
   def run(x):
     n, lists_n, st_n, q_n, k_n, v_n, do_n, lse_n, delta_n = x
@@ -418,8 +457,7 @@ def flash_backward(cfg: _Config, mods, values, diff, bm, state, q, k, v, out, ls
                                                                delta_n, with_qkv)
     return (dq, dk, dv, dq_visits, dkv_visits), d_ops
 
-  zeros = tuple(jnp.zeros(values[i].shape, f32) for i in diff)
-  (dq, dk, dv, dq_visits, dkv_visits), d_ops = _map_accumulate(run, xs, zeros)
+  (dq, dk, dv, dq_visits, dkv_visits), d_ops = _map_accumulate(run, xs, _diff_zeros(values, diff))
   if not with_qkv:
     return None, None, None, d_ops, dq_visits.sum(), dkv_visits.sum()
   dq = _merge_lead(dq, cfg.nb, cfg.nh)[:, :, :, :sq].reshape(bsz, hq, sq, d)
@@ -432,7 +470,8 @@ def flash_backward(cfg: _Config, mods, values, diff, bm, state, q, k, v, out, ls
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-def _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k, block_mask):
+def _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k, block_mask,
+             dropout_rate=0.0):
   """Checks and planning shared by the public function and the tile-visit counter.
 
   Returns ``(cfg, mods, values, bm, state)``: the static configuration, the mods' static part and
@@ -440,7 +479,8 @@ def _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k, block_mask):
   an enclosing ``jit``/``vmap``/``grad`` included), the BlockMask the loops walk and the per-head
   tile states.
   """
-  bsz, hq, hkv, sq, sk, d, _ = _checks.check_qkv(q, k, v, kernel="flash_attention")
+  bsz, hq, hkv, sq, sk, d, _ = _checks.check_qkv(q, k, v, kernel="flash_attention",
+                                                  allow_f64=True)
   scale = _checks.default_scale(scale, d)
   score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod, batch=bsz, heads=hq, q_len=sq,
                                       kv_len=sk)
@@ -454,37 +494,38 @@ def _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k, block_mask):
                     block_k=bk)
   nb, nh = bm.tiles.shape[:2]
   cfg = _Config(scale=scale, block_q=bm.block_q, block_k=bm.block_k, q_len=sq, kv_len=sk,
-                groups=hq // hkv, nb=nb, nh=nh)
+                groups=hq // hkv, nb=nb, nh=nh, dropout_rate=dropout_rate)
   mods, values = ops_lib.collect(score_fn, mask_fn)
   return cfg, mods, values, bm, state
 
 
 def _make_flash(cfg: _Config, mods: ops_lib.ModOperands):
-  """The custom_vjp attention for one configuration: ``f(q, k, v, values, bm, state)``.
+  """The custom_vjp attention for one configuration: ``f(q, k, v, values, bm, state, seed)``.
 
   Built with ``symbolic_zeros=True``, so the forward rule learns which float operands are being
   differentiated: only those get a cotangent pass (the extra work is paid only when asked for).
+  ``seed`` (dropout's uint32 words, or None) is a residual: the backward regenerates the mask.
   """
 
   @jax.custom_vjp
-  def attn(q, k, v, values, bm, state):
-    out, lse, _ = _flash_forward(cfg, mods, values, bm, state, q, k, v)
+  def attn(q, k, v, values, bm, state, seed):
+    out, lse, _ = _flash_forward(cfg, mods, values, bm, state, q, k, v, seed)
     return out, lse
 
-  def fwd(q, k, v, values, bm, state):
-    q, k, v, bm, state = ops_lib.primal_values((q, k, v, bm, state))
+  def fwd(q, k, v, values, bm, state, seed):
+    q, k, v, bm, state, seed = ops_lib.primal_values((q, k, v, bm, state, seed))
     values, marks = ops_lib.differentiated(values, mods.float_mask)
-    out, lse, _ = _flash_forward(cfg, mods, values, bm, state, q, k, v)
-    return (out, lse), (q, k, v, out, lse, values, bm, state, marks)
+    out, lse, _ = _flash_forward(cfg, mods, values, bm, state, q, k, v, seed)
+    return (out, lse), (q, k, v, out, lse, values, bm, state, seed, marks)
 
   def bwd(res, cts):
-    q, k, v, out, lse, values, bm, state, marks = res
+    q, k, v, out, lse, values, bm, state, seed, marks = res
     diff = ops_lib.marked(marks)
     dout, dlse = map(ops_lib.cotangent_or_none, cts)
     dout = jnp.zeros_like(out) if dout is None else dout
     dq, dk, dv, d_ops, _, _ = flash_backward(cfg, mods, values, diff, bm, state, q, k, v, out,
-                                             lse, dout, dlse)
-    return dq, dk, dv, ops_lib.operand_cotangents(values, diff, d_ops), None, None
+                                             lse, dout, dlse, seed=seed)
+    return dq, dk, dv, ops_lib.operand_cotangents(values, diff, d_ops), None, None, None
 
   attn.defvjp(fwd, bwd, symbolic_zeros=True)
   return attn
@@ -493,7 +534,8 @@ def _make_flash(cfg: _Config, mods: ops_lib.ModOperands):
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any = None,
                     mask_mod: Any = None, scale: float | None = None, return_lse: bool = False,
                     block_q: int = 128, block_k: int = 128,
-                    block_mask: BlockMask | None = None) -> Any:
+                    block_mask: BlockMask | None = None, dropout_rate: float = 0.0,
+                    dropout_rng: Any = None) -> Any:
   """Blockwise attention with an online softmax and a recomputing backward (FlashAttention-2).
 
   Computes ``softmax(mod(scale * q k^T)) v`` one ``(block_q, block_k)`` tile at a time in pure
@@ -504,7 +546,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any 
   ``(q, k, v, out, lse)`` and recomputes each visited tile. Floating-point arrays the mods carry
   (a bias table, ALiBi slopes, gates; as pytree leaves or closed over) get their true gradient,
   accumulated over the visited tiles of the dQ pass, only when they are differentiated; integer
-  arrays (document ids) get none. Works under ``jit``, ``grad`` and ``vmap``.
+  arrays (document ids) get none. Works under ``jit``, ``grad`` and ``vmap``. Runs f32, bf16,
+  f16 (f32 statistics and accumulators) and float64 (f64 throughout).
 
   Args:
     q: ``(B, Hq, Sq, D)``.
@@ -514,7 +557,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any 
       ``q_idx``/``kv_idx``. Masks it carries (``causal_mod`` etc.) drive the block skipping.
     mask_mod: :class:`~attnax.kernels.MaskMod`; False entries get probability 0.
     scale: score scale, default ``D ** -0.5``.
-    return_lse: also return the f32 log-sum-exp ``(B, Hq, Sq)``.
+    return_lse: also return the log-sum-exp ``(B, Hq, Sq)`` (f32; f64 for float64 inputs).
     block_q: rows per q block (static); clipped to ``Sq``. Ignored when ``block_mask`` is given.
     block_k: columns per kv block (static); clipped to ``Sk``. Ignored when ``block_mask`` is given.
     block_mask: a precomputed :class:`~attnax.kernels.BlockMask` over ``(Sq, Sk)`` (e.g. from the
@@ -522,14 +565,20 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any 
       ``(B', H')`` with ``B'`` in ``(1, B)`` and ``H'`` in ``(1, Hkv, Hq)``, and its block sizes
       override ``block_q``/``block_k``. Its empty tiles are skipped even where the mods would see
       keys; on its partial tiles the mods' elementwise mask still applies.
+    dropout_rate: attention-weight dropout (static float in ``[0, 1)``): each probability is
+      dropped with this rate and the kept ones scaled by ``1 / (1 - dropout_rate)``; the LSE is
+      that of the undropped softmax. The mask is regenerated in the backward, never stored.
+    dropout_rng: a PRNG key or an integer seed (may be traced: no recompile per step). The same
+      key drops exactly the weights ``standard_attention`` drops with it.
 
   Returns:
     ``out`` ``(B, Hq, Sq, Dv)`` in q's dtype, or ``(out, lse)``. A query that sees no key gets
     output 0, lse ``-inf`` and zero gradients.
   """
+  rate, seed = _checks.check_dropout(dropout_rate, dropout_rng, kernel="flash_attention")
   cfg, mods, values, bm, state = _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k,
-                                          block_mask)
-  out, lse = _make_flash(cfg, mods)(q, k, v, values, bm, state)
+                                          block_mask, rate)
+  out, lse = _make_flash(cfg, mods)(q, k, v, values, bm, state, seed)
   return (out, lse) if return_lse else out
 
 
@@ -556,18 +605,21 @@ def tile_visits(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any = No
 
 def operand_cotangents_over(q, k, v, out, lse, dout, dlse, *, mods: ops_lib.ModOperands,
                             values: tuple, diff: tuple, scale: float, block_mask: BlockMask | None,
-                            block_q: int, block_k: int) -> tuple:
+                            block_q: int, block_k: int, dropout_rate: float = 0.0,
+                            dropout_seed: Any = None) -> tuple:
   """The mods' operand cotangents alone, over the tiles of ``block_mask`` (None: every tile).
 
   The pure-JAX pass a Pallas backward runs for the float arrays the mods carry (bias tables,
-  slopes), on the same schedule and the same tile maths as :func:`flash_attention`'s backward.
-  Returns f32 cotangents of ``values[i]`` for ``i`` in ``diff``.
+  slopes), on the same schedule and the same tile maths as :func:`flash_attention`'s backward
+  (with the forward's dropout mask, when it dropped). Returns f32 cotangents of ``values[i]`` for
+  ``i`` in ``diff``.
   """
   bsz, hq, sq, _ = q.shape
   hkv, sk = k.shape[1], k.shape[2]
   bm, state = _plan(None, block_mask, batch=bsz, hq=hq, hkv=hkv, sq=sq, sk=sk,
                     block_q=min(block_q, sq), block_k=min(block_k, sk))
   cfg = _Config(scale=scale, block_q=bm.block_q, block_k=bm.block_k, q_len=sq, kv_len=sk,
-                groups=hq // hkv, nb=bm.tiles.shape[0], nh=bm.tiles.shape[1])
+                groups=hq // hkv, nb=bm.tiles.shape[0], nh=bm.tiles.shape[1],
+                dropout_rate=dropout_rate)
   return flash_backward(cfg, mods, values, diff, bm, state, q, k, v, out, lse, dout, dlse,
-                        with_qkv=False)[3]
+                        with_qkv=False, seed=dropout_seed)[3]

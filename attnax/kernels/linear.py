@@ -7,7 +7,8 @@ that by ``phi(q_i) . phi(k_j)`` for a positive feature map ``phi``, so that::
           = phi(q_i) S / phi(q_i) z,      S = sum_j phi(k_j) v_j^T,  z = sum_j phi(k_j)
 
 costs ``O(S * F * Dv)`` instead of ``O(Sq * Sk)``. The denominator rides along as an extra value
-column of ones, so ``S`` is one ``(F, Dv + 1)`` f32 state per kv head.
+column of ones, so ``S`` is one ``(F, Dv + 1)`` f32 state per kv head (f64 for float64 inputs:
+the computation follows the inputs' precision, never below f32).
 
 Causal form (the chunk algorithm of flash-linear-attention): the sequence is cut into chunks of
 ``chunk_size``; within a chunk the quadratic form runs with a causal mask, and the contribution of
@@ -72,21 +73,23 @@ def favor_projection(key: jax.Array, num_features: int, head_dim: int, *,
 
 def compute_features(x: jax.Array, kind: str | Callable, *, projection: jax.Array | None = None,
                 is_query: bool = True, stabilize_axes: tuple[int, ...] | None = None) -> jax.Array:
-  """The features ``phi(x)`` (f32) of already-scaled inputs ``x`` ``(..., D)`` -> ``(..., F)``.
+  """The features ``phi(x)`` (f32, f64 for f64 ``x``) of already-scaled inputs ``x`` ``(..., D)``
+  -> ``(..., F)``.
 
   For ``"softmax"``, ``projection`` is ``(F, D)``. A constant factor per query row (``is_query``)
   or per key set (the max over ``stabilize_axes``, default the last two axes) is divided out of the
   exponentials for range; it cancels in the normalised output.
   """
-  x = x.astype(f32)
+  ft = jnp.promote_types(x.dtype, f32)
+  x = x.astype(ft)
   if callable(kind):
-    return jnp.asarray(kind(x)).astype(f32)
+    return jnp.asarray(kind(x)).astype(ft)
   if kind == "elu+1":
     return jax.nn.elu(x) + 1.0
   if kind == "relu":
     return jax.nn.relu(x)
   if kind == "softmax":
-    proj = projection.astype(f32)
+    proj = projection.astype(ft)
     z = jnp.einsum("...d,fd->...f", x, proj) - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
     axes = (-1,) if is_query else (stabilize_axes or (-2, -1))
     z = z - lax.stop_gradient(jnp.max(z, axis=axes, keepdims=True))
@@ -123,7 +126,7 @@ def _align_keys(phk, v_aug, offset: int, q_len: int, precision):
   shifts the keys right (zero-feature padding, which adds nothing). Keys are then cut or padded to
   ``q_len``. Returns ``(phk, v_aug, state0)`` with key ``i`` aligned to query ``i``.
   """
-  state0 = jnp.zeros(phk.shape[:2] + (phk.shape[-1], v_aug.shape[-1]), f32)
+  state0 = jnp.zeros(phk.shape[:2] + (phk.shape[-1], v_aug.shape[-1]), phk.dtype)
   if offset > 0:
     pre = min(offset, phk.shape[2])
     state0 = jnp.einsum("bhkf,bhkd->bhfd", phk[:, :, :pre], v_aug[:, :, :pre], precision=precision)
@@ -220,9 +223,10 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
     precision: ``jax.lax.Precision`` of the matmuls.
 
   Returns:
-    ``out`` ``(B, Hq, Sq, Dv)`` in q's dtype.
+    ``out`` ``(B, Hq, Sq, Dv)`` in q's dtype (f32, bf16, f16 or float64).
   """
-  b, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel="linear_attention")
+  b, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel="linear_attention",
+                                                allow_f64=True)
   if return_lse:
     raise ValueError("linear_attention: return_lse=True is not meaningful: kernelised attention "
                      "has no softmax normaliser, so there is no log-sum-exp to return")
@@ -235,7 +239,8 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
     raise ValueError(f"linear_attention: feature_map must be one of {FEATURE_MAPS} or a callable, "
                      f"got {feature_map!r}")
 
-  qs, ks = q.astype(f32) * scale, k.astype(f32)
+  ft = jnp.promote_types(q.dtype, f32)   # f32, or f64 for float64 inputs
+  qs, ks = q.astype(ft) * scale, k.astype(ft)
   proj = None
   if feature_map == "softmax":
     if projection is not None:
@@ -256,14 +261,14 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
                        f"features of sqrt(scale) q and sqrt(scale) k, so scale must be >= 0, got "
                        f"{scale}")
     root = math.sqrt(scale)
-    qs, ks = q.astype(f32) * root, k.astype(f32) * root
+    qs, ks = q.astype(ft) * root, k.astype(ft) * root
   elif projection is not None or key is not None:
     raise ValueError(f"linear_attention: key=/projection= apply only to feature_map='softmax', "
                      f"not {feature_map!r}")
 
   phq = compute_features(pack_gqa(qs, hkv), feature_map, projection=proj, is_query=True)
   phk = compute_features(ks, feature_map, projection=proj, is_query=False)
-  v_aug = jnp.concatenate([v.astype(f32), jnp.ones(v.shape[:-1] + (1,), f32)], axis=-1)
+  v_aug = jnp.concatenate([v.astype(ft), jnp.ones(v.shape[:-1] + (1,), ft)], axis=-1)
   if offset is not None:
     phk, v_aug, state0 = _align_keys(phk, v_aug, offset, sq, precision)
     num = _causal_chunked(phq, phk, v_aug, chunk_size, precision, state0)

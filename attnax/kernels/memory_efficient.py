@@ -13,7 +13,9 @@ its predecessor. The last query chunk recomputes rows already done and discards 
 chunk masks the keys already counted (they are invisible to it). So every chunk has one static
 shape and the chunk computation is compiled once. Mods see absolute ``q_idx``/``kv_idx`` (chunk offset + position).
 Grouped-query attention reshapes q to ``(B, Hkv, G, Sq, D)`` and folds the group into the rows of
-each matmul; k and v are never repeated.
+each matmul; k and v are never repeated. Statistics and accumulators are f32 (f64 for float64
+inputs). Dropout uses the mask of :func:`attnax.kernels.tiles.dropout_keep` (the reference's), and
+autodiff through the checkpointed chunks regenerates it in the backward.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ __all__ = ["memory_efficient_attention"]
 
 def _chunk_attention(q_c: jax.Array, q_start: Any, k: jax.Array, v: jax.Array, *, scale: float,
                      key_chunk: int, score_fn: Any, mask_fn: Any, b_idx: jax.Array,
-                     h_idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+                     h_idx: jax.Array, dropout_rate: float = 0.0,
+                     seed: Any = None) -> tuple[jax.Array, jax.Array]:
   """Attention of one query chunk over every key chunk.
 
   Args:
@@ -43,7 +46,7 @@ def _chunk_attention(q_c: jax.Array, q_start: Any, k: jax.Array, v: jax.Array, *
     b_idx, h_idx: int32 ``(B, 1, 1, 1, 1)`` and ``(1, Hkv, G, 1, 1)`` absolute batch / query head.
 
   Returns:
-    ``(out, lse)``: out f32 ``(B, Hkv, G, c, Dv)``, lse f32 ``(B, Hkv, G, c)``.
+    ``(out, lse)``: out ``(B, Hkv, G, c, Dv)``, lse ``(B, Hkv, G, c)``, f32 (f64 for f64 inputs).
   """
   bsz, hkv, g, c, d = q_c.shape
   sk, dv = k.shape[2], v.shape[-1]
@@ -71,12 +74,16 @@ def _chunk_attention(q_c: jax.Array, q_start: Any, k: jax.Array, v: jax.Array, *
     s, visible = tiles.tile_scores(s, score_fn=score_fn, mask_fn=chunk_mask, b=b_idx, h=h_idx,
                                    q_idx=q_idx, kv_idx=kv_idx)
     p, alpha, m, l = tiles.online_softmax_step(s, visible, m, l)
+    if dropout_rate:
+      keep = tiles.dropout_keep(seed, dropout_rate, b_idx, h_idx, q_idx, kv_idx)
+      p = tiles.apply_dropout(p, keep, dropout_rate)
     p = tiles.low_precision(p, v.dtype)
     pv = tiles.pv_dot(p.reshape(bsz, hkv, g * c, key_chunk), v_c).reshape(bsz, hkv, g, c, dv)
     return (acc * alpha[..., None] + pv, m, l), None
 
-  m, l = tiles.init_stats((bsz, hkv, g, c))
-  carry = (jnp.zeros((bsz, hkv, g, c, dv), jnp.float32), m, l)
+  acc_t = tiles.acc_dtype(q_c.dtype)
+  m, l = tiles.init_stats((bsz, hkv, g, c), acc_t)
+  carry = (jnp.zeros((bsz, hkv, g, c, dv), acc_t), m, l)
   carry, _ = jax.lax.scan(step, carry, jnp.arange(n, dtype=jnp.int32))
   return tiles.finalize(*carry)
 
@@ -84,14 +91,16 @@ def _chunk_attention(q_c: jax.Array, q_start: Any, k: jax.Array, v: jax.Array, *
 def memory_efficient_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any = None,
                                mask_mod: Any = None, scale: float | None = None,
                                return_lse: bool = False, query_chunk_size: int = 1024,
-                               key_chunk_size: int = 4096) -> Any:
+                               key_chunk_size: int = 4096, dropout_rate: float = 0.0,
+                               dropout_rng: Any = None) -> Any:
   """Chunked attention with O(chunk) memory (Rabe & Staats): ``softmax(mod(scale * q k^T)) v``.
 
   Same result as :func:`~attnax.kernels.standard_attention` without materialising the
   ``(Sq, Sk)`` scores: queries are processed ``query_chunk_size`` rows at a time, keys
   ``key_chunk_size`` columns at a time, and key chunks are combined by their running max and sum.
   Each key chunk is ``jax.checkpoint``-ed, so the gradient (ordinary autodiff) recomputes the
-  chunk's scores instead of storing them. Works under ``jit``, ``grad`` and ``vmap``.
+  chunk's scores instead of storing them. Works under ``jit``, ``grad`` and ``vmap``; f32, bf16,
+  f16 and float64 inputs.
 
   Args:
     q: ``(B, Hq, Sq, D)``.
@@ -101,15 +110,20 @@ def memory_efficient_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scor
       ``q_idx``/``kv_idx``.
     mask_mod: :class:`~attnax.kernels.MaskMod`; False entries get probability 0.
     scale: score scale, default ``D ** -0.5``.
-    return_lse: also return the f32 log-sum-exp ``(B, Hq, Sq)``.
+    return_lse: also return the log-sum-exp ``(B, Hq, Sq)`` (f32; f64 for float64 inputs).
     query_chunk_size: rows per query chunk (static); clipped to ``Sq``.
     key_chunk_size: columns per key chunk (static); clipped to ``Sk``.
+    dropout_rate, dropout_rng: attention-weight dropout as in
+      :func:`~attnax.kernels.standard_attention` (the same key drops the same weights).
 
   Returns:
     ``out`` ``(B, Hq, Sq, Dv)`` in q's dtype, or ``(out, lse)``. A query that sees no key gets
     output 0, lse ``-inf`` and zero gradients.
   """
-  bsz, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel="memory_efficient_attention")
+  bsz, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel="memory_efficient_attention",
+                                                  allow_f64=True)
+  dropout_rate, seed = _checks.check_dropout(dropout_rate, dropout_rng,
+                                             kernel="memory_efficient_attention")
   scale = _checks.default_scale(scale, d)
   score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod, batch=bsz, heads=hq, q_len=sq,
                                       kv_len=sk)
@@ -122,7 +136,8 @@ def memory_efficient_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scor
   b_idx = jnp.arange(bsz, dtype=i32).reshape(bsz, 1, 1, 1, 1)
   h_idx = (jnp.arange(hkv, dtype=i32)[:, None] * g + jnp.arange(g, dtype=i32)).reshape(1, hkv, g, 1, 1)
   attend = functools.partial(_chunk_attention, k=k, v=v, scale=scale, key_chunk=ck,
-                             score_fn=score_fn, mask_fn=mask_fn, b_idx=b_idx, h_idx=h_idx)
+                             score_fn=score_fn, mask_fn=mask_fn, b_idx=b_idx, h_idx=h_idx,
+                             dropout_rate=dropout_rate, seed=seed)
 
   # Every query chunk has the same static size: when Sq is not a multiple of it, the last chunk
   # starts at Sq - cq and overlaps its predecessor; only its new rows are kept.

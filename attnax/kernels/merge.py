@@ -36,13 +36,14 @@ def _logsumexp(lses: jax.Array, axis: int = 0) -> jax.Array:
 
 
 def merge_two(out_a, lse_a, out_b, lse_b):
-  """Merge two partial results; outs f32 ``(..., S, D)``, lses f32 ``(..., S)``."""
+  """Merge two partial results; outs f32 ``(..., S, D)``, lses f32 ``(..., S)`` (f64 stays f64)."""
+  acc = jnp.promote_types(jnp.promote_types(out_a.dtype, out_b.dtype), jnp.float32)
   lse = _logsumexp(jnp.stack([lse_a, lse_b]))
   finite = lse != -jnp.inf   # NaN counts as "not empty": it propagates into the output
   ref = jnp.where(finite, lse, 0.0)
   wa = jnp.where(finite, jnp.exp(lse_a - ref), 0.0)
   wb = jnp.where(finite, jnp.exp(lse_b - ref), 0.0)
-  out = wa[..., None] * out_a.astype(jnp.float32) + wb[..., None] * out_b.astype(jnp.float32)
+  out = wa[..., None] * out_a.astype(acc) + wb[..., None] * out_b.astype(acc)
   return out, lse
 
 
@@ -64,9 +65,11 @@ def merge_attentions(outs: Sequence[jax.Array] | jax.Array, lses: Sequence[jax.A
     raise ValueError(f"merge_attentions: outs {outs.shape} must be lses {lses.shape} plus a "
                      "trailing head_dim axis")
   out_dtype = outs.dtype if out_dtype is None else out_dtype
-  lses = lses.astype(jnp.float32)
+  # f32 statistics (f64 ones stay f64: the float64 kernels merge in float64)
+  lses = lses.astype(jnp.promote_types(lses.dtype, jnp.float32))
   lse = _logsumexp(lses)
   finite = lse != -jnp.inf   # NaN counts as "not empty": it propagates into the output
   w = jnp.where(finite, jnp.exp(lses - jnp.where(finite, lse, 0.0)), 0.0)
-  out = jnp.einsum("n...s,n...sd->...sd", w, outs.astype(jnp.float32))
+  out = jnp.einsum("n...s,n...sd->...sd", w, outs.astype(jnp.promote_types(outs.dtype,
+                                                                           jnp.float32)))
   return out.astype(out_dtype), lse

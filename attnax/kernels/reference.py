@@ -32,9 +32,14 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: A
     score_mod: :class:`~attnax.kernels.ScoreMod` applied to the scaled scores.
     mask_mod: :class:`~attnax.kernels.MaskMod`; False entries get probability 0.
     scale: score scale, default ``D ** -0.5``.
-    return_lse: also return the f32 log-sum-exp ``(B, Hq, Sq)``.
-    dropout_rate: probability of dropping an attention weight (needs ``dropout_rng``).
-    dropout_rng: PRNG key for dropout.
+    return_lse: also return the log-sum-exp ``(B, Hq, Sq)`` (f32; f64 for float64 inputs).
+    dropout_rate: probability of dropping an attention weight (static float in ``[0, 1)``; needs
+      ``dropout_rng``). Kept weights are scaled by ``1 / (1 - dropout_rate)``; the LSE is that of
+      the undropped softmax.
+    dropout_rng: a PRNG key (``jax.random.key``, or a legacy ``PRNGKey``) or an integer seed,
+      possibly traced. The mask is :func:`attnax.kernels.tiles.dropout_keep` of the key and the
+      absolute ``(b, h, q_idx, kv_idx)``: ``flash_attention`` and ``pallas_flash_attention`` with
+      the same key drop exactly the same weights.
     precision: ``jax.lax.Precision`` of the two matmuls.
 
   Returns:
@@ -45,13 +50,8 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: A
                                                 allow_f64=True)
   scale = _checks.default_scale(scale, d)
   score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod, batch=b, heads=hq, q_len=sq, kv_len=sk)
-  if isinstance(dropout_rate, jax.core.Tracer):
-    raise ValueError("dropout_rate must be a static Python float, got a traced value (pass it "
-                     "through functools.partial or mark it static under jit)")
-  if not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
-  if dropout_rate > 0.0 and dropout_rng is None:
-    raise ValueError("dropout_rate > 0 needs dropout_rng")
+  dropout_rate, seed = _checks.check_dropout(dropout_rate, dropout_rng,
+                                             kernel="standard_attention")
 
   groups = hq // hkv
   k, v = repeat_kv(k, groups), repeat_kv(v, groups)
@@ -62,8 +62,9 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: A
   m, l = tiles.init_stats(s.shape[:-1], s.dtype)
   p, _, m, l = tiles.online_softmax_step(s, visible, m, l)
   if dropout_rate > 0.0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
-    p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
+    # The mask every fused kernel regenerates per tile (tiles.dropout_keep); the LSE is unaffected.
+    keep = tiles.dropout_keep(seed, dropout_rate, bi, hi, qi, ki)
+    p = tiles.apply_dropout(p, keep, dropout_rate)
   # Low-precision inputs: probabilities enter the second matmul in v's dtype, as in the kernels.
   acc = tiles.pv_dot(tiles.low_precision(p, v.dtype), v, precision)
   out, lse = tiles.finalize(acc, m, l)

@@ -52,6 +52,11 @@ __all__ = [
 f32 = jnp.float32
 
 
+def _acc(x) -> jnp.dtype:
+  """Accumulator dtype for ``x``'s values: f32, or f64 for float64 (tiles.acc_dtype)."""
+  return tiles.acc_dtype(x.dtype)
+
+
 # ----------------------------------------------------------------------------- packed GQA tiles
 
 
@@ -166,7 +171,8 @@ def attend_packed_bwd(q5: jax.Array, k: jax.Array, v: jax.Array, do5: jax.Array,
   ds_f = _flat(_low(ds_raw * scale, q5.dtype))
   dq = tiles.pv_dot(ds_f, k).reshape(q5.shape[:-1] + (k.shape[-1],))
   dk = tiles.pv_dot(jnp.swapaxes(ds_f, -1, -2), _flat(q5))
-  return dq.astype(f32), dk.astype(f32), dv.astype(f32), d_floats
+  acc = _acc(q5)
+  return dq.astype(acc), dk.astype(acc), dv.astype(acc), d_floats
 
 
 # ----------------------------------------------------------------------------- mods as operands
@@ -299,7 +305,8 @@ def _segment_fwd(q5, k, v, q_abs, kv_abs, cfg: _Ring, floats, others, b_off=0):
                                     mask_fn=mask_fn)
     if mask_fn is None:
       return compute()
-    empty = lambda: (jnp.zeros(qi.shape[:-1] + (dv,), f32), jnp.full(qi.shape[:-1], -jnp.inf, f32))
+    empty = lambda: (jnp.zeros(qi.shape[:-1] + (dv,), _acc(qi)),
+                     jnp.full(qi.shape[:-1], -jnp.inf, _acc(qi)))
     return lax.cond(pos.any_visible(mask_fn), compute, empty)
 
   out, lse = lax.map(one, (qb, jnp.arange(nb, dtype=jnp.int32)))
@@ -334,12 +341,12 @@ def _segment_bwd(q5, k, v, do5, delta5, lse5, q_abs, kv_abs, cfg: _Ring, floats,
     if mask_fn is None:
       dq, carry = compute()
     else:
-      skip = lambda: (jnp.zeros(qi.shape, f32), carry)
+      skip = lambda: (jnp.zeros(qi.shape, _acc(qi)), carry)
       dq, carry = lax.cond(pos.any_visible(mask_fn), compute, skip)
     return carry, dq
 
-  init = (jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32),
-          tuple(jnp.zeros(f.shape, f32) for f in floats))
+  init = (jnp.zeros(k.shape, _acc(k)), jnp.zeros(v.shape, _acc(v)),
+          tuple(jnp.zeros(f.shape, _acc(f)) for f in floats))
   (dk, dv, dfl), dq = lax.scan(body, init, xs)
   return _unblocks(dq, lq), dk, dv, dfl
 
@@ -370,7 +377,7 @@ def _step_bwd(q5, k, v, do5, delta5, lse5, q_shard, kv_shard, cfg: _Ring, floats
   dq = [0.0] * len(q_segs)
   dk = [0.0] * len(kv_segs)
   dv = [0.0] * len(kv_segs)
-  dfl = tuple(jnp.zeros(f.shape, f32) for f in floats)
+  dfl = tuple(jnp.zeros(f.shape, _acc(f)) for f in floats)
   for a, (qs, ql, qa) in enumerate(q_segs):
     qsl = slice(qs, qs + ql)
     for c, (ks, kl, ka) in enumerate(kv_segs):
@@ -411,7 +418,8 @@ def _ring_fwd_local(q, k, v, floats, others, *, cfg: _Ring):
     out, lse = merge.merge_two(out, lse, *step(k, v, t))
     return out, lse, k_next, v_next
 
-  init = (jnp.zeros(q5.shape[:-1] + (v.shape[-1],), f32), jnp.full(q5.shape[:-1], -jnp.inf, f32))
+  init = (jnp.zeros(q5.shape[:-1] + (v.shape[-1],), _acc(q5)),
+          jnp.full(q5.shape[:-1], -jnp.inf, _acc(q5)))
   out, lse, k, v = lax.fori_loop(0, n - 1, body, init + (k, v))
   out, lse = merge.merge_two(out, lse, *step(k, v, n - 1))
   return unpack_gqa(out).astype(q.dtype), unpack_gqa(lse)
@@ -438,8 +446,8 @@ def _ring_bwd_local(q, k, v, out, lse, dout, dlse, floats, others, *, cfg: _Ring
     dv = lax.ppermute(dv + g[2], axis, perm)
     return dq + g[0], k_next, v_next, dk, dv, jax.tree.map(jnp.add, dfl, g[3])
 
-  init = (jnp.zeros(q5.shape, f32), k, v, jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32),
-          tuple(jnp.zeros(f.shape, f32) for f in floats))
+  init = (jnp.zeros(q5.shape, _acc(q5)), k, v, jnp.zeros(k.shape, _acc(k)),
+          jnp.zeros(v.shape, _acc(v)), tuple(jnp.zeros(f.shape, _acc(f)) for f in floats))
   dq, k, v, dk, dv, dfl = lax.fori_loop(0, n - 1, body, init)
   g = step(k, v, n - 1)
   dq = dq + g[0]
@@ -482,7 +490,7 @@ def _ring_call(q, k, v, floats, others, cfg: _Ring, mesh: Mesh):
 
 def _prepare(q, k, v, *, kernel, num_shards, causal, zigzag, score_mod, mask_mod, scale, block_q,
              axis_name=None, batch_axis=None):
-  b, hq, _, sq, sk, d, _ = _checks.check_qkv(q, k, v, kernel=kernel)
+  b, hq, _, sq, sk, d, _ = _checks.check_qkv(q, k, v, kernel=kernel, allow_f64=True)
   _checks.check_block("block_q", block_q)
   unit = 2 * num_shards if zigzag else num_shards
   for name, length in (("q", sq), ("k/v", sk)):
@@ -528,7 +536,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis
       slopes, a bias table) receive gradients. The arrays must fit the global ``B``, ``Hq``,
       ``Sq``, ``Sk`` (a ValueError names the mod, its array's shape and the sizes otherwise).
     scale: default ``D ** -0.5``.
-    return_lse: also return the f32 lse ``(B, Hq, Sq)`` (sharded like ``out``; differentiable).
+    return_lse: also return the lse ``(B, Hq, Sq)`` (sharded like ``out``; differentiable; f32,
+      f64 for float64 inputs, which run in float64 throughout).
     block_q: query block of each step's local attention (scores held: ``block_q * Sk / n``).
     batch_axis: optional second mesh axis that splits the batch (data parallel); mods still see
       global batch rows.
@@ -595,7 +604,8 @@ def ring_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, num_sh
     one = lambda qr, r, s: _step_fwd(qr, ks[s], vs[s], r, s, cfg, floats, others)
     return merge.merge_two(*carry, *jax.vmap(one)(qs, shards, src))
 
-  init = (jnp.zeros(qs.shape[:-1] + (v.shape[-1],), f32), jnp.full(qs.shape[:-1], -jnp.inf, f32))
+  init = (jnp.zeros(qs.shape[:-1] + (v.shape[-1],), _acc(qs)),
+          jnp.full(qs.shape[:-1], -jnp.inf, _acc(qs)))
   out, lse = lax.fori_loop(0, n, step, init)
   out = unpack_gqa(jnp.concatenate(list(out), axis=3)).astype(q.dtype)
   lse = unpack_gqa(jnp.concatenate(list(lse), axis=3))

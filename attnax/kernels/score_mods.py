@@ -31,9 +31,9 @@ __all__ = [
     "MASK_VALUE", "causal_mod", "sliding_window_mod", "alibi_mod", "alibi_slopes",
     "prefix_lm_mod", "document_mask_mod", "additive_bias_mod", "compose_score_mods",
     "mask_mod_to_score_mod", "mask_mod_to_boolean_mask", "and_masks", "or_masks",
-    "padding_mask_mod", "softcap_mod",
+    "padding_mask_mod", "softcap_mod", "array_mask_mod", "local_window_mod",
     "CausalMask", "SlidingWindowMask", "PrefixLMMask", "DocumentMask", "PaddingLengthMask",
-    "PaddingMask", "AndMask", "OrMask",
+    "PaddingMask", "AndMask", "OrMask", "ArrayMask", "LocalWindowMask", "QueryLengthMask",
     "MaskScoreMod", "AlibiMod", "AdditiveBiasMod", "SoftcapMod", "ComposedScoreMod",
 ]
 
@@ -188,6 +188,83 @@ class PaddingMask:
     any_ = jnp.pad(v, tail, constant_values=False).reshape(-1, nk, block_k).any(-1)
     all_ = jnp.pad(v, tail, constant_values=True).reshape(-1, nk, block_k).all(-1)
     return any_[:, None, None, :], all_[:, None, None, :]   # (B, 1, 1, nk): exact
+
+
+@_pytree(meta=("left", "right", "offset"))
+class LocalWindowMask:
+  """Keep ``-right <= q_idx + offset - kv_idx <= left`` (a two-sided window around the diagonal)."""
+  left: int
+  right: int
+  offset: int = 0
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    d = q_idx + self.offset - kv_idx
+    return (d >= -self.right) & (d <= self.left)
+
+  def tile_visibility(self, block_q, block_k, q_len, kv_len):
+    q_lo, q_hi = _ranges(block_q, q_len)
+    k_lo, k_hi = _ranges(block_k, kv_len)
+    d_min = q_lo[:, None] + self.offset - k_hi[None, :]
+    d_max = q_hi[:, None] + self.offset - k_lo[None, :]
+    any_ = (d_max >= -self.right) & (d_min <= self.left)
+    all_ = (d_min >= -self.right) & (d_max <= self.left)
+    return any_[None, None], all_[None, None]
+
+
+@_pytree(data=("lengths",))
+class QueryLengthMask:
+  """Keep ``q_idx < lengths[b]``: queries past their row's length see no key (output 0).
+
+  ``lengths`` int32 ``(B,)`` (``B`` may be 1); ``jax.nn.dot_product_attention``'s
+  ``query_seq_lengths``.
+  """
+  lengths: jax.Array
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    return q_idx < take(self.lengths, b)
+
+  def tile_visibility(self, block_q, block_k, q_len, kv_len):
+    q_lo, q_hi = _ranges(block_q, q_len)
+    n = self.lengths[:, None, None, None]
+    return q_lo[:, None] < n, q_hi[:, None] < n        # (B, 1, nq, 1): exact
+
+
+def _tiles_along(m: jax.Array, axis: int, block: int, length: int) -> tuple[jax.Array, jax.Array]:
+  """Per-block (any, all) of boolean ``m`` along ``axis`` over its first ``length`` positions.
+
+  A size-1 (broadcast) axis stays size 1. Positions past ``length`` (a ragged last block) count
+  neither for ``any`` nor against ``all``, as in :class:`PaddingMask`.
+  """
+  if m.shape[axis] == 1:
+    return m, m
+  m = jax.lax.slice_in_dim(m, 0, length, axis=axis)
+  n = -(-length // block)
+  pad = [(0, 0)] * m.ndim
+  pad[axis] = (0, n * block - length)
+  shape = m.shape[:axis] + (n, block) + m.shape[axis + 1:]
+  any_ = jnp.pad(m, pad, constant_values=False).reshape(shape).any(axis + 1)
+  all_ = jnp.pad(m, pad, constant_values=True).reshape(shape).all(axis + 1)
+  return any_, all_
+
+
+@_pytree(data=("mask",))
+class ArrayMask:
+  """Keep where ``mask[b, h, q_idx, kv_idx]``: a boolean array of rank 4 (size-1 axes broadcast).
+
+  Tiles are classified from the array itself (exact), so block kernels skip the tiles it masks
+  entirely and run the tiles it keeps entirely without the elementwise mask.
+  """
+  mask: jax.Array
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    return jnp.asarray(take(self.mask, b, h, q_idx, kv_idx), bool)
+
+  def tile_visibility(self, block_q, block_k, q_len, kv_len):
+    m = jnp.asarray(self.mask, bool)
+    any_q, all_q = _tiles_along(m, 2, block_q, q_len)
+    any_, _ = _tiles_along(any_q, 3, block_k, kv_len)
+    _, all_ = _tiles_along(all_q, 3, block_k, kv_len)
+    return any_, all_       # (B', H', nq or 1, nk or 1)
 
 
 @_pytree(data=("masks",))
@@ -416,6 +493,64 @@ def padding_mask_mod(valid: Any) -> MaskScoreMod:
   raise ValueError(f"padding_mask_mod: valid must be lengths (B,) or a mask (B, Sk), got {what}")
 
 
+def array_mask_mod(mask: Any) -> MaskScoreMod:
+  """A boolean mask array as a mod: keep ``(b, h, q_idx, kv_idx)`` where ``mask`` is True.
+
+  ``jax.nn.dot_product_attention``'s and Flax's ``mask=``. Block kernels classify tiles from the
+  array, so the tiles it masks entirely are skipped (forward and backward) and the tiles it keeps
+  entirely run without the elementwise mask.
+
+  Args:
+    mask: a boolean array broadcastable to ``(B, H, Sq, Sk)`` (``H`` counts query heads), of rank
+      at most 4; missing leading axes are added, size-1 axes broadcast. Other axes must be the
+      input's size (checked by every kernel against the inputs).
+
+  Raises:
+    ValueError: ``mask`` is not boolean or has rank above 4.
+  """
+  try:
+    arr = jnp.asarray(mask)
+  except (TypeError, ValueError):
+    raise ValueError(f"array_mask_mod: mask must be a boolean array, got "
+                     f"{type(mask).__name__}") from None
+  if arr.dtype != jnp.bool_:
+    raise ValueError(f"array_mask_mod: mask must be boolean (True = attend), got dtype "
+                     f"{arr.dtype} shape {tuple(arr.shape)}; for 0/1 values pass mask != 0, for "
+                     "an additive mask use additive_bias_mod")
+  if arr.ndim > 4:
+    raise ValueError(f"array_mask_mod: mask must have rank <= 4 (B, H, Sq, Sk), got shape "
+                     f"{tuple(arr.shape)}")
+  return MaskScoreMod(ArrayMask(arr.reshape((1,) * (4 - arr.ndim) + arr.shape)))
+
+
+def _window_side(value: Any, name: str) -> int:
+  if value is None:
+    return _MAX_OFFSET
+  value = _checks.static_int(f"local_window_mod: {name}", value)
+  if value < 0:
+    raise ValueError(f"local_window_mod: {name} must be >= 0 or None (unbounded), got {value}")
+  return min(value, _MAX_OFFSET)
+
+
+def local_window_mod(left: int | None, right: int | None, offset: int = 0) -> MaskScoreMod:
+  """Two-sided local attention: keep ``-right <= q_idx + offset - kv_idx <= left``.
+
+  Query ``i`` sees keys ``i + offset - left`` through ``i + offset + right``: ``left + right + 1``
+  keys, its own position included. This is ``jax.nn.dot_product_attention``'s
+  ``local_window_size=(left, right)``; ``local_window_mod(w - 1, 0)`` is
+  ``sliding_window_mod(w)`` and ``local_window_mod(None, 0)`` is ``causal_mod()``. Block kernels
+  visit only the tiles that meet the band.
+
+  Args:
+    left: keys visible before the query (static int >= 0), or None for no bound.
+    right: keys visible after the query (static int >= 0), or None for no bound.
+    offset: shifts the query positions (``Sk - Sq`` centres the band on the bottom-right
+      diagonal).
+  """
+  return MaskScoreMod(LocalWindowMask(_window_side(left, "left"), _window_side(right, "right"),
+                                      _offset(offset, "local_window_mod")))
+
+
 def softcap_mod(cap: float) -> SoftcapMod:
   """Logit soft-capping: ``score -> cap * tanh(score / cap)`` (Gemma 2's attention soft-cap).
 
@@ -579,6 +714,14 @@ def check_mod_shapes(mod: Any, *, batch: int | None, heads: int | None, q_len: i
     lead("padding mask (valid)", mod.valid.shape, 0, batch, "batch")
     if mod.valid.shape[1] < kv_len:
       fail("padding mask (valid)", mod.valid.shape, f"one entry per key: at least kv_len={kv_len}")
+  elif isinstance(mod, QueryLengthMask):
+    lead("query lengths", mod.lengths.shape, 0, batch, "batch")
+  elif isinstance(mod, ArrayMask):
+    shape = mod.mask.shape
+    lead("mask", shape, 0, batch, "batch")
+    lead("mask", shape, 1, heads, "heads")
+    positions("mask", shape, 2, q_len, "q_len")
+    positions("mask", shape, 3, kv_len, "kv_len")
   elif isinstance(mod, AlibiMod):
     lead("ALiBi slopes", mod.slopes.shape, 0, heads, "heads")
   elif isinstance(mod, AdditiveBiasMod):

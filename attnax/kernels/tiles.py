@@ -9,6 +9,13 @@ Invariants: the running max starts at ``MASK_VALUE`` (finite), so ``exp(m_old - 
 ``exp(-inf + inf)``; masked probabilities are zeroed explicitly, so a row that sees no key ends with
 ``l = 0``, output 0 and lse ``-inf``. Only that exact zero means "empty": NaN or inf in the inputs
 makes ``l`` NaN, which propagates to the output, the lse and the gradients.
+
+Precision follows the inputs: statistics and accumulators are f32 for f32/bf16/f16 inputs and
+f64 for f64 inputs (:func:`acc_dtype`), so the pure-JAX kernels run float64 end to end.
+
+Attention dropout is defined here once as well (:func:`dropout_keep`): a counter-based hash of
+``(seed, b, h, q_idx, kv_idx)``, so the reference materialises exactly the mask that a fused
+kernel regenerates tile by tile in its forward and its backward (FlashAttention's scheme).
 """
 
 from __future__ import annotations
@@ -30,20 +37,21 @@ def acc_dtype(dtype) -> jnp.dtype:
 
 
 def qk_dot(q: jax.Array, k: jax.Array, precision=None) -> jax.Array:
-  """``q @ k^T`` over the last axis, accumulated in f32."""
+  """``q @ k^T`` over the last axis, accumulated in :func:`acc_dtype` (f32, or f64)."""
   return jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=acc_dtype(q.dtype),
                     precision=precision)
 
 
 def pv_dot(p: jax.Array, v: jax.Array, precision=None) -> jax.Array:
-  """``p @ v`` accumulated in f32."""
+  """``p @ v`` accumulated in :func:`acc_dtype` (f32, or f64)."""
   return jnp.einsum("...qk,...kd->...qd", p, v, preferred_element_type=acc_dtype(v.dtype),
                     precision=precision)
 
 
 def tile_scores(s: jax.Array, *, score_fn: Any, mask_fn: Any, b, h, q_idx, kv_idx,
                 q_len: int | None = None, kv_len: int | None = None,
-                apply_mask: bool = True) -> tuple[jax.Array, jax.Array | None]:
+                apply_mask: bool = True,
+                mask_value: float = MASK_VALUE) -> tuple[jax.Array, jax.Array | None]:
   """Apply the score mod and the mask to scaled f32 scores ``s``.
 
   Args:
@@ -52,9 +60,11 @@ def tile_scores(s: jax.Array, *, score_fn: Any, mask_fn: Any, b, h, q_idx, kv_id
     b, h, q_idx, kv_idx: int32 indices broadcasting against ``s`` (absolute positions).
     q_len / kv_len: when given, positions at or past them are masked (ragged tails).
     apply_mask: False for tiles the BlockMask marks full: the mask mod is skipped.
+    mask_value: what hidden scores become (``-inf`` where the running max is kept finite by other
+      means, so that hidden probabilities are exactly 0 without a second select).
 
   Returns:
-    ``(s, visible)``: masked scores (``MASK_VALUE`` where not visible) and the boolean visibility,
+    ``(s, visible)``: masked scores (``mask_value`` where not visible) and the boolean visibility,
     or ``None`` when every entry is visible.
   """
   if score_fn is not None:
@@ -69,7 +79,7 @@ def tile_scores(s: jax.Array, *, score_fn: Any, mask_fn: Any, b, h, q_idx, kv_id
     m = _mod_result(mask_fn(b, h, q_idx, kv_idx), s.shape, "mask_mod")
     visible = m if visible is None else visible & m
   if visible is not None:
-    s = jnp.where(visible, s, MASK_VALUE)
+    s = jnp.where(visible, s, mask_value)
   return s, visible
 
 
@@ -145,15 +155,78 @@ def low_precision(x: jax.Array, dtype) -> jax.Array:
 
 def backward_delta(out: jax.Array, dout: jax.Array, lse: jax.Array | None = None,
                    dlse: jax.Array | None = None) -> jax.Array:
-  """FlashAttention's ``delta = rowsum(dO * O) - dlse``, f32 ``(..., Sq)``.
+  """FlashAttention's ``delta = rowsum(dO * O) - dlse``, f32 (f64 for f64 inputs) ``(..., Sq)``.
 
   The LSE cotangent enters here: ``d lse / d s = p``, so it shifts ``dP`` like ``delta`` does.
-  Rows with ``lse = -inf`` (no visible key) ignore ``dlse``.
+  Rows with ``lse = -inf`` (no visible key) ignore ``dlse``. Dropout leaves it unchanged:
+  ``rowsum(P * Z * dP') = rowsum(dO * O)`` when ``O = (P * Z) V`` (``Z`` the scaled keep mask).
   """
-  delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1)
+  acc = acc_dtype(jnp.promote_types(out.dtype, dout.dtype))
+  delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1)
   if dlse is not None:
-    dlse = dlse.astype(f32)
+    dlse = dlse.astype(acc)
     if lse is not None:
       dlse = jnp.where(lse == -jnp.inf, 0.0, dlse)
     delta = delta - dlse
   return delta
+
+
+# ----------------------------------------------------------------------------- dropout
+#
+# The keep mask of attention dropout is a pure function of (seed, b, h, q_idx, kv_idx): a chain of
+# a bijective 32-bit mixer (Wellons' "lowbias32") over the four indices. Only uint32 multiply, xor
+# and logical shifts: they lower in Pallas (Triton: muli, xori, shrui, an unsigned compare) as in
+# plain XLA, so every kernel computes the same bits. The (b, h, q) part is per row of a tile; per
+# element it costs one xor, one mixer and a compare.
+
+_U32 = jnp.uint32
+_GOLDEN = 0x9E3779B9     # odd: kv_idx * _GOLDEN is a bijection of uint32, spread to the high bits
+
+
+def _u32(x) -> jax.Array:
+  """Indices (int32, possibly negative) as uint32 bits (two's complement)."""
+  return jnp.asarray(x).astype(_U32)
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """A bijective uint32 mixer with full avalanche (lowbias32, C. Wellons)."""
+  x = x ^ (x >> 16)
+  x = x * _U32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * _U32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def dropout_threshold(rate: float) -> int:
+  """The uint32 threshold: a weight is kept when its bits are ``>= threshold``."""
+  return min(int(round(float(rate) * 2.0 ** 32)), 2 ** 32 - 1)
+
+
+def dropout_bits(seed: Any, b, h, q_idx, kv_idx) -> jax.Array:
+  """Uniform uint32 bits of attention weight ``(b, h, q_idx, kv_idx)`` under ``seed``.
+
+  Args:
+    seed: two uint32 words ``(s0, s1)`` (an array of shape ``(2,)`` or a pair of scalars), as
+      :func:`attnax.kernels._checks.check_dropout` makes them from a PRNG key.
+    b, h, q_idx, kv_idx: absolute int32 indices broadcasting against the scores (``b``, ``h``
+      scalars inside a Pallas kernel).
+  """
+  s0, s1 = seed[0], seed[1]
+  x = _mix32(s0 ^ _u32(b))
+  x = _mix32((x + s1) ^ _u32(h))
+  x = _mix32(x ^ _u32(q_idx))
+  return _mix32(x ^ (_u32(kv_idx) * _U32(_GOLDEN)))
+
+
+def dropout_keep(seed: Any, rate: float, b, h, q_idx, kv_idx) -> jax.Array:
+  """bool: which attention weights dropout keeps (probability ``1 - rate``)."""
+  return dropout_bits(seed, b, h, q_idx, kv_idx) >= _U32(dropout_threshold(rate))
+
+
+def apply_dropout(p: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout of probabilities (or of their cotangents): ``p / (1 - rate)`` where kept.
+
+  A dropped weight is exactly 0; NaN rows stay NaN through the normaliser ``l``, which dropout
+  does not touch.
+  """
+  return jnp.where(keep, p * (1.0 / (1.0 - rate)), 0.0)

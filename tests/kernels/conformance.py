@@ -33,7 +33,8 @@ from attnax.kernels import score_mods as sm
 
 # Every check that a row can restrict with ``fast`` / ``slow`` (ids as in test_conformance.py).
 CHECKS = ("forward", "grads", "mod_array_grads", "closures", "prebuilt_mods", "empty_rows",
-          "bad_inputs", "certified_bound", "non_finite", "mod_results")
+          "bad_inputs", "certified_bound", "non_finite", "mod_results",
+          "dropout", "float64")   # the last two: tests/kernels/test_dropout.py, test_float64.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,11 @@ class Kernel:
     ragged: sequence lengths that are not multiples of its blocks.
     sq_ne_sk: ``Sq != Sk``.
     block_sparse: it skips tiles from a BlockMask (informational: what the row's kernel does).
-    f64: it accepts float64 inputs (only the reference; everyone else must raise).
+    f64: it runs float64 inputs in float64 (the pure-JAX kernels); rows without it must raise a
+      ValueError naming float64 (the Pallas kernels). Checked by test_bad_inputs and, against the
+      float64 reference, by tests/kernels/test_float64.py.
+    dropout: it takes ``dropout_rate``/``dropout_rng`` and drops exactly the weights
+      ``standard_attention`` drops with the same key (tests/kernels/test_dropout.py).
     seq_multiple: sequence lengths must be multiples of this (the ring: its shard count); the
       suite rounds its lengths up for the row.
     bottom_right_causal: the kernel always applies ``causal_mod(offset=Sk - Sq)`` (queries at the
@@ -74,6 +79,7 @@ class Kernel:
   sq_ne_sk: bool = True
   block_sparse: bool = False
   f64: bool = False
+  dropout: bool = False
   seq_multiple: int = 1
   bottom_right_causal: bool = False
   certified_epsilon: float = 0.0
@@ -150,6 +156,12 @@ def _shift_q(mod: Any, nargs: int, offset: int) -> Any:
   """``mod`` seen from absolute query positions ``offset + i`` (what paged_attention passes)."""
   if mod is None or offset == 0 or not callable(mod) or not _binds(mod, nargs):
     return mod      # nothing to shift, or a bad mod the kernel must reject itself
+  if any(isinstance(x, (jax.Array, np.ndarray)) for x in jax.tree_util.tree_leaves(mod)):
+    # A pytree mod carrying arrays stays a pytree (a closure would hide its arrays from a Pallas
+    # kernel, which must receive them as operands): the module's decode-time shift wrappers.
+    from attnax.attention import ShiftedMask, ShiftedScoreMod
+    shift = jnp.full((1,), -offset, jnp.int32)
+    return ShiftedScoreMod(mod, shift) if nargs == 5 else ShiftedMask(mod, shift)
   if nargs == 5:
     return lambda s, b, h, i, j: mod(s, b, h, i - offset, j)
   return lambda b, h, i, j: mod(b, h, i - offset, j)
@@ -171,7 +183,8 @@ def write_pages(x: jax.Array, tables: np.ndarray, num_pages: int, seed: int) -> 
   return pool.at[:, jnp.asarray(tables)].set(x)
 
 
-def paged_adapter(q, k, v, *, score_mod=None, mask_mod=None, scale=None, return_lse=False):
+def paged_adapter(q, k, v, *, score_mod=None, mask_mod=None, scale=None, return_lse=False,
+                  backend="auto"):
   """paged_attention on a contiguous ``(q, k, v)``: K/V written into a random page pool through a
   shuffled block table, every sequence ``Sk`` long, so the ``Sq`` queries sit at positions
   ``Sk - Sq .. Sk - 1`` and are causal. The mods are given on relative query positions (as every
@@ -181,7 +194,7 @@ def paged_adapter(q, k, v, *, score_mod=None, mask_mod=None, scale=None, return_
     b = q.shape[0] if getattr(q, "ndim", 0) == 4 else 1
     tables = jnp.zeros((b, 1), jnp.int32)
     return paged_attention(q, k, v, tables, jnp.ones((b,), jnp.int32), score_mod=score_mod,
-                           mask_mod=mask_mod, scale=scale, return_lse=return_lse)
+                           mask_mod=mask_mod, scale=scale, return_lse=return_lse, backend=backend)
   b, _, sk, _ = k.shape
   n = -(-sk // PAGE_SIZE)
   num_pages = b * n + SPARE_PAGES
@@ -197,7 +210,7 @@ def paged_adapter(q, k, v, *, score_mod=None, mask_mod=None, scale=None, return_
   return paged_attention(q, k_pages, v_pages, jnp.asarray(tables, jnp.int32),
                          jnp.full((b,), sk, jnp.int32), score_mod=_shift_q(score_mod, 5, offset),
                          mask_mod=_shift_q(mask_mod, 4, offset), scale=scale,
-                         return_lse=return_lse, pages_per_split=2)
+                         return_lse=return_lse, pages_per_split=2, backend=backend)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -212,7 +225,8 @@ AETHER_EPSILON = 1e-6     # small: the certified bound stays far below the f32 t
 _ELEMENTWISE_SLOW = frozenset({"prebuilt_mods[causal]", "prebuilt_mods[sliding_window]",
                                "prebuilt_mods[document]", "prebuilt_mods[alibi_bias]",
                                "prebuilt_mods[softcap]", "prebuilt_mods[padding]",
-                               "closures[eager]"})
+                               "prebuilt_mods[array_mask]", "prebuilt_mods[local_window]",
+                               "prebuilt_mods[broadcast_arrays]", "closures[eager]"})
 _AUTODIFF_SLOW = _ELEMENTWISE_SLOW | {"mod_array_grads[bias_rows]"}
 # Pallas interpret mode (and AETHER over it) compiles slowly on CPU: these checks are the rows'
 # fast representatives (one q/k/v gradient, one mod-array gradient, the closures); everything
@@ -220,43 +234,55 @@ _AUTODIFF_SLOW = _ELEMENTWISE_SLOW | {"mod_array_grads[bias_rows]"}
 _PALLAS_FAST = frozenset({"forward[f32]", "forward[bf16]", "grads[out_lse]",
                           "mod_array_grads[bias_heads_docs]", "closures[eager]", "closures[jit]",
                           "prebuilt_mods[compose]", "empty_rows[forward]", "bad_inputs",
-                          "non_finite", "mod_results[python_state]"})
+                          "non_finite", "mod_results[python_state]", "dropout"})
 _AETHER_FLASH_FAST = frozenset({"forward[f32]", "grads[out_lse]", "mod_array_grads[bias_rows]",
+                                "closures[jit]", "prebuilt_mods[compose]",
+                                "prebuilt_mods[broadcast_arrays]", "empty_rows[forward]",
+                                "bad_inputs", "non_finite", "float64[forward]"})
+_AETHER_PALLAS_FAST = frozenset({"forward[f32]", "grads[out_lse]", "bad_inputs"})
+# The Pallas paged kernel (interpreted): a forward kernel whose gradients are the pure-JAX
+# backend's VJP (the "paged" row checks that path in full).
+_PAGED_PALLAS_FAST = frozenset({"forward[f32]", "forward[bf16]", "grads[out_lse]",
                                 "closures[jit]", "prebuilt_mods[compose]", "empty_rows[forward]",
                                 "bad_inputs", "non_finite"})
-_AETHER_PALLAS_FAST = frozenset({"forward[f32]", "grads[out_lse]", "bad_inputs"})
 # ring_attention_reference shares its step maths with ring_attention (fully checked).
 _RING_REFERENCE_FAST = frozenset({"forward[f32]", "grads[out_lse]", "prebuilt_mods[compose]",
                                   "mod_array_grads[alibi_slopes]", "bad_inputs", "non_finite"})
 
 KERNELS = (
-    Kernel("standard", adapter(standard_attention), f64=True, slow=_AUTODIFF_SLOW),
+    Kernel("standard", adapter(standard_attention), f64=True, dropout=True, slow=_AUTODIFF_SLOW),
     Kernel("memory_efficient", adapter(memory_efficient_attention, query_chunk_size=BLOCK,
-                                       key_chunk_size=BLOCK), slow=_AUTODIFF_SLOW),
+                                       key_chunk_size=BLOCK), f64=True, dropout=True,
+           slow=_AUTODIFF_SLOW),
     Kernel("flash", adapter(flash_attention, block_q=BLOCK, block_k=BLOCK), block_sparse=True,
-           slow=frozenset({"closures[eager]"})),
+           f64=True, dropout=True, slow=frozenset({"closures[eager]"})),
     Kernel("pallas_interpret", adapter(pallas_flash_attention, backend="interpret",
                                        block_q=BLOCK, block_k=BLOCK),
-           block_sparse=True, fast=_PALLAS_FAST),
+           block_sparse=True, dropout=True, fast=_PALLAS_FAST),
     Kernel("aether_flash", adapter(aether_attention, implementation="flash",
                                    epsilon=AETHER_EPSILON, block_q=BLOCK, block_k=BLOCK),
-           block_sparse=True, certified_epsilon=AETHER_EPSILON, fast=_AETHER_FLASH_FAST),
+           block_sparse=True, f64=True, certified_epsilon=AETHER_EPSILON,
+           fast=_AETHER_FLASH_FAST),
     Kernel("aether_pallas", adapter(aether_attention, implementation="pallas",
                                     epsilon=AETHER_EPSILON, block_q=BLOCK, block_k=BLOCK),
            block_sparse=True, certified_epsilon=AETHER_EPSILON, fast=_AETHER_PALLAS_FAST),
     Kernel("ring_reference", adapter(ring_attention_reference, num_shards=RING_SHARDS,
-                                     block_q=BLOCK), seq_multiple=RING_SHARDS,
+                                     block_q=BLOCK), seq_multiple=RING_SHARDS, f64=True,
            fast=_RING_REFERENCE_FAST),
-    Kernel("ring_mesh", ring_on_mesh, seq_multiple=RING_SHARDS, slow=_ELEMENTWISE_SLOW),
-    Kernel("paged", paged_adapter, bottom_right_causal=True, slow=_AUTODIFF_SLOW),
+    Kernel("ring_mesh", ring_on_mesh, seq_multiple=RING_SHARDS, f64=True, slow=_ELEMENTWISE_SLOW),
+    Kernel("paged", paged_adapter, bottom_right_causal=True, f64=True, slow=_AUTODIFF_SLOW),
+    Kernel("paged_interpret", functools.partial(paged_adapter, backend="interpret"),
+           bottom_right_causal=True, fast=_PAGED_PALLAS_FAST),
     # Kernelised attention is not softmax attention: it only joins the bad-input checks.
-    Kernel("linear", adapter(linear_attention), softmax=False, lse=False, mods=False),
+    Kernel("linear", adapter(linear_attention), softmax=False, lse=False, mods=False, f64=True),
     # The compiled lowerings (GPU only): the same checks, run with -m gpu.
     Kernel("pallas_gpu", adapter(pallas_flash_attention, backend="triton", block_q=BLOCK,
-                                 block_k=BLOCK), block_sparse=True, gpu=True),
+                                 block_k=BLOCK), block_sparse=True, dropout=True, gpu=True),
     Kernel("aether_pallas_gpu", adapter(aether_attention, implementation="pallas",
                                         epsilon=AETHER_EPSILON, block_q=BLOCK, block_k=BLOCK),
            block_sparse=True, certified_epsilon=AETHER_EPSILON, gpu=True),
+    Kernel("paged_gpu", functools.partial(paged_adapter, backend="pallas"),
+           bottom_right_causal=True, gpu=True),
 )
 
 

@@ -256,6 +256,16 @@ def prebuilt_mod(name: str, sq: int, sk: int):
       "padding": lambda: compose_score_mods(     # lengths (B,) and a 0/1 (B, Sk) pattern
           sm.padding_mask_mod(jnp.array([sk - 9, sk], jnp.int32)),
           sm.padding_mask_mod(jnp.asarray(np.random.default_rng(27).random((B, sk)) < 0.7))),
+      # jax.nn.dot_product_attention's mask= and local_window_size=: a (B, 1, Sq, Sk) boolean
+      # array with whole empty and full tiles, and a two-sided band (Sk - Sq aligns it).
+      "array_mask": lambda: sm.array_mask_mod(_structured_mask(28, (B, 1, sq, sk))),
+      "local_window": lambda: sm.local_window_mod(5, 3, offset=sk - sq),
+      # Arrays whose query axis (or every axis) is 1: bias (B, H, 1, Sk), (1, 1, Sq, 1),
+      # (1, 1, 1, 1) and a (1, H, 1, Sk) mask (AETHER's per-row bias bound once crashed on them).
+      "broadcast_arrays": lambda: compose_score_mods(
+          additive_bias_mod(rand(29, (B, HQ, 1, sk))), additive_bias_mod(rand(30, (1, 1, sq, 1))),
+          additive_bias_mod(rand(31, (1, 1, 1, 1))),
+          sm.array_mask_mod(jnp.asarray(np.random.default_rng(32).random((1, HQ, 1, sk)) < 0.8))),
       "compose": lambda: compose_score_mods(
           sm.softcap_mod(3.0), alibi_mod(num_heads=HQ), sliding_window_mod(20, offset=sk - sq),
           document_mask_mod(doc_ids(17, sq, batch=1, ndocs=2), doc_ids(18, sk, batch=1, ndocs=2)),
@@ -263,8 +273,17 @@ def prebuilt_mod(name: str, sq: int, sk: int):
   }[name]()
 
 
+def _structured_mask(seed: int, shape) -> jax.Array:
+  """A random boolean (B, 1, Sq, Sk) mask (70% kept) with an empty kv range in batch row 0 and a
+  kept 16 x 16 square: with the suite's blocks of 16, some tiles are empty and some full."""
+  mask = np.random.default_rng(seed).random(shape) < 0.7
+  mask[0, :, :, 32:] = False
+  mask[:, :, 16:32, :16] = True
+  return jnp.asarray(mask)
+
+
 PREBUILT = ("causal", "causal_offset", "sliding_window", "prefix_lm", "document", "alibi_bias",
-            "softcap", "padding", "compose")
+            "softcap", "padding", "array_mask", "local_window", "broadcast_arrays", "compose")
 
 
 @pytest.mark.parametrize("row,variant", rows("prebuilt_mods", PREBUILT, needs=("softmax", "mods")))

@@ -869,3 +869,116 @@ def test_new_names_are_exported():
   import attnax.kernels as K
   for name in ("padding_mask_mod", "softcap_mod", "and_masks", "or_masks"):
     assert name in K.__all__ and name in sm.__all__ and getattr(K, name) is getattr(sm, name)
+
+
+# ----------------------------------------------------------------------------- mask arrays, windows
+
+
+def test_array_mask_and_window_names_are_exported():
+  import attnax.kernels as K
+  for name in ("array_mask_mod", "local_window_mod"):
+    assert name in K.__all__ and name in sm.__all__ and getattr(K, name) is getattr(sm, name)
+
+
+_MASK_SHAPES = [(B, HQ, SQ, SK), (1, HQ, SQ, SK), (B, 1, SQ, SK), (B, HQ, 1, SK), (B, HQ, SQ, 1),
+                (1, 1, 1, SK), (1, 1, 1, 1), (SQ, SK), (SK,)]
+
+
+def _random_mask(seed, shape, p=0.7):
+  return np.random.default_rng(seed).random(shape) < p
+
+
+@pytest.mark.parametrize("shape", _MASK_SHAPES, ids=str)
+def test_array_mask_mod_broadcasting(shape):
+  """Every broadcast shape of a (B, H, Sq, Sk) boolean mask: the mask it reads and the attention
+  with it (rows the mask empties give 0 / -inf)."""
+  mask = _random_mask(70 + len(shape), shape)
+  mod = sm.array_mask_mod(jnp.asarray(mask))
+  assert isinstance(mod.mask_mod, sm.ArrayMask) and mod.mask_mod.mask.ndim == 4
+  expected = full(mask)
+  np.testing.assert_array_equal(mask_of(mod), expected)
+  check_attention(mod, mask=expected, seed=71)
+
+
+@pytest.mark.parametrize("shape", [(B, HQ, SQ, SK), (1, HQ, 1, SK), (B, 1, SQ, 1), (1, 1, 1, 1),
+                                   (B, HQ, SQ + 5, SK + 2)], ids=str)
+@pytest.mark.parametrize("block", [(4, 4), (16, 8)])
+def test_array_mask_tiles_are_exact(shape, block):
+  """Tiles classified from the array (broadcast axes, ragged tails, an array longer than the
+  inputs, an all-False row block) are exactly the dense mask's."""
+  bq, bk = block
+  mask = _random_mask(72, shape, p=0.6)
+  if shape[2] > 1 and shape[3] > 1:
+    mask[..., :4, :] = False                                   # an empty q block
+    mask[..., 4:8, 8:12] = True                                # a full tile (4x4 blocks)
+  m = sm.array_mask_mod(jnp.asarray(mask)).mask_mod
+  bm = create_block_mask(m, q_len=SQ, kv_len=SK, block_q=bq, block_k=bk, batch=B, heads=HQ)
+  dense = np.broadcast_to(mask[..., :SQ, :SK], (B, HQ, SQ, SK))
+  np.testing.assert_array_equal(_tiles_bh(bm), _expected_tiles(dense, bq, bk))
+  assert bm.tiles.shape[:2] == (shape[0], shape[1])
+
+
+def test_array_mask_traced_and_rejects():
+  q, k, v = random_qkv(73, batch=B, q_heads=HQ, kv_heads=HKV, q_len=SQ, kv_len=SK, head_dim=D)
+  mask = _random_mask(74, (B, 1, SQ, SK))
+  f = jax.jit(lambda m: flash_attention(q, k, v, score_mod=sm.array_mask_mod(m), block_q=4,
+                                        block_k=8))
+  ref, _ = np_attention(q, k, v, mask=mask)
+  assert rel_err(f(jnp.asarray(mask)), ref) < tol(jnp.float32)
+  with pytest.raises(ValueError, match="boolean"):
+    sm.array_mask_mod(jnp.ones((SQ, SK), jnp.int32))
+  with pytest.raises(ValueError, match="rank"):
+    sm.array_mask_mod(jnp.ones((1, 1, 1, SQ, SK), bool))
+  with pytest.raises(ValueError, match=r"mask.*\(3, 1, 13, 19\)"):     # batch 3 for B=2
+    standard_attention(q, k, v, score_mod=sm.array_mask_mod(jnp.ones((3, 1, SQ, SK), bool)))
+  with pytest.raises(ValueError, match=r"mask.*\(1, 1, 13, 7\)"):       # fewer keys than Sk
+    standard_attention(q, k, v, score_mod=sm.array_mask_mod(jnp.ones((1, 1, SQ, 7), bool)))
+
+
+@pytest.mark.parametrize("left,right,offset", [(3, 2, 0), (0, 0, 0), (3, 0, 0), (0, 4, 0),
+                                               (2, 5, SK - SQ), (None, 0, 0), (1, None, 0),
+                                               (SQ + SK, SQ + SK, 0), (4, 1, -3)])
+def test_local_window_mod(left, right, offset):
+  """keep -right <= i + offset - j <= left (jax.nn.dot_product_attention's local_window_size)."""
+  mod = sm.local_window_mod(left, right, offset=offset)
+  _, _, i, j = grid()
+  d = i + offset - j
+  lo = -np.inf if right is None else -right
+  hi = np.inf if left is None else left
+  expected = full((d >= lo) & (d <= hi))
+  np.testing.assert_array_equal(mask_of(mod), expected)
+  check_attention(mod, mask=expected, seed=75)
+  for bq, bk in ((4, 4), (8, 16)):
+    bm = create_block_mask(mod.mask_mod, q_len=SQ, kv_len=SK, block_q=bq, block_k=bk)
+    np.testing.assert_array_equal(_tiles_bh(bm), _expected_tiles(expected, bq, bk))
+
+
+def test_local_window_special_cases():
+  """(w - 1, 0) is sliding_window_mod(w); (None, 0) is causal_mod(); the JAX example (3, 2)."""
+  np.testing.assert_array_equal(mask_of(sm.local_window_mod(4, 0)),
+                                mask_of(sliding_window_mod(5)))
+  np.testing.assert_array_equal(mask_of(sm.local_window_mod(None, 0)), mask_of(causal_mod()))
+  # jax.nn.dot_product_attention's docstring: with (3, 2), token 6 attends to 3, 4, 5, 6, 7, 8.
+  row = mask_of(sm.local_window_mod(3, 2), sq=10, sk=10)[0, 0, 6]
+  np.testing.assert_array_equal(np.flatnonzero(row), [3, 4, 5, 6, 7, 8])
+  for bad in (-1, 1.5, True):
+    with pytest.raises(ValueError, match="local_window_mod"):
+      sm.local_window_mod(bad, 0)
+  with pytest.raises(ValueError, match="local_window_mod"):
+    sm.local_window_mod(0, -2)
+
+
+def test_query_length_mask():
+  """q_idx < lengths[b]: queries past the length see no key (output 0, lse -inf); exact tiles."""
+  lengths = np.array([9, 0])
+  m = sm.QueryLengthMask(jnp.asarray(lengths, jnp.int32))
+  b, _, i, _ = grid()
+  expected = full(i < lengths[b])
+  np.testing.assert_array_equal(np.asarray(mask_mod_to_boolean_mask(m, B, HQ, SQ, SK)), expected)
+  out, lse = check_attention(mask_mod_to_score_mod(m), mask=expected, seed=76)
+  assert (np.asarray(out)[~expected.any(-1)] == 0).all()
+  bm = create_block_mask(m, q_len=SQ, kv_len=SK, block_q=4, block_k=4, batch=B)
+  np.testing.assert_array_equal(_tiles_bh(bm), _expected_tiles(expected, 4, 4))
+  with pytest.raises(ValueError, match="query lengths"):
+    standard_attention(*random_qkv(77, batch=B, q_heads=HQ, kv_heads=HKV, q_len=SQ, kv_len=SK,
+                                   head_dim=D), mask_mod=sm.QueryLengthMask(jnp.ones(3, jnp.int32)))

@@ -37,14 +37,16 @@ __all__ = ["aether_attention", "AetherAttention", "AetherStats", "IMPLEMENTATION
 IMPLEMENTATIONS = ("pallas", "flash", "reference")
 
 
-def _kernel(implementation: str | None):
+def _kernel(implementation: str | None, dtype: Any = None):
   """The dense block-sparse kernel for ``implementation``.
 
   ``None``: the Pallas kernel on a GPU (when importable), the pure-JAX flash kernel elsewhere (the
-  Pallas interpreter is far slower than XLA on a CPU), the materialised reference as a last resort.
+  Pallas interpreter is far slower than XLA on a CPU) and for float64 inputs (which the Pallas
+  kernels do not run), the materialised reference as a last resort.
   """
   if implementation is None:
-    order = ("pallas", "flash") if jax.default_backend() == "gpu" else ("flash", "pallas")
+    gpu = jax.default_backend() == "gpu" and not _is_f64(dtype)
+    order = ("pallas", "flash") if gpu else ("flash", "pallas")
     for name in order:
       try:
         return name, _kernel(name)[1]
@@ -59,6 +61,10 @@ def _kernel(implementation: str | None):
     return "reference", None
   raise ValueError(f"aether_attention: implementation must be one of {IMPLEMENTATIONS} or None, "
                    f"got {implementation!r}")
+
+
+def _is_f64(dtype: Any) -> bool:
+  return dtype is not None and jnp.dtype(dtype) == jnp.float64
 
 
 def _run(q, k, v, *, score_mod, mask_mod, score_fn, mask_fn, impl, return_stats, **settings):
@@ -168,22 +174,30 @@ def aether_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, epsilon: float
     return_stats: also return an :class:`AetherStats` (last element of the tuple):
       ``skipped_fraction`` ``(B, Hq)`` and per-row ``mass_bound`` ``(B, Hq, Sq)``.
     implementation: the dense block-sparse kernel: ``"pallas"`` (the default on a GPU),
-      ``"flash"`` (pure JAX; the default elsewhere), or ``"reference"`` (materialised scores;
-      tests and small inputs).
+      ``"flash"`` (pure JAX; the default elsewhere and for float64 inputs), or ``"reference"``
+      (materialised scores; tests and small inputs). float64 runs with ``"flash"`` and
+      ``"reference"`` (the planner's bounds are f32 with a rounding margin that covers it);
+      ``"pallas"`` raises ValueError for it.
     rule: ``"budget"`` (default, tighter) or ``"margin"`` (``delta = log(Sk / epsilon)``).
 
   Returns:
     ``out`` ``(B, Hq, Sq, Dv)``; with ``return_lse`` also lse f32 ``(B, Hq, Sq)``; with
     ``return_stats`` the stats last.
   """
-  b, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel="aether_attention")
+  b, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel="aether_attention",
+                                                allow_f64=True)
   scale = _checks.default_scale(scale, d)
   epsilon, threshold = _check_settings(epsilon, threshold, block_q, block_k, rule)
   # A tile larger than the sequence's power of two means one tile, whatever its size.
   block_q = min(block_q, max(16, 1 << (sq - 1).bit_length()))
   block_k = min(block_k, max(16, 1 << (sk - 1).bit_length()))
   score_fn, mask_fn = sm.resolve_mods(score_mod, mask_mod, batch=b, heads=hq, q_len=sq, kv_len=sk)
-  impl = _kernel(implementation)[0]
+  impl = _kernel(implementation, q.dtype)[0]
+  if impl == "pallas" and _is_f64(q.dtype):
+    raise ValueError(f"aether_attention: q has dtype float64, which implementation='pallas' (the "
+                     f"Pallas kernel, f32 at most) cannot run; use implementation='flash' or "
+                     f"'reference' (or None) for float64; got q {tuple(q.shape)}, k "
+                     f"{tuple(k.shape)}, v {tuple(v.shape)}")
   res = _run_compiled(q, k, v, score_mod=score_mod, mask_mod=mask_mod, score_fn=score_fn,
                       mask_fn=mask_fn, impl=impl, return_stats=bool(return_stats), scale=scale,
                       block_q=block_q, block_k=block_k, epsilon=epsilon, threshold=threshold,

@@ -11,6 +11,11 @@ through their BlockSpec index map (no repeated copy of K/V). The dK/dV program o
 over the G query heads of its group and accumulates dK/dV in registers. A caller's BlockMask with
 ``H' = Hq`` is used exactly, ``H' = Hkv`` is shared by the group, ``H' = 1`` by all heads.
 
+Dropout: the rate is static (a plan flag, ``FlashPlan.dropout_rate``; a lowering whose
+``supports_dropout`` is False refuses such plans, and ``backend="auto"`` passes it over), the seed
+is a traced plan array (``PlanArrays.dropout_seed``) that forward and backward kernels regenerate the
+mask from.
+
 Gradients: q, k, v (and ``lse`` as an output) from the lowering's backward kernels; the mods'
 floating-point operands (bias tables, ALiBi slopes, gates), when they are differentiated, from a
 pure-JAX pass over the same tiles (:func:`attnax.kernels.flash.operand_cotangents_over`); integer
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 
 from attnax.kernels import _checks, flash, tiles
 from attnax.kernels import operands as ops_lib
+from attnax.kernels.pallas import mosaic_gpu as mg
 from attnax.kernels.pallas import triton as tk
 from attnax.kernels.pallas.plan import FlashPlan, PlanArrays, build_plan, pad_to, pow2
 from attnax.kernels.pallas.triton import TritonConfig
@@ -42,79 +48,142 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Lowering:
-  """A registered lowering of the plan: its config type, defaults, limits, forward and backward."""
+  """A registered lowering of the plan: its config type, defaults, limits, forward and backward.
+
+  This base is the Triton lowering (compiled, or run by the Pallas interpreter); other lowerings
+  subclass it and override what differs.
+  """
   name: str
-  interpret: bool
+  interpret: bool = False
   config_type: type = TritonConfig
+  supports_dropout: bool = True   # its kernels regenerate the dropout mask (plan.dropout_rate)
 
   def not_supported_reasons(self, q, k, v) -> list[str]:
+    """Why these inputs cannot run here (dtype, head dims, device)."""
     return tk.not_supported_reasons(q, k, v, interpret=self.interpret)
 
-  def default_config(self, head_pad: int, dtype) -> TritonConfig:
+  def option_reasons(self, config, num_warps, num_stages) -> list[str]:
+    """Why the caller's knobs do not apply to this lowering."""
+    if config is not None and not isinstance(config, self.config_type):
+      return [f"config must be a {self.config_type.__name__}, got {type(config).__name__}"]
+    return []
+
+  def plan_reasons(self, plan: FlashPlan, cfg) -> list[str]:
+    """Why this plan (its tiling, its mods) cannot run here."""
+    return []
+
+  def default_config(self, head_pad: int, dtype, masked: bool):
     return tk.default_config(head_pad, interpret=self.interpret, dtype=dtype)
 
-  def kernel_spec(self, plan: FlashPlan, config, num_warps, num_stages) -> tk.KernelSpec:
+  def kernel_spec(self, plan: FlashPlan, config, num_warps, num_stages):
     return tk.KernelSpec.resolve(plan, config, interpret=self.interpret, num_warps=num_warps,
                                  num_stages=num_stages)
 
   def forward(self, spec, q, k, v, arrays: PlanArrays):
-    return tk.forward(spec, q, k, v, arrays.lists, _flat(arrays.operands))
+    return tk.forward(spec, q, k, v, arrays.lists, _flat(arrays.operands),
+                      seed=arrays.dropout_seed)
 
   def backward(self, spec, q, k, v, do, lse, delta, arrays: PlanArrays):
     return tk.backward(spec, q, k, v, do, lse, delta, arrays.lists, arrays.tlists,
-                       _flat(arrays.operands))
+                       _flat(arrays.operands), seed=arrays.dropout_seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicLowering(Lowering):
+  """The Mosaic GPU (sm90) forward; the backward is the Triton lowering's, on the same plan."""
+  config_type: type = mg.MosaicConfig
+  supports_dropout: bool = False   # its forward has no dropout mask yet
+
+  def not_supported_reasons(self, q, k, v) -> list[str]:
+    return mg.not_supported_reasons(q, k, v)
+
+  def option_reasons(self, config, num_warps, num_stages) -> list[str]:
+    reasons = super().option_reasons(config, num_warps, num_stages)
+    if num_warps is not None:
+      reasons.append("num_warps is a Triton launch knob (the Mosaic kernel runs 3 warpgroups)")
+    return reasons
+
+  def plan_reasons(self, plan: FlashPlan, cfg) -> list[str]:
+    return mg.plan_reasons(plan, cfg)
+
+  def default_config(self, head_pad: int, dtype, masked: bool):
+    return mg.default_config(head_pad, dtype, masked=masked)
+
+  def kernel_spec(self, plan: FlashPlan, config, num_warps, num_stages):
+    return mg.kernel_spec(plan, config, num_stages)
+
+  def forward(self, spec, q, k, v, arrays: PlanArrays):
+    return mg.forward(spec, q, k, v, arrays)
+
+  def backward(self, spec, q, k, v, do, lse, delta, arrays: PlanArrays):
+    return LOWERINGS["triton"].backward(spec.backward, q, k, v, do, lse, delta, arrays)
 
 
 def _flat(operands):
   return ops_lib.ModOperands.kernel_operands(operands)
 
 
-LOWERINGS = {"triton": Lowering("triton", interpret=False),
+LOWERINGS = {"mosaic": MosaicLowering("mosaic"),
+             "triton": Lowering("triton"),
              "interpret": Lowering("interpret", interpret=True)}
-AUTO_ORDER = ("triton", "interpret")
+AUTO_ORDER = ("mosaic", "triton", "interpret")
 BACKENDS = ("auto",) + tuple(LOWERINGS)
 
 
 def not_supported_reasons(backend: str, q: Any, k: Any, v: Any) -> list[str]:
-  """Why ``backend`` cannot run these inputs (empty when it can); xFormers' not_supported_reasons."""
+  """Why ``backend`` cannot run these inputs (empty when it can); xFormers' not_supported_reasons.
+
+  These are the reasons that the inputs alone decide (dtype, head dims, device). A lowering may
+  also refuse a plan (its tiling or its mods): the call's ValueError then lists those reasons.
+  """
   if backend not in LOWERINGS:
     return [f"unknown backend {backend!r}; choose one of {BACKENDS}"]
   return LOWERINGS[backend].not_supported_reasons(q, k, v)
 
 
-def _resolve_backend(backend: str, q, k, v) -> Lowering:
-  if backend == "auto":
-    passed = []
-    for name in AUTO_ORDER:
-      reasons = not_supported_reasons(name, q, k, v)
-      if not reasons:
-        return LOWERINGS[name]
-      passed.append(f"{name}: " + "; ".join(reasons))
-    raise ValueError("pallas_flash_attention: no backend can run these inputs:\n  - "
-                     + "\n  - ".join(passed))
-  reasons = not_supported_reasons(backend, q, k, v)
-  if reasons:
-    raise ValueError(f"pallas_flash_attention: backend {backend!r} cannot run these inputs:\n  - "
-                     + "\n  - ".join(reasons))
-  return LOWERINGS[backend]
+def _dropout_reasons(lowering: Lowering, plan: FlashPlan) -> list[str]:
+  if plan.dropout_rate and not getattr(lowering, "supports_dropout", False):
+    return [f"attention dropout (dropout_rate={plan.dropout_rate}) is not implemented in the "
+            f"{lowering.name!r} lowering"]
+  return []
 
 
 def _plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, softcap,
-          cu_seqlens_q, cu_seqlens_k, backend, num_warps, num_stages, config):
-  """``(lowering, kernel spec, plan arrays, padded q, k, v)`` for one call."""
+          cu_seqlens_q, cu_seqlens_k, backend, num_warps, num_stages, config,
+          dropout_rate=0.0, dropout_seed=None):
+  """``(lowering, kernel spec, plan arrays, padded q, k, v)`` for one call.
+
+  ``backend="auto"`` tries the lowerings of :data:`AUTO_ORDER` in turn: the first whose inputs,
+  knobs and plan it supports runs; the error lists why each was passed over.
+  """
   _checks.check_qkv(q, k, v, kernel="pallas_flash_attention")
-  lowering = _resolve_backend(backend, q, k, v)
+  if backend != "auto" and backend not in LOWERINGS:
+    raise ValueError(f"pallas_flash_attention: unknown backend {backend!r}; choose one of "
+                     f"{BACKENDS}")
   head_pad = max(16, pow2(max(q.shape[-1], v.shape[-1])))
-  cfg = config if config is not None else lowering.default_config(head_pad, q.dtype)
-  if not isinstance(cfg, lowering.config_type):
-    raise ValueError(f"pallas_flash_attention: config must be a {lowering.config_type.__name__} "
-                     f"for backend {lowering.name!r}, got {type(cfg).__name__}")
-  plan, arrays, qp, kp, vp = build_plan(
-      q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale, block_q=block_q,
-      block_k=block_k, block_mask=block_mask, softcap=softcap, cu_seqlens_q=cu_seqlens_q,
-      cu_seqlens_k=cu_seqlens_k, default_block_q=cfg.block_q, default_block_k=cfg.block_k)
-  spec = lowering.kernel_spec(plan, cfg, num_warps, num_stages)
-  return lowering, spec, arrays, qp, kp, vp
+  masked = any(x is not None for x in (score_mod, mask_mod, block_mask, cu_seqlens_q,
+                                       cu_seqlens_k, softcap))
+  passed = []
+  for name in (AUTO_ORDER if backend == "auto" else (backend,)):
+    lowering = LOWERINGS[name]
+    reasons = (lowering.not_supported_reasons(q, k, v)
+               + lowering.option_reasons(config, num_warps, num_stages))
+    if not reasons:
+      cfg = config if config is not None else lowering.default_config(head_pad, q.dtype, masked)
+      plan, arrays, qp, kp, vp = build_plan(
+          q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale, block_q=block_q,
+          block_k=block_k, block_mask=block_mask, softcap=softcap, cu_seqlens_q=cu_seqlens_q,
+          cu_seqlens_k=cu_seqlens_k, default_block_q=cfg.block_q, default_block_k=cfg.block_k,
+          dropout_rate=dropout_rate, dropout_seed=dropout_seed)
+      reasons = lowering.plan_reasons(plan, cfg) + _dropout_reasons(lowering, plan)
+      if not reasons:
+        return lowering, lowering.kernel_spec(plan, cfg, num_warps, num_stages), arrays, qp, kp, vp
+    passed.append(f"{name}: " + "; ".join(reasons))
+  if backend == "auto":
+    raise ValueError("pallas_flash_attention: no backend can run these inputs:\n  - "
+                     + "\n  - ".join(passed))
+  raise ValueError(f"pallas_flash_attention: backend {backend!r} cannot run these inputs:\n  - "
+                   + "\n  - ".join(r.split(": ", 1)[1] for r in passed))
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -139,7 +208,7 @@ def _backward(lowering, spec, q, k, v, out, lse, dout, dlse, arrays, diff):
     d_ops = flash.operand_cotangents_over(
         tq, tk_, tv, tout, tlse, tdout, tdlse, mods=plan.mods, values=arrays.operands, diff=diff,
         scale=plan.scale, block_mask=arrays.block_mask, block_q=plan.block_q,
-        block_k=plan.block_k)
+        block_k=plan.block_k, dropout_rate=plan.dropout_rate, dropout_seed=arrays.dropout_seed)
   return dq, dk, dv, d_ops
 
 
@@ -208,14 +277,23 @@ _DOC_ARGS = """
     num_warps, num_stages: override the Triton launch knobs of every pass.
     config: the lowering's config (:class:`~attnax.kernels.pallas.triton.TritonConfig` for
       ``"triton"`` and ``"interpret"``): default tiling and launch knobs of each pass.
+    dropout_rate: attention-weight dropout (static float in ``[0, 1)``): probabilities are dropped
+      in-kernel and the kept ones scaled by ``1 / (1 - dropout_rate)``; the LSE is that of the
+      undropped softmax. The backward kernels regenerate the mask (nothing is stored). Lowerings
+      without dropout (Mosaic, for now) are passed over by ``"auto"``.
+    dropout_rng: a PRNG key or an integer seed (may be traced: no recompile per step); the same
+      key drops exactly the weights ``standard_attention`` and ``flash_attention`` drop with it.
+
+  float64 inputs raise ValueError (the Pallas kernels run f32 at most; the pure-JAX kernels run
+  float64).
 """
 
 
 def _attention(q, k, v, tree, options):
-  score_mod, mask_mod, block_mask, cu_q, cu_k = tree
+  score_mod, mask_mod, block_mask, cu_q, cu_k, seed = tree
   lowering, spec, arrays, qp, kp, vp = _plan(
       q, k, v, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask, cu_seqlens_q=cu_q,
-      cu_seqlens_k=cu_k, **dict(options))
+      cu_seqlens_k=cu_k, dropout_seed=seed, **dict(options))
   schedule = dataclasses.replace(arrays, operands=())
   out, lse = _attention_vjp(lowering, spec)(qp, kp, vp, arrays.operands, schedule)
   plan = spec.plan
@@ -236,14 +314,16 @@ def pallas_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mo
                            softcap: float | None = None, cu_seqlens_q: Any = None,
                            cu_seqlens_k: Any = None, backend: str = "auto",
                            num_warps: int | None = None, num_stages: int | None = None,
-                           config: Any = None) -> Any:
+                           config: Any = None, dropout_rate: float = 0.0,
+                           dropout_rng: Any = None) -> Any:
   # Checked before the internal jit, so a list or a float64 numpy array gets attnax's ValueError
   # (not a tracer error, and no silent cast).
   _checks.check_qkv(q, k, v, kernel="pallas_flash_attention")
+  rate, seed = _checks.check_dropout(dropout_rate, dropout_rng, kernel="pallas_flash_attention")
   options = (("scale", scale), ("block_q", block_q), ("block_k", block_k), ("softcap", softcap),
              ("backend", backend), ("num_warps", num_warps), ("num_stages", num_stages),
-             ("config", config))
-  tree = (score_mod, mask_mod, block_mask, cu_seqlens_q, cu_seqlens_k)
+             ("config", config), ("dropout_rate", rate))
+  tree = (score_mod, mask_mod, block_mask, cu_seqlens_q, cu_seqlens_k, seed)
   key, arrays = ops_lib.split_static(tree)
   try:
     hash(options)
@@ -282,18 +362,20 @@ def pallas_flash_attention_bwd(q, k, v, out, lse, dout, *, dlse=None, score_mod=
                                mask_mod=None, scale=None, block_q=None, block_k=None,
                                block_mask=None, softcap=None, cu_seqlens_q=None,
                                cu_seqlens_k=None, backend="auto", num_warps=None,
-                               num_stages=None, config=None):
+                               num_stages=None, config=None, dropout_rate=0.0, dropout_rng=None):
   """Backward entry point: ``(dq, dk, dv)`` from the forward's ``out`` and ``lse``.
 
-  ``dout`` is the cotangent of ``out``; ``dlse`` (optional) that of ``lse``. The mods and tiling
-  must be the ones the forward ran with; the backward then visits exactly the forward's tiles.
-  (Gradients of arrays the mods carry come from differentiating :func:`pallas_flash_attention`.)
+  ``dout`` is the cotangent of ``out``; ``dlse`` (optional) that of ``lse``. The mods, tiling and
+  dropout (rate and key) must be the ones the forward ran with; the backward then visits exactly
+  the forward's tiles and regenerates its dropout mask. (Gradients of arrays the mods carry come
+  from differentiating :func:`pallas_flash_attention`.)
   """
+  rate, seed = _checks.check_dropout(dropout_rate, dropout_rng, kernel="pallas_flash_attention")
   lowering, spec, arrays, qp, kp, vp = _plan(
       q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale, block_q=block_q,
       block_k=block_k, block_mask=block_mask, softcap=softcap, cu_seqlens_q=cu_seqlens_q,
       cu_seqlens_k=cu_seqlens_k, backend=backend, num_warps=num_warps, num_stages=num_stages,
-      config=config)
+      config=config, dropout_rate=rate, dropout_seed=seed)
   _checks.check_lse(lse, q)
   want = tuple(q.shape[:3]) + (v.shape[-1],)
   for name, x in (("out", out), ("dout", dout)):

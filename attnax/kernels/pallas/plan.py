@@ -7,7 +7,10 @@ Built once per call from the inputs and the mods, before any lowering is chosen 
   :func:`~attnax.kernels.score_mods.softcap_mod`, ``cu_seqlens`` a document mask), with their
   operands (:mod:`attnax.kernels.operands`);
 * the BlockMask schedule in both directions: per q block the kv blocks to visit (full ones first,
-  then partial ones), per kv block the q blocks (the dK/dV pass), as flat int32 lists.
+  then partial ones), per kv block the q blocks (the dK/dV pass), as flat int32 lists;
+* attention dropout: the static rate (``FlashPlan.dropout_rate``; a lowering that cannot drop
+  refuses plans with a rate above 0) and the traced uint32 seed (``PlanArrays.dropout_seed``), from
+  which every pass regenerates the keep mask of :func:`attnax.kernels.tiles.dropout_keep`.
 
 A lowering (:mod:`attnax.kernels.pallas.triton`, or a Mosaic GPU one) reads the static
 :class:`FlashPlan` and the arrays of :class:`PlanArrays` and implements the forward and the backward
@@ -56,6 +59,7 @@ class FlashPlan:
     dense: nothing is masked: every kv block is walked without index lists.
     mods: the static part of ``(score part, mask part)``; their operands are in PlanArrays.
     unit_grad: ``d(modded score) / d(score) == 1`` wherever visible: the backward skips the jvp.
+    dropout_rate: attention-weight dropout (0: none); the seed is ``PlanArrays.dropout_seed``.
   """
   batch: int
   q_heads: int
@@ -76,6 +80,7 @@ class FlashPlan:
   dense: bool
   mods: ops_lib.ModOperands
   unit_grad: bool
+  dropout_rate: float = 0.0
 
   @property
   def groups(self) -> int:
@@ -107,12 +112,14 @@ class PlanArrays:
   """The plan's arrays: schedule lists (flat int32), mod operands, and the BlockMask itself.
 
   ``block_mask`` is None for a dense plan; it feeds the pure-JAX pass that computes the mods'
-  operand cotangents over the same tiles.
+  operand cotangents over the same tiles. ``dropout_seed`` is dropout's uint32 ``(2,)`` seed
+  (None without dropout); kernels take it as one more whole-array operand.
   """
   lists: tuple
   tlists: tuple
   operands: tuple
   block_mask: Any
+  dropout_seed: Any = None
 
 
 def _flat_i32(x):
@@ -147,8 +154,12 @@ def _check_tile(name: str, value: int) -> int:
 
 
 def build_plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, softcap,
-               cu_seqlens_q, cu_seqlens_k, default_block_q: int, default_block_k: int):
-  """Checks and the plan: ``(FlashPlan, PlanArrays, padded q, padded k, padded v)``."""
+               cu_seqlens_q, cu_seqlens_k, default_block_q: int, default_block_k: int,
+               dropout_rate: float = 0.0, dropout_seed: Any = None):
+  """Checks and the plan: ``(FlashPlan, PlanArrays, padded q, padded k, padded v)``.
+
+  ``dropout_rate``/``dropout_seed`` come checked (:func:`attnax.kernels._checks.check_dropout`).
+  """
   kernel = "pallas_flash_attention"
   b, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel=kernel)
   scale = _checks.default_scale(scale, d)
@@ -196,7 +207,8 @@ def build_plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_m
       batch=b, q_heads=hq, kv_heads=hkv, q_len=sq, kv_len=sk, q_pad=q_pad, kv_pad=kv_pad,
       head_dim=d, v_dim=dv, head_pad=d_pad, v_pad=dv_pad, scale=scale, block_q=bq, block_k=bk,
       bm_batch=int(bm_batch), bm_heads=int(bm_heads), dense=dense, mods=mods,
-      unit_grad=_unit_grad(score_fn))
-  arrays = PlanArrays(lists, tlists, operands, None if dense else block_mask)
+      unit_grad=_unit_grad(score_fn), dropout_rate=float(dropout_rate))
+  arrays = PlanArrays(lists, tlists, operands, None if dense else block_mask,
+                      dropout_seed if dropout_rate else None)
   return (plan, arrays, pad_to(q, (b, hq, q_pad, d_pad)), pad_to(k, (b, hkv, kv_pad, d_pad)),
           pad_to(v, (b, hkv, kv_pad, dv_pad)))

@@ -10,6 +10,12 @@ run finer: a program owns ``rows`` rows of a coarse tile (the grid splits the co
 walks the other axis in ``cols``-wide chunks (a static loop inside each coarse tile). The schedule
 is therefore the same in the forward and both backward passes, whatever their tile sizes.
 
+Dropout: with ``plan.dropout_rate > 0`` the seed (uint32 ``(2,)``) is one more whole-array operand
+after the index lists, and every pass regenerates the keep mask of each tile it visits from the
+seed and the absolute indices (:func:`attnax.kernels.tiles.dropout_keep`, uint32 multiply, xor and
+logical shifts): the forward drops probabilities after the running sum has counted them, the dQ
+pass and the dK/dV pass apply the same mask to ``dP`` and to the ``P`` of ``dV = P^T dO``.
+
 Mods that carry arrays: the plan's operands (:mod:`attnax.kernels.operands`: pytree leaves and
 closed-over arrays) enter as whole-array 1-D kernel operands and the mods are rebuilt inside the
 kernel around :class:`~attnax.kernels.operands.RefArray` views of them (a gather becomes a load at
@@ -245,12 +251,39 @@ def _walk(spec: KernelSpec, refs, row, n_other, n_dense, dense_masked_last, dens
 
 
 
+def _take_seed(plan: FlashPlan, refs):
+  """``(seed words or None, remaining refs)``: the dropout seed operand follows the lists."""
+  if not plan.dropout_rate:
+    return None, refs
+  seed_ref = refs[0]
+  return (seed_ref[0], seed_ref[1]), refs[1:]
+
+
+def _seed_operands(plan: FlashPlan, seed) -> tuple:
+  """The dropout seed as a kernel operand (none without dropout)."""
+  if not plan.dropout_rate:
+    return ()
+  if seed is None:
+    raise ValueError("pallas_flash_attention: the plan drops attention weights but no dropout "
+                     "seed was passed to the kernel")
+  return (jnp.asarray(seed, jnp.uint32).reshape(2),)
+
+
+def _dropped(x, seed, plan: FlashPlan, b, h, q_idx, kv_idx):
+  """``x`` (probabilities or dP of one tile) through the tile's dropout mask; as is without."""
+  if seed is None:
+    return x
+  keep = tiles.dropout_keep(seed, plan.dropout_rate, b, h, q_idx, kv_idx)
+  return tiles.apply_dropout(x, keep, plan.dropout_rate)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *rest, spec):
   plan = spec.plan
   list_refs, rest = rest[:NUM_LISTS], rest[NUM_LISTS:]
+  seed, rest = _take_seed(plan, rest)
   leaf_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.fwd_rows, spec.fwd_cols
@@ -270,6 +303,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, spec):
       kv_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
       s, visible, _ = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked, False)
       p, alpha, m, l = tiles.online_softmax_step(s, visible, m, l)
+      p = _dropped(p, seed, plan, b, h, q_idx, kv_idx)   # after l counted p: LSE undropped
       p = tiles.low_precision(p, v.dtype)
       acc = acc * alpha[:, None] + lax.dot(p, v, preferred_element_type=f32)
     return acc, m, l
@@ -294,9 +328,13 @@ def _whole(x):
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def forward(spec: KernelSpec, q, k, v, lists, leaves):
-  """``(out, lse)`` on padded inputs: out ``(B, Hq, q_pad, v_dim)``, lse f32 ``(B, Hq, q_pad)``."""
+def forward(spec: KernelSpec, q, k, v, lists, leaves, seed=None):
+  """``(out, lse)`` on padded inputs: out ``(B, Hq, q_pad, v_dim)``, lse f32 ``(B, Hq, q_pad)``.
+
+  ``seed``: dropout's uint32 ``(2,)`` seed when ``plan.dropout_rate > 0``.
+  """
   plan = spec.plan
+  seeds = _seed_operands(plan, seed)
   g = plan.groups
   rows = spec.fwd_rows
   grid = (plan.q_pad // rows, plan.batch, plan.q_heads)
@@ -304,7 +342,7 @@ def forward(spec: KernelSpec, q, k, v, lists, leaves):
       pl.BlockSpec((None, None, rows, plan.head_pad), lambda i, b, h: (b, h, i, 0)),
       pl.BlockSpec((None, None, plan.kv_pad, plan.head_pad), lambda i, b, h: (b, h // g, 0, 0)),
       pl.BlockSpec((None, None, plan.kv_pad, plan.v_pad), lambda i, b, h: (b, h // g, 0, 0)),
-  ] + [_whole(x) for x in lists] + [_whole(x) for x in leaves]
+  ] + [_whole(x) for x in lists + seeds] + [_whole(x) for x in leaves]
   out_specs = [
       pl.BlockSpec((None, None, rows, plan.v_pad), lambda i, b, h: (b, h, i, 0)),
       pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, i)),
@@ -316,7 +354,7 @@ def forward(spec: KernelSpec, q, k, v, lists, leaves):
   return pl.pallas_call(
       lambda *refs: _fwd_kernel(*refs, spec=spec), grid=grid, in_specs=in_specs,
       out_specs=out_specs, out_shape=out_shape, name="attnax_flash_fwd",
-      **_launch(spec, spec.fwd_warps, spec.fwd_stages))(q, k, v, *lists, *leaves)
+      **_launch(spec, spec.fwd_warps, spec.fwd_stages))(q, k, v, *lists, *seeds, *leaves)
 
 
 # ----------------------------------------------------------------------------- backward: dQ
@@ -325,6 +363,7 @@ def forward(spec: KernelSpec, q, k, v, lists, leaves):
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
   plan = spec.plan
   list_refs, rest = rest[:NUM_LISTS], rest[NUM_LISTS:]
+  seed, rest = _take_seed(plan, rest)
   leaf_refs, dq_ref = rest[:-1], rest[-1]
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.dq_rows, spec.dq_cols
@@ -343,6 +382,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
       s, visible, dmod = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked, True)
       p = tiles.probabilities(s, visible, lse)
       dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
+      dp = _dropped(dp, seed, plan, b, h, q_idx, kv_idx)   # out = (P Z) V: dP = Z dP'
       ds = p * (dp - delta[:, None])
       if dmod is not None:
         ds = ds * dmod
@@ -362,6 +402,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
   plan = spec.plan
   list_refs, rest = rest[:NUM_LISTS], rest[NUM_LISTS:]
+  seed, rest = _take_seed(plan, rest)
   leaf_refs, (dk_ref, dv_ref) = rest[:-2], rest[-2:]
   j, b, hk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.dkv_rows, spec.dkv_cols
@@ -395,8 +436,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
           pt = jnp.exp(st - lse_safe[None, :])
           if visible is not None:
             pt = jnp.where(visible, pt, 0.0)
-          dv = dv + lax.dot(pt.astype(do.dtype) if low else pt, do, preferred_element_type=f32)
+          pz = _dropped(pt, seed, plan, b, h, q_idx, kv_col)   # dV = (P Z)^T dO
+          dv = dv + lax.dot(pz.astype(do.dtype) if low else pz, do, preferred_element_type=f32)
           dpt = lax.dot_general(v, do, _NT, preferred_element_type=f32)
+          dpt = _dropped(dpt, seed, plan, b, h, q_idx, kv_col)
           dst = pt * (dpt - delta[None, :])
           if dmod is not None:
             dst = dst * dmod
@@ -406,9 +449,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
           s, visible, dmod = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked,
                                      True)
           p = tiles.probabilities(s, visible, lse)
-          pc = p.astype(do.dtype) if low else p
+          pz = _dropped(p, seed, plan, b, h, q_idx, kv_idx)
+          pc = pz.astype(do.dtype) if low else pz
           dv = dv + lax.dot_general(pc, do, _TN, preferred_element_type=f32)
           dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
+          dp = _dropped(dp, seed, plan, b, h, q_idx, kv_idx)
           ds = p * (dp - delta[:, None])
           if dmod is not None:
             ds = ds * dmod
@@ -427,9 +472,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward_dq(spec: KernelSpec, q, k, v, do, lse, delta, lists, leaves):
+def backward_dq(spec: KernelSpec, q, k, v, do, lse, delta, lists, leaves, seed=None):
   """dQ on padded inputs (one program per q tile and query head)."""
   plan = spec.plan
+  seeds = _seed_operands(plan, seed)
   g = plan.groups
   rows = spec.dq_rows
   return pl.pallas_call(
@@ -443,16 +489,17 @@ def backward_dq(spec: KernelSpec, q, k, v, do, lse, delta, lists, leaves):
           pl.BlockSpec((None, None, rows, plan.v_pad), lambda i, b, h: (b, h, i, 0)),
           pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, i)),
           pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, i)),
-      ] + [_whole(x) for x in lists] + [_whole(x) for x in leaves],
+      ] + [_whole(x) for x in lists + seeds] + [_whole(x) for x in leaves],
       out_specs=pl.BlockSpec((None, None, rows, plan.head_pad), lambda i, b, h: (b, h, i, 0)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), name="attnax_flash_dq",
       **_launch(spec, spec.dq_warps, spec.dq_stages),
-  )(q, k, v, do, lse, delta, *lists, *leaves)
+  )(q, k, v, do, lse, delta, *lists, *seeds, *leaves)
 
 
-def backward_dkv(spec: KernelSpec, q, k, v, do, lse, delta, tlists, leaves):
+def backward_dkv(spec: KernelSpec, q, k, v, do, lse, delta, tlists, leaves, seed=None):
   """(dK, dV) on padded inputs: one program per kv tile and kv head, looping over its group."""
   plan = spec.plan
+  seeds = _seed_operands(plan, seed)
   g = plan.groups
   rows = spec.dkv_rows
   return pl.pallas_call(
@@ -465,7 +512,7 @@ def backward_dkv(spec: KernelSpec, q, k, v, do, lse, delta, tlists, leaves):
           pl.BlockSpec((None, g, plan.q_pad, plan.v_pad), lambda j, b, h: (b, h, 0, 0)),
           pl.BlockSpec((None, g, plan.q_pad), lambda j, b, h: (b, h, 0)),
           pl.BlockSpec((None, g, plan.q_pad), lambda j, b, h: (b, h, 0)),
-      ] + [_whole(x) for x in tlists] + [_whole(x) for x in leaves],
+      ] + [_whole(x) for x in tlists + seeds] + [_whole(x) for x in leaves],
       out_specs=[
           pl.BlockSpec((None, None, rows, plan.head_pad), lambda j, b, h: (b, h, j, 0)),
           pl.BlockSpec((None, None, rows, plan.v_pad), lambda j, b, h: (b, h, j, 0)),
@@ -473,11 +520,12 @@ def backward_dkv(spec: KernelSpec, q, k, v, do, lse, delta, tlists, leaves):
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       name="attnax_flash_dkv",
       **_launch(spec, spec.dkv_warps, spec.dkv_stages),
-  )(q, k, v, do, lse, delta, *tlists, *leaves)
+  )(q, k, v, do, lse, delta, *tlists, *seeds, *leaves)
 
 
-def backward(spec: KernelSpec, q, k, v, do, lse, delta, lists, tlists, leaves):
-  """``(dq, dk, dv)`` on padded inputs. ``delta`` is ``rowsum(out * dout) - dlse`` (f32)."""
-  dq = backward_dq(spec, q, k, v, do, lse, delta, lists, leaves)
-  dk, dv = backward_dkv(spec, q, k, v, do, lse, delta, tlists, leaves)
+def backward(spec: KernelSpec, q, k, v, do, lse, delta, lists, tlists, leaves, seed=None):
+  """``(dq, dk, dv)`` on padded inputs. ``delta`` is ``rowsum(out * dout) - dlse`` (f32);
+  ``seed`` the forward's dropout seed when the plan drops."""
+  dq = backward_dq(spec, q, k, v, do, lse, delta, lists, leaves, seed)
+  dk, dv = backward_dkv(spec, q, k, v, do, lse, delta, tlists, leaves, seed)
   return dq, dk, dv

@@ -1,8 +1,8 @@
-"""paged_attention vs standard_attention on the gathered contiguous cache with a length mask."""
+"""paged_attention (pure-JAX backend, the reference path) vs standard_attention on the gathered
+contiguous cache with a length mask; the Pallas backend has its own file (test_pallas.py)."""
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import jax
@@ -12,55 +12,10 @@ import pytest
 
 from attnax.kernels import (additive_bias_mod, alibi_mod, compose_score_mods, document_mask_mod,
                             paged_attention, sliding_window_mod)
-from attnax.kernels.paged import gather_pages
+from attnax.kernels.paged import check_values, gather_pages
 from tests.helpers import reference_attention, rel_err, tol
-
-PAGE = 4
-PAGES_PER_SEQ = 7          # capacity 28 tokens per sequence
-NUM_PAGES = 40
-
-
-def make_cache(seed, *, batch=4, q_heads=4, kv_heads=2, q_len=1, head_dim=16, v_dim=None,
-               lengths=(0, 13, 28, 5), dtype=jnp.float32):
-  """Random pools, a random (distinct) page assignment per sequence, ragged lengths."""
-  rng = np.random.RandomState(seed)
-  v_dim = head_dim if v_dim is None else v_dim
-  q = jnp.asarray(rng.randn(batch, q_heads, q_len, head_dim), dtype)
-  k_pages = jnp.asarray(rng.randn(kv_heads, NUM_PAGES, PAGE, head_dim), dtype)
-  v_pages = jnp.asarray(rng.randn(kv_heads, NUM_PAGES, PAGE, v_dim), dtype)
-  tables = jnp.asarray(rng.permutation(NUM_PAGES)[:batch * PAGES_PER_SEQ]
-                       .reshape(batch, PAGES_PER_SEQ), jnp.int32)
-  lengths = jnp.asarray(lengths[:batch], jnp.int32)
-  return q, k_pages, v_pages, tables, lengths
-
-
-def paged(*args, **kw):
-  return jax.jit(functools.partial(paged_attention, **kw))(*args)
-
-
-def shifted(mod, offset):
-  """A mod on absolute positions, as the contiguous reference sees it (query i is offset[b] + i)."""
-  if mod is None:
-    return None
-  return lambda s, b, h, i, j: mod(s, b, h, i + offset[b], j)
-
-
-def reference(q, k_pages, v_pages, tables, lengths, *, score_mod=None, softcap=None, **kw):
-  """float64 standard_attention on the gathered cache: keys < length, causal on absolute positions."""
-  sq = q.shape[2]
-  k, v = gather_pages(k_pages, tables), gather_pages(v_pages, tables)
-  ln = np.asarray(lengths)
-  offset = ln - sq                                    # absolute position of query 0
-  mask = lambda b, h, i, j: (j < ln[b]) & (j <= i + offset[b])
-  mods = []
-  if softcap is not None:
-    mods.append(lambda s, b, h, i, j: softcap * jnp.tanh(s / softcap))
-  if score_mod is not None:
-    mods.append(shifted(score_mod, offset))
-  mod = None
-  if mods:
-    mod = lambda s, b, h, i, j: functools.reduce(lambda s, m: m(s, b, h, i, j), mods, s)
-  return reference_attention(q, k, v, score_mod=mod, mask_mod=mask, **kw)
+from tests.kernels.paged.paged_helpers import (NUM_PAGES, PAGE, make_cache, paged, reference,
+                                               with_garbage)
 
 
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (4, 1)])
@@ -75,20 +30,6 @@ def test_matches_contiguous_reference(heads, q_len, pages_per_split):
   finite = np.isfinite(ref_lse)
   np.testing.assert_array_equal(np.isfinite(lse), finite)
   assert rel_err(np.asarray(lse)[finite], ref_lse[finite]) < tol(jnp.float32)
-
-
-def with_garbage(cache, value=np.nan):
-  """The cache with ``value`` in every slot past each sequence's length and in every free page."""
-  q, k_pages, v_pages, tables, lengths = cache
-  kp, vp = np.array(k_pages), np.array(v_pages)
-  tb, ln = np.asarray(tables), np.asarray(lengths)
-  free = np.setdiff1d(np.arange(NUM_PAGES), tb)
-  kp[:, free], vp[:, free] = value, value
-  for b in range(tb.shape[0]):
-    for pos in range(ln[b], tb.shape[1] * PAGE):
-      kp[:, tb[b, pos // PAGE], pos % PAGE] = value
-      vp[:, tb[b, pos // PAGE], pos % PAGE] = value
-  return q, jnp.asarray(kp), jnp.asarray(vp), tables, lengths
 
 
 def test_empty_sequence_gives_zeros_not_nans():
@@ -207,7 +148,7 @@ def test_errors():
     paged_attention(q[..., :8], kp, vp, bt, ln)
   with pytest.raises(ValueError, match="multiple of kv heads"):
     paged_attention(q[:, :3], kp, vp, bt, ln)
-  with pytest.raises(ValueError, match="backend"):
+  with pytest.raises(ValueError, match="backend 'triton' is not available"):
     paged_attention(q, kp, vp, bt, ln, backend="triton")
   with pytest.raises(ValueError, match="softcap"):
     paged_attention(q, kp, vp, bt, ln, softcap=-1.0)
@@ -216,9 +157,8 @@ def test_errors():
 def test_bad_lengths_and_block_tables_raise_when_concrete():
   q, kp, vp, bt, ln = make_cache(8, q_len=2, lengths=(0, 13, 28, 5))
   cases = [
-      (bt, ln.at[2].set(29), "lengths", r"\[2, 28\].*29"),      # past the capacity 7 * 4
-      (bt, ln.at[1].set(-1), "lengths", r"-1"),
-      (bt, ln.at[3].set(1), "lengths", r"Sq=2"),                 # the 2 new queries are not cached
+      (bt, ln.at[2].set(29), "lengths", r"\[0, 28\].*29.*bad rows \[2\]"),   # capacity 7 * 4
+      (bt, ln.at[1].set(-1), "lengths", r"-1.*bad rows \[1\]"),
       (bt.at[1, 0].set(-1), ln, "block_tables", r"\(4, 7\).*\[1, 0\] = -1"),
       (bt.at[2, 6].set(NUM_PAGES), ln, "block_tables",
        rf"\[2, 6\] = {NUM_PAGES}.*{NUM_PAGES} pages"),
@@ -227,16 +167,14 @@ def test_bad_lengths_and_block_tables_raise_when_concrete():
     with pytest.raises(ValueError, match=f"paged_attention: {name}.*{detail}"):
       paged_attention(q, kp, vp, tables, lengths)
   # Entries past the pages a sequence uses are ignored: row 0 is empty, row 3 uses 2 pages.
-  from attnax.kernels.paged import _check_values
-  _check_values(bt.at[0].set(-1).at[3, 2:].set(NUM_PAGES), ln, sq=2, num_pages=NUM_PAGES,
-                page_size=PAGE)
+  check_values(bt.at[0].set(-1).at[3, 2:].set(NUM_PAGES), ln, num_pages=NUM_PAGES, page_size=PAGE)
 
 
 def test_bad_lengths_and_block_tables_under_jit_give_nan_rows():
   """Traced values cannot raise: a row with a bad length or a bad used page is NaN, not wrong."""
   q, kp, vp, bt, ln = make_cache(10, q_len=2, batch=4, lengths=(2, 13, 28, 5))
   bad_bt = bt.at[1, 3].set(-1).at[3, 5].set(-7)      # row 1 uses slot 3; row 3 (5 tokens) not 5
-  bad_ln = ln.at[0].set(1).at[2].set(40)              # below Sq; past the capacity
+  bad_ln = ln.at[0].set(-3).at[2].set(40)             # negative; past the capacity
   out, lse = paged(q, kp, vp, bad_bt, bad_ln, return_lse=True)
   nan_rows = [True, True, True, False]
   for b, is_nan in enumerate(nan_rows):
@@ -258,3 +196,61 @@ def test_mod_arrays_must_fit_the_cache():
       paged_attention(q, kp, vp, bt, ln, score_mod=mod)
   with pytest.raises(ValueError, match=r"mask_mod: doc_ids has shape \(4, 10\)"):
     paged_attention(q, kp, vp, bt, ln, mask_mod=document_mask_mod(docs[:, :10]).mask_mod)
+
+
+def test_rows_shorter_than_the_queries_have_empty_leading_queries():
+  """lengths[b] < Sq (a shorter chunk, right-aligned): queries at negative positions see nothing."""
+  cache = make_cache(12, q_len=3, lengths=(1, 2, 28, 0))
+  out, lse = paged(*cache, return_lse=True)
+  ref, ref_lse = reference(*cache, return_lse=True)
+  assert np.all(np.asarray(out[0, :, :2]) == 0) and np.all(np.isneginf(lse[0, :, :2]))
+  assert np.all(np.asarray(out[1, :, :1]) == 0) and np.all(np.isfinite(lse[1, :, 1:]))
+  assert rel_err(out, ref) < tol(jnp.float32)
+  finite = np.isfinite(ref_lse)
+  np.testing.assert_array_equal(np.isfinite(lse), finite)
+  assert rel_err(np.asarray(lse)[finite], ref_lse[finite]) < tol(jnp.float32)
+
+
+def quantized(cache):
+  """The cache's pages as int8 with per-token scales (attnax.kernels.paged.quantize_kv)."""
+  from attnax.kernels.paged import quantize_kv
+  q, k_pages, v_pages, tables, lengths = cache
+  (kq, ks), (vq, vs) = quantize_kv(k_pages), quantize_kv(v_pages)
+  return (q, kq, vq, tables, lengths), dict(k_scales=ks, v_scales=vs)
+
+
+def test_int8_pages_jax_backend():
+  cache, scales = quantized(make_cache(13, q_len=2, lengths=(3, 13, 28, 0)))
+  q = cache[0].astype(jnp.bfloat16)
+  out = paged(q, *cache[1:], **scales, backend="jax")
+  assert out.dtype == jnp.bfloat16
+  assert rel_err(out, reference(q, *cache[1:], **scales)) < tol(jnp.bfloat16)
+
+
+def test_int8_errors():
+  q, kp, vp, bt, ln = make_cache(14)
+  (_, kq, vq, _, _), scales = quantized((q, kp, vp, bt, ln))
+  with pytest.raises(ValueError, match="int8 pages need k_scales and v_scales"):
+    paged_attention(q, kq, vq, bt, ln)
+  with pytest.raises(ValueError, match="both be int8"):
+    paged_attention(q, kq, vp, bt, ln, **scales)
+  with pytest.raises(ValueError, match="k_scales/v_scales are for int8 pages"):
+    paged_attention(q, kp, vp, bt, ln, **scales)
+  with pytest.raises(ValueError, match=r"v_scales must be float32 .*\(2, 40, 4\).*\(2, 40\)"):
+    paged_attention(q, kq, vq, bt, ln, k_scales=scales["k_scales"],
+                    v_scales=scales["v_scales"][:, :, 0])
+  with pytest.raises(ValueError, match="k_scales must be float32"):
+    paged_attention(q, kq, vq, bt, ln, k_scales=scales["k_scales"].astype(jnp.bfloat16),
+                    v_scales=scales["v_scales"])
+
+
+def test_backend_and_config_errors():
+  q, kp, vp, bt, ln = make_cache(15)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="(?s)backend .pallas. cannot run.*needs a CUDA GPU"):
+      paged_attention(q, kp, vp, bt, ln, backend="pallas")
+  with pytest.raises(ValueError, match="config must be a PagedConfig"):
+    paged_attention(q, kp, vp, bt, ln, backend="interpret", config={"block_kv": 16})
+  from attnax.kernels.paged import PagedConfig
+  with pytest.raises(ValueError, match="block_kv must be a power of two >= 16, got 24"):
+    paged_attention(q, kp, vp, bt, ln, backend="interpret", config=PagedConfig(block_kv=24))

@@ -1,0 +1,176 @@
+"""The Mosaic GPU lowering of pallas_flash_attention (``backend="mosaic"``).
+
+On CPU: the plan checks (what the lowering refuses, and why, so that ``backend="auto"`` falls
+through to Triton) and the whole Pallas -> Mosaic GPU lowering for sm90 of several plans (what
+would fail first on the GPU). With ``-m gpu`` (an H100/H200): outputs, LSE and gradients against
+the references at realistic shapes.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnax.kernels import (additive_bias_mod, alibi_mod, causal_mod, compose_score_mods,
+                            document_mask_mod, padding_mask_mod, prefix_lm_mod, sliding_window_mod,
+                            softcap_mod)
+from attnax.kernels.pallas import api, mosaic_gpu as mg, pallas_flash_attention
+from attnax.kernels.pallas.plan import build_plan
+from tests.helpers import (kernel_grads, random_qkv, reference_attention, reference_grads,
+                           rel_err, tol)
+
+bf16, f16 = jnp.bfloat16, jnp.float16
+
+
+def _plan(q, k, v, cfg=None, **kw):
+  cfg = cfg or mg.default_config(max(q.shape[-1], v.shape[-1]), q.dtype)
+  opts = dict(score_mod=None, mask_mod=None, scale=None, block_q=None, block_k=None,
+              block_mask=None, softcap=None, cu_seqlens_q=None, cu_seqlens_k=None)
+  plan, arrays, qp, kp, vp = build_plan(q, k, v, **{**opts, **kw}, default_block_q=cfg.block_q,
+                                        default_block_k=cfg.block_k)
+  return cfg, plan, arrays, qp, kp, vp
+
+
+def _zeros(s=512, d=128, hq=4, hkv=2, dtype=bf16, batch=1):
+  return (jnp.zeros((batch, hq, s, d), dtype), jnp.zeros((batch, hkv, s, d), dtype),
+          jnp.zeros((batch, hkv, s, d), dtype))
+
+
+# ----------------------------------------------------------------------------- CPU
+
+
+def test_plan_reasons():
+  q, k, v = _zeros()
+  cfg, plan, *_ = _plan(q, k, v, score_mod=causal_mod())
+  assert mg.plan_reasons(plan, cfg) == []
+  # A short sequence gets a smaller tile than two warpgroups of 64 rows.
+  cfg, plan, *_ = _plan(*_zeros(s=64))
+  assert "block_q" in " ".join(mg.plan_reasons(plan, cfg))
+  # Gathers at computed positions (a table indexed by document ids) cannot be tile loads.
+  ids = jnp.repeat(jnp.arange(4), 128)
+  table = jnp.zeros((4, 4))
+  cfg, plan, *_ = _plan(q, k, v, score_mod=lambda s, b, h, i, j: s + table[ids[i], ids[j]])
+  assert "closure" in " ".join(mg.plan_reasons(plan, cfg))
+  # Pytree mods with arrays read by scalars and positions are fine.
+  cfg, plan, *_ = _plan(q, k, v, score_mod=compose_score_mods(
+      alibi_mod(4), document_mask_mod(ids), padding_mask_mod(jnp.array([300]))))
+  assert mg.plan_reasons(plan, cfg) == []
+
+
+def test_auto_falls_through_with_reasons():
+  q, k, v = random_qkv(0, batch=1, q_heads=2, kv_heads=2, q_len=40, kv_len=40, head_dim=16)
+  if jax.default_backend() == "cpu":
+    assert "sm90" in " ".join(api.not_supported_reasons("mosaic", q.astype(bf16), k, v))
+  with pytest.raises(ValueError, match="bf16 or f16"):
+    pallas_flash_attention(q, k, v, backend="mosaic")
+  assert "bf16 or f16" in " ".join(api.not_supported_reasons("mosaic", q, k, v))
+  with pytest.raises(ValueError, match="num_warps"):
+    pallas_flash_attention(q.astype(bf16), k.astype(bf16), v.astype(bf16), backend="mosaic",
+                           num_warps=4)
+
+
+CASES = {
+    "dense_gqa": (128, bf16, dict()),
+    "causal_ragged": (128, bf16, dict(score_mod=causal_mod())),
+    "mods_softcap": (64, f16, dict(score_mod=compose_score_mods(
+        alibi_mod(4), document_mask_mod(jnp.repeat(jnp.arange(4), 128)[None]), causal_mod()),
+        softcap=30.0)),
+    "bias_window": (128, bf16, dict(score_mod=compose_score_mods(
+        additive_bias_mod(jnp.zeros((4, 500, 500))), sliding_window_mod(128)))),
+    "prefix_d256": (256, bf16, dict(score_mod=prefix_lm_mod(jnp.array([100])))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_lowers_for_sm90(case):
+  """The whole Pallas -> Mosaic GPU lowering of the forward, for the 'cuda' platform, on CPU."""
+  d, dtype, kw = CASES[case]
+  s = 500 if case in ("causal_ragged", "bias_window") else 512
+  q, k, v = _zeros(s=s, d=d, dtype=dtype)
+  cfg, plan, arrays, qp, kp, vp = _plan(q, k, v, **kw)
+  assert mg.plan_reasons(plan, cfg) == []
+  spec = mg.kernel_spec(plan, cfg)
+  fwd = jax.jit(lambda q, k, v, a: mg.forward(spec, q, k, v, a))
+  exported = jax.export.export(fwd, platforms=["cuda"], disabled_checks=[
+      jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(qp, kp, vp, arrays)
+  assert "mosaic_gpu" in exported.mlir_module()
+  out, lse = exported.out_avals
+  assert out.shape == (1, 4, plan.q_pad, plan.v_pad) and lse.shape == (1, 4, plan.q_pad)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _check_gpu(q, k, v, *, grads=True, **kw):
+  out, lse = pallas_flash_attention(q, k, v, return_lse=True, backend="mosaic", **kw)
+  out32 = np.asarray(out, np.float32)
+  ref, ref_lse = reference_attention(q, k, v, return_lse=True, **kw)
+  assert not np.isnan(out32).any()
+  assert rel_err(out, ref) < tol(q.dtype), rel_err(out, ref)
+  fin = np.isfinite(ref_lse)
+  assert np.array_equal(np.isfinite(np.asarray(lse)), fin)
+  assert rel_err(np.where(fin, lse, 0), np.where(fin, ref_lse, 0)) < tol(q.dtype)
+  if grads:
+    ct = jax.random.normal(jax.random.key(7), out.shape, jnp.float32).astype(q.dtype)
+    got = kernel_grads(pallas_flash_attention, q, k, v, ct, backend="mosaic", **kw)
+    want = reference_grads(q, k, v, ct, **kw)
+    for name, g, w in zip("qkv", got, want):
+      assert rel_err(g, w) < tol(q.dtype, grad=True), (name, rel_err(g, w))
+
+
+GPU_CASES = {
+    "dense": (1, 4, 4, 1024, 1024, 128, bf16, lambda: dict()),
+    "causal_gqa": (2, 8, 2, 1024, 1024, 128, bf16, lambda: dict(score_mod=causal_mod())),
+    "ragged_sq_ne_sk": (1, 4, 2, 700, 1000, 128, bf16, lambda: dict(score_mod=causal_mod(300))),
+    "window_f16": (1, 4, 4, 2048, 2048, 128, f16, lambda: dict(score_mod=sliding_window_mod(256))),
+    "docs_alibi_softcap": (1, 4, 2, 1024, 1024, 64, bf16, lambda: dict(
+        score_mod=compose_score_mods(softcap_mod(20.0), alibi_mod(4), causal_mod(),
+                                     document_mask_mod(jnp.repeat(jnp.arange(4), 256)[None])))),
+    "bias_table": (1, 4, 2, 512, 640, 128, bf16, lambda: dict(
+        score_mod=additive_bias_mod(jax.random.normal(jax.random.key(3), (1, 4, 512, 640))))),
+    "padding_rows_empty": (2, 4, 4, 512, 512, 128, bf16, lambda: dict(
+        score_mod=padding_mask_mod(jnp.array([0, 333])))),
+    "d256": (1, 2, 2, 1024, 1024, 256, bf16, lambda: dict(score_mod=causal_mod())),
+    "d64_dense": (1, 4, 4, 1024, 1024, 64, f16, lambda: dict()),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_mosaic_against_reference(case):
+  b, hq, hkv, sq, sk, d, dtype, kw = GPU_CASES[case]
+  q, k, v = random_qkv(hash(case) % 1000, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq, kv_len=sk,
+                       head_dim=d, dtype=dtype)
+  _check_gpu(q, k, v, grads=case in ("causal_gqa", "bias_table", "docs_alibi_softcap"), **kw())
+
+
+@pytest.mark.gpu
+def test_auto_picks_mosaic_on_sm90():
+  q, k, v = random_qkv(5, batch=1, q_heads=2, kv_heads=2, q_len=512, kv_len=512, head_dim=128,
+                       dtype=bf16)
+  lowering, *_ = api._plan(q, k, v, score_mod=causal_mod(), mask_mod=None, scale=None,
+                           block_q=None, block_k=None, block_mask=None, softcap=None,
+                           cu_seqlens_q=None, cu_seqlens_k=None, backend="auto", num_warps=None,
+                           num_stages=None, config=None)
+  assert lowering.name == "mosaic"
+  lowering, *_ = api._plan(q[:, :, :40], k, v, score_mod=None, mask_mod=None, scale=None,
+                           block_q=None, block_k=None, block_mask=None, softcap=None,
+                           cu_seqlens_q=None, cu_seqlens_k=None, backend="auto", num_warps=None,
+                           num_stages=None, config=None)
+  assert lowering.name == "triton"    # a 40-row tile: mosaic refuses the plan, Triton runs it
+
+
+def test_tuned_table_is_read():
+  """default_config reads the per-device table (benchmarks/tune_mosaic.py's output) at run time."""
+  import json
+  with open(mg._TABLE_PATH) as f:
+    table = json.load(f)
+  kind, entries = next(iter(table.items()))
+  for key, want in entries.items():
+    d, mask = key.split("/")
+    cfg = mg.default_config(int(d), masked=mask != "dense", device_kind=kind)
+    assert (cfg.block_q, cfg.block_k, cfg.num_stages) == (
+        want["block_q"], want["block_k"], want["num_stages"]), key
+  assert mg.default_config(128, device_kind="no such GPU") == mg._BUILTIN[128]
