@@ -25,3 +25,17 @@ def test_quickstart_runs_and_every_kernel_agrees():
   spec.loader.exec_module(quickstart)
   expected = [n for n in quickstart.attention_kernels() if n not in quickstart.NOT_COMPARED]
   assert last.split(": ", 1)[1].split(", ") == expected, out
+
+
+def test_serve_tiny_gpt_continuous_batching_matches_the_full_pass():
+  # Tiny sizes, random weights: more requests than rows (so finished rows' pages are reused),
+  # prompts longer than one prefill chunk; the script re-scores requests with the full pass.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  cmd = [sys.executable, str(ROOT / "examples" / "serve_tiny_gpt.py"), "--steps", "0",
+         "--requests", "5", "--slots", "2", "--max-prompt", "20", "--chunk", "8", "--max-new", "8",
+         "--d-model", "32", "--layers", "1", "--check", "5"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out
+  assert "served 5 requests" in out and "generated tokens/s" in out, out
+  assert "paged decoding matches the full causal pass" in out, out

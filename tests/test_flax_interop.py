@@ -184,3 +184,109 @@ def test_load_flax_params_in_place_and_mismatches():
                            num_kv_heads=HKV, qk_norm=True)
   with pytest.raises(ValueError, match="normalize_qk.*RMSNorm"):
     rms.load_flax_params(flax_mha(normalize_qk=True))
+
+
+# ----------------------------------------------------------------------------- Flax's arguments
+
+
+@pytest.mark.parametrize("name", reference_fast(SOFTMAX))
+def test_adapter_takes_flax_precision_for_every_kernel(name):
+  """nnx.MultiHeadAttention passes precision= on every call; every kernel takes it (the
+  reference uses it, the fused kernels ignore it) and matches Flax's module with the same
+  precision."""
+  kernel = KERNELS[name]
+  ours = flax_mha(attention_fn=flax_attention_fn(kernel), precision=jax.lax.Precision.HIGHEST)
+  ref = flax_mha(precision=jax.lax.Precision.HIGHEST)
+  x = inputs(20, B, S, F)
+  assert rel_err(call(ours, x, is_causal=True), call(ref, x, is_causal=True)) < tol(jnp.float32)
+
+
+def test_adapter_precision_reaches_kernels_that_take_it():
+  seen = []
+
+  def with_precision(q, k, v, *, score_mod=None, mask_mod=None, scale=None, return_lse=False,
+                     precision=None):
+    seen.append(precision)
+    return standard_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale,
+                              return_lse=return_lse, precision=precision)
+
+  def without(q, k, v, *, score_mod=None, mask_mod=None, scale=None, return_lse=False):
+    return standard_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale,
+                              return_lse=return_lse)
+
+  q, k, v = inputs(21, 2, 5, H, 8), inputs(22, 2, 6, HKV, 8), inputs(23, 2, 6, HKV, 8)
+  want = nnx.dot_product_attention(q, jnp.repeat(k, 2, 2), jnp.repeat(v, 2, 2))
+  for kernel in (with_precision, without):
+    out = flax_attention_fn(kernel)(q, k, v, precision=jax.lax.Precision.HIGHEST)
+    assert rel_err(out, want) < tol(jnp.float32)
+  assert seen == [jax.lax.Precision.HIGHEST]
+
+
+def test_adapter_sow_weights_says_why():
+  fn = flax_attention_fn(attnax.kernels.flash_attention)
+  q = inputs(24, 1, 4, H, 8)
+  with pytest.raises(ValueError, match="sow_weights=True.*never materialise"):
+    fn(q, q, q, module=object())
+
+
+def test_adapter_checks_shapes_before_anything_else():
+  """A shape error is reported as one (naming the shapes) even when the call also asks for
+  dropout the kernel lacks, or for sow_weights."""
+  def no_dropout(q, k, v, *, score_mod=None, mask_mod=None, scale=None, return_lse=False):
+    return standard_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale,
+                              return_lse=return_lse)
+
+  fn = flax_attention_fn(no_dropout)
+  q, k = inputs(25, 2, 5, H, 8), inputs(26, 2, 6, HKV, 8)
+  bad_k = k[..., :4]
+  drop = dict(dropout_rate=0.1, dropout_rng=jax.random.key(0), deterministic=False)
+  with pytest.raises(ValueError, match=r"head_dim.*\(2, 6, 2, 4\)"):
+    fn(q, bad_k, bad_k, **drop)
+  with pytest.raises(ValueError, match=r"head_dim.*\(2, 6, 2, 4\)"):
+    fn(q, bad_k, bad_k, module=object())
+  with pytest.raises(ValueError, match=r"multiple of the key/value heads.*\(2, 5, 3, 8\)"):
+    fn(q[:, :, :3], k, k, **drop)
+  with pytest.raises(ValueError, match=r"bias of shape \(2, 4, 5, 7\)"):
+    fn(q, k, k, bias=jnp.zeros((2, H, 5, 7)), **drop)
+  with pytest.raises(ValueError, match=r"mask of shape \(3, 1, 5, 6\)"):
+    fn(q, k, k, mask=jnp.ones((3, 1, 5, 6), bool), **drop)
+  with pytest.raises(ValueError, match="dropout"):        # shapes fine: now the dropout
+    fn(q, k, k, **drop)
+
+
+@pytest.mark.parametrize("name", reference_fast(SOFTMAX))
+def test_adapter_rows_that_see_no_key_match_flax(name):
+  """Flax's padding mask (make_attention_mask of query and key validity) leaves the padded
+  queries with no key: Flax gives them the mean of the values, and so does the adapter (the
+  kernels' own convention is 0); gradients of q, k, v agree too."""
+  q, k, v = inputs(27, 2, 7, H, 8), inputs(28, 2, 9, HKV, 8), inputs(29, 2, 9, HKV, 8)
+  q_valid = jnp.arange(7)[None] < jnp.array([[5], [7]])
+  k_valid = jnp.arange(9)[None] < jnp.array([[9], [0]])           # row 1: no key at all
+  mask = nnx.make_attention_mask(q_valid, k_valid)              # (B, 1, Sq, Sk)
+  ct = inputs(30, 2, 7, H, 8)
+  fn = flax_attention_fn(KERNELS[name])
+  ref_fn = lambda q, k, v, mask: nnx.dot_product_attention(q, jnp.repeat(k, 2, 2),
+                                                           jnp.repeat(v, 2, 2), mask=mask)
+
+  def out_and_grads(f):
+    loss = lambda q, k, v: jnp.sum(f(q, k, v, mask=mask) * ct)
+    return jax.jit(lambda q, k, v: (f(q, k, v, mask=mask),
+                                    jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
+
+  out, grads = out_and_grads(fn)
+  want, want_grads = out_and_grads(ref_fn)
+  assert np.abs(np.asarray(want)[1]).min() > 0          # Flax: the mean of V, not 0
+  assert rel_err(out, want) < tol(jnp.float32)
+  for g, w in zip(grads, want_grads):
+    assert rel_err(g, w) < tol(jnp.float32, grad=True)
+
+
+def test_adapter_needs_the_lse_for_masks():
+  def no_lse(q, k, v, *, score_mod=None, mask_mod=None, scale=None):
+    return standard_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale)
+
+  q = inputs(31, 1, 4, H, 8)
+  fn = flax_attention_fn(no_lse)
+  assert rel_err(fn(q, q, q), nnx.dot_product_attention(q, q, q)) < tol(jnp.float32)
+  with pytest.raises(ValueError, match="return_lse"):
+    fn(q, q, q, is_causal=True)

@@ -219,7 +219,18 @@ def dropout_bits(seed: Any, b, h, q_idx, kv_idx) -> jax.Array:
 
 
 def dropout_keep(seed: Any, rate: float, b, h, q_idx, kv_idx) -> jax.Array:
-  """bool: which attention weights dropout keeps (probability ``1 - rate``)."""
+  """Which attention weights dropout keeps: bool, broadcast of the index shapes.
+
+  Weight ``(b, h, q_idx, kv_idx)`` is kept when its :func:`dropout_bits` are at least
+  ``round(rate * 2**32)``, so with probability ``1 - rate``, independently of every other weight
+  (a bijective mixer chained over the indices). Every kernel, and the materialised reference,
+  evaluates this same function: on the whole ``(B, H, Sq, Sk)`` grid or on one tile.
+
+  Args:
+    seed: two uint32 words (``attnax.kernels._checks.check_dropout`` draws them from the key).
+    rate: the static dropout rate in ``[0, 1)``.
+    b, h, q_idx, kv_idx: absolute int32 batch row, query head, query and key positions.
+  """
   return dropout_bits(seed, b, h, q_idx, kv_idx) >= _U32(dropout_threshold(rate))
 
 
