@@ -718,6 +718,10 @@ class MultiHeadAttention(nnx.Module):
     if inputs.ndim != 3 or inputs.shape[-1] != self.in_features or inputs.shape[0] != cache.batch:
       raise ValueError(f"decode_paged: inputs must have shape (batch={cache.batch}, S, "
                        f"in_features={self.in_features}); got {inputs.shape}")
+    layer = _checks.static_int("decode_paged: layer", layer)
+    if not 0 <= layer < cache.num_layers:
+      raise ValueError(f"decode_paged: layer {layer} out of range for a cache of "
+                       f"{cache.num_layers} layers")
     if cache.k_pages[layer].shape[0] != self.num_kv_heads or \
         cache.k_pages[layer].shape[-1] != self.head_dim:
       raise ValueError(f"decode_paged: cache layer {layer} holds pages "

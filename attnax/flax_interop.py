@@ -51,7 +51,7 @@ _SOW_REASON = ("sow_weights=True asks for the (batch, heads, q, kv) attention we
 
 def flax_attention_fn(kernel: Callable[..., Any], *, score_mod: Any = None, mask_mod: Any = None,
                       **options: Any) -> Callable[..., jax.Array]:
-  """An ``attention_fn`` for ``flax.nnx.MultiHeadAttention`` (and Linen's) that runs an attnax kernel.
+  """An ``attention_fn`` for Flax's attention modules (nnx and Linen) that runs an attnax kernel.
 
   Example::
 

@@ -215,9 +215,11 @@ def test_adapter_precision_reaches_kernels_that_take_it():
                               return_lse=return_lse)
 
   q, k, v = inputs(21, 2, 5, H, 8), inputs(22, 2, 6, HKV, 8), inputs(23, 2, 6, HKV, 8)
-  want = nnx.dot_product_attention(q, jnp.repeat(k, 2, 2), jnp.repeat(v, 2, 2))
+  want = jax.jit(lambda q, k, v: nnx.dot_product_attention(q, jnp.repeat(k, 2, 2),
+                                                           jnp.repeat(v, 2, 2)))(q, k, v)
   for kernel in (with_precision, without):
-    out = flax_attention_fn(kernel)(q, k, v, precision=jax.lax.Precision.HIGHEST)
+    out = jax.jit(lambda q, k, v: flax_attention_fn(kernel)(
+        q, k, v, precision=jax.lax.Precision.HIGHEST))(q, k, v)
     assert rel_err(out, want) < tol(jnp.float32)
   assert seen == [jax.lax.Precision.HIGHEST]
 

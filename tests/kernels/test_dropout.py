@@ -270,3 +270,41 @@ def test_pallas_bwd_entry_point_regenerates_the_mask():
   from tests.kernels.conformance import KERNELS as ROWS
   row = next(r for r in ROWS if r.name == "pallas_interpret")
   assert_grads(row, got, want, "qkv", tol(f32, grad=True))
+
+
+def test_dropout_kernels_lower_for_gpu_triton():
+  """The Triton lowering of the dropping forward, dQ and dK/dV kernels (both dK/dV tile
+  orientations), for an H100, on CPU: the jitted gradient is exported for 'cuda', which runs the
+  whole Pallas -> Triton IR lowering of the uint32 hash (multiplies, xors, logical shifts, the
+  unsigned compare) without a GPU. Skipped if JAX's internals moved."""
+  import dataclasses
+  try:
+    from jax._src.pallas.triton import gpu_info as gi
+    from jax._src.pallas.triton import pallas_call_registration as pcr
+    h100 = gi._get_gpu_info_impl(gi.GpuVersion.H100)
+  except Exception as e:  # pragma: no cover
+    pytest.skip(f"JAX internals changed: {e}")
+  from attnax.kernels.pallas.triton import TritonConfig
+  rate, seed = _checks.check_dropout(RATE, KEY)
+  orig = pcr.gpu_info_lib.get_gpu_info
+  pcr.gpu_info_lib.get_gpu_info = lambda: h100
+  try:
+    for transposed in (True, False):
+      q = jnp.zeros((1, 4, 256, 64), bf16)
+      k = v = jnp.zeros((1, 2, 256, 64), bf16)
+      lowering, spec, arrays, qp, kp, vp = pallas_api._plan(
+          q, k, v, score_mod=mods(256, 256), mask_mod=None, scale=None, block_q=None,
+          block_k=None, block_mask=None, softcap=None, cu_seqlens_q=None, cu_seqlens_k=None,
+          backend="interpret", num_warps=None, num_stages=None,
+          config=TritonConfig(dkv_transposed=transposed), dropout_rate=rate, dropout_seed=seed)
+      assert spec.plan.dropout_rate == RATE and arrays.dropout_seed is not None
+      spec = dataclasses.replace(spec, interpret=False)
+      attn = pallas_api._attention_vjp(pallas_api.LOWERINGS["triton"], spec)
+      schedule = dataclasses.replace(arrays, operands=())
+      grads = jax.grad(lambda q, k, v, ops, sched: jnp.sum(
+          attn(q, k, v, ops, sched)[0].astype(f32)), argnums=(0, 1, 2))
+      jax.export.export(jax.jit(grads), platforms=["cuda"], disabled_checks=[
+          jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+              qp, kp, vp, arrays.operands, schedule)
+  finally:
+    pcr.gpu_info_lib.get_gpu_info = orig

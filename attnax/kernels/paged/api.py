@@ -195,7 +195,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
     out, lse = _jax_merged(plan, jax_split, *args)
   else:
     interpret = name == "interpret"
-    cfg = config if config is not None else pallas_backend.default_config(interpret=interpret)
+    cfg = config if config is not None else pallas_backend.default_config(
+        interpret=interpret, quantized=plan.quantized)
     spec = KernelSpec.resolve(plan, cfg, interpret=interpret, pages_per_split=pages_per_split)
     out, lse = _pallas_with_jax_vjp(spec, jax_split)(*args)
   out, lse = unpack_gqa(out), unpack_gqa(lse)

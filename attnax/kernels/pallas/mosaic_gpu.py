@@ -312,8 +312,9 @@ def kernel_spec(plan: FlashPlan, cfg: MosaicConfig, num_stages: int | None = Non
   bwd_cfg = cfg.backward or tk.default_config(plan.head_pad, interpret=False, dtype=jnp.bfloat16)
   bwd = tk.KernelSpec.resolve(plan, bwd_cfg, interpret=False)
   stages = cfg.num_stages if num_stages is None else num_stages
-  if stages < 1:
-    raise ValueError(f"pallas_flash_attention: num_stages must be >= 1, got {stages}")
+  if not isinstance(stages, int) or stages < 2:   # one slot cannot overlap a load with a matmul
+    raise ValueError(f"pallas_flash_attention: num_stages must be an int >= 2 for the Mosaic "
+                     f"lowering, got {stages!r}")
   return MosaicSpec(plan=plan, rows=rows, num_stages=stages, roles=roles, backward=bwd)
 
 
@@ -365,6 +366,14 @@ def _schedule(plan: FlashPlan, list_refs, row):
 # ----------------------------------------------------------------------------- forward
 
 
+# Scheduling variants, trace-time switches that benchmarks/tune_mosaic.py --variants times. On the
+# H200 (S=4096, D=128, causal) walking the q tiles last-first (the longest causal rows start first,
+# the short ones fill the tail) measured 3-4% faster; arriving at the turn barrier right after
+# issuing QK and waiting after releasing K (tokamax's order) measured within noise.
+_VARIANT = {"split_turn": False, "reverse_q": True}
+VARIANT_DEFAULTS = dict(_VARIANT)
+
+
 def _when(cond, fn):
   """``pl.when`` that also takes a static (Python) condition."""
   if isinstance(cond, (bool, np.bool_)):
@@ -382,6 +391,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
   (k_ready, v_ready, q_ready, k_free, v_free, turn) = barriers
   rows, bk, stages = spec.rows, plan.block_k, spec.num_stages
   h, qi, b = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
+  if _VARIANT["reverse_q"] and not plan.dense:
+    qi = plan.nq - 1 - qi   # masked plans: the longest rows (causal: the last) start first
   wg = lax.axis_index("wg")
   row = plan.bm_index(b, h) * plan.nq + qi
   n_full, total, kv_block = _schedule(plan, list_refs, row)
@@ -413,11 +424,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, qo_smem, k_smems.at[slot].transpose((1, 0)))
-        take_turn()
+        if _VARIANT["split_turn"]:
+          plgpu.barrier_arrive(turn)
+        else:
+          take_turn()
         return acc_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC((rows, bk), f32))
       plgpu.barrier_arrive(k_free.at[slot])
+      if _VARIANT["split_turn"]:
+        plgpu.barrier_wait(turn)
       iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (rows, bk), d, layout=_WGMMA)
       tile = _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, rows, bk)
       score_fn, mask_fn = _mods_in_kernel(plan, op_refs, tile)
@@ -500,15 +516,23 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays):
   ops = tuple(_pad_operand(x, r, plan) for x, r in zip(arrays.operands, spec.roles))
 
   def entry(*refs):
-    scratch = (_smem((COMPUTE_WGS, rows, d), q.dtype), _smem((stages, plan.block_k, d), k.dtype),
-               _smem((stages, plan.block_k, d), v.dtype), plgpu.SMEM((COMPUTE_WGS, rows), f32))
+    # The LSE buffer aliases the K ring: it is written after the last step, when both consumers
+    # have read every K tile (warpgroup 0 passes its final turn only after warpgroup 1's last QK).
+    k_and_lse = plgpu.RefUnion(_smem((stages, plan.block_k, d), k.dtype),
+                               plgpu.SMEM((COMPUTE_WGS, rows), f32))
+    scratch = (_smem((COMPUTE_WGS, rows, d), q.dtype), k_and_lse,
+               _smem((stages, plan.block_k, d), v.dtype))
     barriers = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=COMPUTE_WGS),
                 plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=COMPUTE_WGS))
-    pl.run_scoped(lambda *s: _forward_kernel(*refs, spec=spec, scoped=(s[:4], s[4:])),
-                  *scratch, *barriers, collective_axes="wg")
+
+    def body(qo_smems, k_lse, v_smems, *bars):
+      (k_smems, lse_smems) = k_lse
+      _forward_kernel(*refs, spec=spec, scoped=((qo_smems, k_smems, v_smems, lse_smems), bars))
+
+    pl.run_scoped(body, *scratch, *barriers, collective_axes="wg")
 
   out, lse = plgpu.kernel(
       entry,

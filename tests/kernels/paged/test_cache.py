@@ -139,7 +139,7 @@ def full_causal_pass(attn, seqs):
   return [out[i, :len(x)] for i, x in enumerate(seqs)]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_decode_matches_full_causal_pass(dtype):
   attn = make_module()
   seqs = sequences(2, (9, 4, 12, 6, 7))              # 5 requests over 3 rows
@@ -160,6 +160,7 @@ def test_int8_cache_decode_within_quantisation_error():
     assert rel_err(y, want) < 3e-2
 
 
+@pytest.mark.slow
 def test_decode_with_the_pallas_kernel_interpreted():
   attn = make_module(2)
   seqs = sequences(4, (6, 5))
@@ -184,5 +185,7 @@ def test_errors():
   attn = make_module()
   with pytest.raises(ValueError, match=r"inputs must have shape \(batch=3, S, in_features=32\)"):
     attn.decode_paged(jnp.zeros((2, 1, 32)), cache)
+  with pytest.raises(ValueError, match="layer 2 out of range for a cache of 1 layers"):
+    attn.decode_paged(jnp.zeros((3, 1, 32)), cache, layer=2)
   with pytest.raises(ValueError, match="but the module has 2 kv heads of 8"):
     attn.decode_paged(jnp.zeros((3, 1, 32)), small_cache(head_dim=16))

@@ -53,7 +53,8 @@ def _mods(name):
   raise ValueError(name)
 
 
-@pytest.mark.parametrize("name", ["alibi_documents", "window_softcap", "closure_mask"])
+@pytest.mark.parametrize("name", ["alibi_documents", "window_softcap",
+                                  pytest.param("closure_mask", marks=pytest.mark.slow)])
 def test_mods_on_absolute_positions(name):
   cache = make_cache(22, q_len=3, lengths=(9, 28, 17, 4))
   cache = (cache[0] * 4.0,) + cache[1:]               # large logits: the soft-cap matters
@@ -92,6 +93,7 @@ def test_bad_rows_under_jit_are_nan():
   assert rel_err(out[3], reference(q, kp, vp, bt, ln)[3]) < tol(jnp.float32)
 
 
+@pytest.mark.slow        # the conformance suite's paged_interpret row checks grads by default
 def test_gradients_are_those_of_the_reference():
   """Differentiating the Pallas backend runs the pure-JAX VJP: true gradients for q, the pages and
   a mod's float array (ALiBi slopes), never zeros."""

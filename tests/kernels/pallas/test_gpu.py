@@ -124,3 +124,50 @@ def test_mod_array_gradients_and_closures_bf16():
         up(q), up(k), up(v), up(bias), up(slopes))
   for name, g, w in zip(("q", "k", "v", "bias", "slopes"), got, want):
     assert rel_err(g, w) < tol(jnp.bfloat16, grad=True), (name, rel_err(g, w))
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_dropout_matches_reference_with_the_same_key(dtype):
+  """In-kernel dropout (backend="auto": the Mosaic lowering has no dropout and is passed over for
+  the Triton one) drops exactly the weights standard_attention drops with the same key: out, LSE
+  and q/k/v gradients against the float64 reference with that key; GQA, ragged, causal + ALiBi."""
+  q, k, v = random_qkv(30, batch=2, q_heads=8, kv_heads=2, q_len=1000, kv_len=1536,
+                       head_dim=128, dtype=dtype)
+  mod = compose_score_mods(causal_mod(offset=536), alibi_mod(8))
+  _check(q, k, v, score_mod=mod, dropout_rate=0.1, dropout_rng=jax.random.key(31))
+
+
+def test_dropout_mask_is_the_reference_mask_triton():
+  """With v the identity, out is the dropped probability matrix: its nonzero pattern is
+  tiles.dropout_keep bit for bit (the uint32 hash compiled by Triton: multiplies, xors, logical
+  shifts, an unsigned compare), kept entries p / (1 - rate); also with f32 inputs."""
+  from attnax.kernels import _checks, tiles
+  rate, key, s = 0.25, jax.random.key(32), 256
+  q, k, _ = random_qkv(33, batch=2, q_heads=4, kv_heads=2, q_len=s, kv_len=s, head_dim=64,
+                       dtype=jnp.float32)
+  v = jnp.broadcast_to(jnp.eye(s, dtype=jnp.float32), (2, 2, s, s))
+  out = pallas_flash_attention(q, k, v, score_mod=causal_mod(), backend="triton",
+                               dropout_rate=rate, dropout_rng=key)
+  out = np.asarray(out, np.float64)
+  seed = _checks.check_dropout(rate, key)[1]
+  i32 = lambda n, shape: jnp.arange(n, dtype=jnp.int32).reshape(shape)
+  keep = np.asarray(tiles.dropout_keep(seed, rate, i32(2, (-1, 1, 1, 1)), i32(4, (1, -1, 1, 1)),
+                                       i32(s, (1, 1, -1, 1)), i32(s, (1, 1, 1, -1))))
+  visible = np.broadcast_to(np.tril(np.ones((s, s), bool)), out.shape)
+  np.testing.assert_array_equal(out[visible] != 0, keep[visible])
+  p = np.asarray(reference_attention(q, k, v, score_mod=causal_mod()))
+  kept = visible & keep
+  # tf32 matmuls: the probabilities carry ~1e-3 relative rounding.
+  np.testing.assert_allclose(out[kept], p[kept] / (1 - rate), rtol=2e-3, atol=1e-6)
+
+
+def test_dropout_refused_by_mosaic_lowering():
+  """An explicit backend without dropout raises a ValueError that says so."""
+  q, k, v = random_qkv(34, batch=1, q_heads=2, kv_heads=2, q_len=512, kv_len=512, head_dim=128,
+                       dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="(?s)mosaic.*dropout"):
+    pallas_flash_attention(q, k, v, backend="mosaic", dropout_rate=0.1,
+                           dropout_rng=jax.random.key(0))
