@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -26,29 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import tune_pallas  # noqa: E402
 
 from attnax.kernels import causal_mod  # noqa: E402
 from attnax.kernels.pallas import mosaic_gpu as mg, pallas_flash_attention  # noqa: E402
 
 
-def bench(fn, *args, reps: int = 7, target_s: float = 0.05) -> tuple[float, float]:
-  """``(median seconds per call, compile seconds)`` of a jitted ``fn``."""
+def bench(fn, *args) -> tuple[float, float]:
+  """``(median seconds per call, compile seconds)`` of a jitted ``fn`` (tune_pallas's timing)."""
   f = jax.jit(fn)
   t0 = time.perf_counter()
   jax.block_until_ready(f(*args))
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  jax.block_until_ready(f(*args))
-  one = max(time.perf_counter() - t0, 1e-5)
-  n = max(1, int(target_s / one))
-  samples = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(n):
-      out = f(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / n)
-  return statistics.median(samples), compile_s
+  return tune_pallas.bench(f, *args, min_time=0.05, reps=7), time.perf_counter() - t0
 
 
 def flops(b, h, s, d, causal):

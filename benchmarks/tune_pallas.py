@@ -1,7 +1,7 @@
 """Tuning and target check for pallas_flash_attention on one GPU (issue 3).
 
 One process, side by side with cuDNN (``jax.nn.dot_product_attention(implementation="cudnn")``)
-and JAX's own Pallas ``mha``: sweeps FlashConfig variants on S=4096 (bf16, D=128), picks the best
+and JAX's own Pallas ``mha``: sweeps TritonConfig variants on S=4096 (bf16, D=128), picks the best
 forward and backward tilings, then measures the target cases with them. Prints a table and writes
 JSON lines to ``$OUT/tune_pallas.jsonl`` (or ``--out``).
 
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnax.kernels import causal_mod, sliding_window_mod
-from attnax.kernels.pallas import FlashConfig, pallas_flash_attention, default_config
+from attnax.kernels.pallas import TritonConfig, pallas_flash_attention, default_config
 
 ROWS = []
 OUT = None
@@ -133,7 +133,7 @@ def measure(name, case, attn, args, fl_f, fl_b, do_bwd=True, ref=None):
 
 
 def _cfg(f, dq, dkv):
-  return FlashConfig(128, 128, *f, *dq, *dkv[:4],
+  return TritonConfig(128, 128, *f, *dq, *dkv[:4],
                      **({"dkv_transposed": dkv[4]} if len(dkv) > 4 else {}))
 
 
@@ -173,24 +173,24 @@ def section_bwd(causal, b=4, h=16, s=4096, d=128):
       cfg = dataclasses.replace(cfg, dkv_transposed=var[4] if len(var) > 4 else True)
       rec = dict(case=f"bwd S={s} {'causal' if causal else 'dense'} D={d}", impl=f"{which} {var}")
       try:
-        plan = api._plan(*args, score_mod=causal_mod() if causal else None, mask_mod=None,
-                         scale=None, block_q=None, block_k=None, block_mask=None, softcap=None,
-                         cu_seqlens_q=None, cu_seqlens_k=None, backend="triton", num_warps=None,
-                         num_stages=None, config=cfg)
-        sp = plan.spec
-        out, lse = jax.jit(lambda q, k, v: tk.forward(sp, q, k, v, plan.lists, plan.leaves))(
-            plan.q, plan.k, plan.v)
+        _, sp, arrays, qp, kp, vp = api._plan(
+            *args, score_mod=causal_mod() if causal else None, mask_mod=None, scale=None,
+            block_q=None, block_k=None, block_mask=None, softcap=None, cu_seqlens_q=None,
+            cu_seqlens_k=None, backend="triton", num_warps=None, num_stages=None, config=cfg)
+        leaves = api._flat(arrays.operands)
+        out, lse = jax.jit(lambda q, k, v: tk.forward(sp, q, k, v, arrays.lists, leaves))(
+            qp, kp, vp)
         do = jax.random.normal(jax.random.key(2), out.shape, jnp.float32).astype(out.dtype)
         delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), -1)
         if which == "dq":
           fn = jax.jit(lambda q, k, v, do, lse, delta: tk.backward_dq(
-              sp, q, k, v, do, lse, delta, plan.lists, plan.leaves))
+              sp, q, k, v, do, lse, delta, arrays.lists, leaves))
           fl = fl_dq
         else:
           fn = jax.jit(lambda q, k, v, do, lse, delta: tk.backward_dkv(
-              sp, q, k, v, do, lse, delta, plan.tlists, plan.leaves))
+              sp, q, k, v, do, lse, delta, arrays.tlists, leaves))
           fl = fl_dkv
-        t = bench(fn, plan.q, plan.k, plan.v, do, lse, delta)
+        t = bench(fn, qp, kp, vp, do, lse, delta)
         rec.update(ms=t * 1e3, tflops=fl / t / 1e12)
         if t < best.get(which, (1e9,))[0]:
           best[which] = (t, var)

@@ -458,17 +458,30 @@ def _tokamax_inputs(q_shape, kv_shape=None, bias_shape=None, mask_shape=None, dt
   return q, k, v, bias, mask
 
 
-def _as_f32(tree):
-  return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, f32))
-                      if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
-                      else x, tree)
+def in_float64(fn, *args):
+  """``jax.jit(fn)`` on float64 copies of the floating arrays of ``args``; numpy results.
+
+  The source upcasts its reference's inputs to float32; on a CPU the float64 evaluation of the
+  same reference is affordable and closer to the truth, so the tolerances measure the kernel's
+  error alone (an f32 reference adds its own rounding: two correct f32 results of these cases
+  differ by up to ~1.2e-6, over the source's atol of 1e-6).
+  """
+  def up(x):
+    if isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating):
+      return jnp.asarray(np.asarray(x, np.float64))
+    return x
+
+  with jax.enable_x64(True):
+    res = jax.jit(fn)(*jax.tree.map(up, args))
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), res)
 
 
 def tokamax_run(impl, q, k, v, *, bias=None, atol=1e-6, atol_grads=None, test_vjp=True,
                 impl_fn=None, ref_impl=linen.dot_product_attention, impl_kwargs=None,
                 ref_kwargs=None, output_mask_from=None, **kwargs):
   """test_base._run_test: inference forward, determinism, VJP forward and gradients of
-  (q, k, v, bias) against ``ref_impl`` on float32 copies at precision HIGHEST; atol given,
+  (q, k, v, bias) against ``ref_impl`` at precision HIGHEST on float64 copies (the source: float32
+  copies; see :func:`in_float64`); atol given,
   rtol = max(atol / 10, 1e-6); atol_grads = max(2 atol, 5e-6), rtol_grads = max(atol_grads / 10,
   1e-6). Rows a mask leaves empty are zeroed on both sides (as the source does)."""
   impl_kwargs = dict(impl_kwargs or {})
@@ -477,7 +490,7 @@ def tokamax_run(impl, q, k, v, *, bias=None, atol=1e-6, atol_grads=None, test_vj
   fn = impl_fn if impl_fn is not None else sdpa(impl)
   mask = output_mask_from if output_mask_from is not None else (impl_kwargs | kwargs).get("mask")
   impl_call = functools.partial(fn, **kwargs, **impl_kwargs)
-  ref_call = lambda *a, **kw: ref_impl(*_as_f32(a), **_as_f32(kw), **kwargs, **ref_kwargs)
+  ref_call = lambda *a, **kw: ref_impl(*a, **kw, **kwargs, **ref_kwargs)
   if mask is not None:
     keep = jnp.where(jnp.all(jnp.swapaxes(mask, -2, -3) == 0, axis=-1), 0.0, 1.0)[..., None]
     masked = lambda f: (lambda *a, **kw: f(*a, **kw) * keep)
@@ -486,7 +499,7 @@ def tokamax_run(impl, q, k, v, *, bias=None, atol=1e-6, atol_grads=None, test_vj
   rtol = max(atol / 10, 1e-6)
   fwd = jit(lambda q, k, v, bias: impl_call(q, k, v, bias=bias))
   actual = fwd(q, k, v, bias)
-  expected = jax.jit(lambda q, k, v, bias: ref_call(q, k, v, bias=bias))(q, k, v, bias)
+  expected = in_float64(lambda q, k, v, bias: ref_call(q, k, v, bias=bias), q, k, v, bias)
   assert_close(actual, expected, atol=atol, rtol=rtol, impl=impl, v=v)
   np.testing.assert_array_equal(np.asarray(actual), np.asarray(fwd(q, k, v, bias)))
   if not test_vjp:
@@ -499,7 +512,7 @@ def tokamax_run(impl, q, k, v, *, bias=None, atol=1e-6, atol_grads=None, test_vj
 
   run = jit(functools.partial(vjp, impl_call))
   out, grads = run(q, k, v, bias, dout)
-  _, ref_grads = jax.jit(functools.partial(vjp, ref_call))(q, k, v, bias, dout.astype(f32))
+  _, ref_grads = in_float64(functools.partial(vjp, ref_call), q, k, v, bias, dout)
   assert_close(out, expected, atol=atol, rtol=rtol, impl=impl, v=v)
   atol_grads = max(2 * atol, 5e-6) if atol_grads is None else atol_grads
   rtol_grads = max(atol_grads / 10, 1e-6)
