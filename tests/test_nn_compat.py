@@ -177,7 +177,9 @@ def test_jax_dot_product_attention_mask(impl, variant):
     out, vjp = jax.vjp(lambda q, k, v, bias: fn(q, k, v, bias, mask, **kw), q, k, v, bias)
     return out, vjp(grad)
 
-  out, grads = jit(functools.partial(run, sdpa(impl)))(q, k, v, bias, grad)
+  implementation = IMPLS[impl] if impl in IMPLS else None
+  out, grads = jit(functools.partial(run, functools.partial(
+      attnax.dot_product_attention, implementation=implementation)))(q, k, v, bias, grad)
   ref, ref_grads = jax.jit(functools.partial(
       run, functools.partial(jax.nn.dot_product_attention, implementation=None)))(
           q, k, v, bias, grad)
@@ -185,6 +187,16 @@ def test_jax_dot_product_attention_mask(impl, variant):
   for what, g, w, tol in zip(("dQ", "dK", "dV", "dbias"), grads, ref_grads, (.02, .02, .01, .02)):
     if w is not None:
       assert_close(g, w, atol=tol, rtol=tol, impl=impl, what=what)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", JAX_MASK_MODES)
+def test_jax_dot_product_attention_mask_gpu_default(variant):
+  """testDotProductAttentionMask on a GPU with implementation=None: the compiled Pallas kernel."""
+  from attnax.nn import resolve_implementation
+  x = jnp.zeros((2, 4, 128, 32), bf16)
+  assert resolve_implementation(None, x, x, x) is pallas_flash_attention
+  test_jax_dot_product_attention_mask("default", variant)
 
 
 JAX_BIAS_GRAD = {f"b{bs}-{'vmap' if vm else 'novmap'}": (bs, vm)

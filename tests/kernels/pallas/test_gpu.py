@@ -17,8 +17,9 @@ from tests.helpers import (kernel_grads, random_qkv, reference_attention, refere
 pytestmark = pytest.mark.gpu
 
 
-def _check(q, k, v, *, grads=True, **kw):
-  out, lse = pallas_flash_attention(q, k, v, return_lse=True, **kw)
+def check_against_reference(q, k, v, *, grads=True, backend="auto", **kw):
+  """out, LSE (and q/k/v gradients) of pallas_flash_attention against the references."""
+  out, lse = pallas_flash_attention(q, k, v, return_lse=True, backend=backend, **kw)
   assert not np.isnan(np.asarray(out, np.float32)).any()
   ref, ref_lse = reference_attention(q, k, v, return_lse=True, **kw)
   assert rel_err(out, ref) < tol(q.dtype), rel_err(out, ref)
@@ -27,10 +28,13 @@ def _check(q, k, v, *, grads=True, **kw):
   assert rel_err(np.where(fin, lse, 0), np.where(fin, ref_lse, 0)) < tol(q.dtype)
   if grads:
     ct = jax.random.normal(jax.random.key(7), out.shape, jnp.float32).astype(q.dtype)
-    got = kernel_grads(pallas_flash_attention, q, k, v, ct, **kw)
+    got = kernel_grads(pallas_flash_attention, q, k, v, ct, backend=backend, **kw)
     want = reference_grads(q, k, v, ct, **kw)
     for name, g, w in zip("qkv", got, want):
       assert rel_err(g, w) < tol(q.dtype, grad=True), (name, rel_err(g, w))
+
+
+_check = check_against_reference
 
 
 def test_causal_gqa_bf16_d128():

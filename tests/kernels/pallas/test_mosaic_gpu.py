@@ -6,11 +6,9 @@ would fail first on the GPU). With ``-m gpu`` (an H100/H200): outputs, LSE and g
 the references at realistic shapes.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from attnax.kernels import (additive_bias_mod, alibi_mod, causal_mod, compose_score_mods,
@@ -18,8 +16,8 @@ from attnax.kernels import (additive_bias_mod, alibi_mod, causal_mod, compose_sc
                             softcap_mod)
 from attnax.kernels.pallas import api, mosaic_gpu as mg, pallas_flash_attention
 from attnax.kernels.pallas.plan import build_plan
-from tests.helpers import (kernel_grads, random_qkv, reference_attention, reference_grads,
-                           rel_err, tol)
+from tests.helpers import random_qkv
+from tests.kernels.pallas.test_gpu import check_against_reference
 
 bf16, f16 = jnp.bfloat16, jnp.float16
 
@@ -104,20 +102,7 @@ def test_lowers_for_sm90(case):
 
 
 def _check_gpu(q, k, v, *, grads=True, **kw):
-  out, lse = pallas_flash_attention(q, k, v, return_lse=True, backend="mosaic", **kw)
-  out32 = np.asarray(out, np.float32)
-  ref, ref_lse = reference_attention(q, k, v, return_lse=True, **kw)
-  assert not np.isnan(out32).any()
-  assert rel_err(out, ref) < tol(q.dtype), rel_err(out, ref)
-  fin = np.isfinite(ref_lse)
-  assert np.array_equal(np.isfinite(np.asarray(lse)), fin)
-  assert rel_err(np.where(fin, lse, 0), np.where(fin, ref_lse, 0)) < tol(q.dtype)
-  if grads:
-    ct = jax.random.normal(jax.random.key(7), out.shape, jnp.float32).astype(q.dtype)
-    got = kernel_grads(pallas_flash_attention, q, k, v, ct, backend="mosaic", **kw)
-    want = reference_grads(q, k, v, ct, **kw)
-    for name, g, w in zip("qkv", got, want):
-      assert rel_err(g, w) < tol(q.dtype, grad=True), (name, rel_err(g, w))
+  check_against_reference(q, k, v, grads=grads, backend="mosaic", **kw)
 
 
 GPU_CASES = {
