@@ -27,6 +27,9 @@ from tests.helpers import rand, random_qkv, tol
 from tests.kernels.conformance import (assert_grads, assert_lse, assert_out, in_float64, jit,
                                        rows)
 
+# Compile-heavy on CPU (CI's 2 cores): runs with -m slow and on the GPU machine.
+pytestmark = pytest.mark.slow
+
 f32, bf16 = jnp.float32, jnp.bfloat16
 B, HQ, HKV, SQ, SK, D = 2, 4, 2, 37, 45, 16     # GQA, ragged against the rows' blocks of 16
 RATE = 0.3

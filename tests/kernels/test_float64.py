@@ -30,6 +30,9 @@ from attnax.kernels.aether.certify import tile_mask_mod
 from tests.helpers import rel_err
 from tests.kernels.conformance import Kernel, jit, reference_kernel, rows
 
+# Compile-heavy on CPU (CI's 2 cores): runs with -m slow and on the GPU machine.
+pytestmark = pytest.mark.slow
+
 F64_TOL = 1e-13
 B, HQ, HKV, SQ, SK, D = 2, 4, 2, 37, 45, 16
 

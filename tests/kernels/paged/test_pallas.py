@@ -16,6 +16,9 @@ from attnax.kernels.paged import PagedConfig, gather_pages, quantize_kv
 from tests.helpers import rel_err, tol
 from tests.kernels.paged.paged_helpers import make_cache, paged, reference, with_garbage
 
+# Compile-heavy on CPU (CI's 2 cores): runs with -m slow and on the GPU machine.
+pytestmark = pytest.mark.slow
+
 INTERPRET = dict(backend="interpret")
 
 
