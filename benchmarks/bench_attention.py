@@ -644,45 +644,22 @@ def flex_release():
 def time_torch(torch, fn, argsets, *, budget_s: float, target_rep_s: float = 0.025,
                max_reps: int = 30) -> tuple["Timing", Any]:
   """:func:`time_fn` for torch: the same protocol; each repeat is timed by CUDA events on a GPU."""
-  cuda = argsets[0][0].is_cuda
-  sync = torch.cuda.synchronize if cuda else (lambda: None)
-  n = len(argsets)
-  t0 = time.perf_counter()
-  out0 = fn(*argsets[0])
-  sync()
-  compile_s = time.perf_counter() - t0
-  if compile_s < budget_s:
-    fn(*argsets[1 % n])
-    sync()
-  t0 = time.perf_counter()
-  fn(*argsets[0])
-  sync()
-  t1 = time.perf_counter() - t0
-  samples = [t1]
-  calls = 1
-  if t1 < budget_s / 2:
-    inner = max(1, min(200, int(target_rep_s / max(t1, 1e-7))))
-    reps = max(3, min(max_reps, int(budget_s / (inner * t1))))
-    samples = []
-    for r in range(reps):
-      if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-      else:
-        t0 = time.perf_counter()
-      out = None
-      for i in range(inner):
-        out = fn(*argsets[(r * inner + i) % n])
-      if cuda:
-        end.record()
-        end.synchronize()
-        dt = start.elapsed_time(end) / 1e3
-      else:
-        dt = time.perf_counter() - t0
-      samples.append(dt / inner)
-      calls += inner
-    del out
-  return Timing(statistics.median(samples), min(samples), len(samples), calls, compile_s), out0
+  if not argsets[0][0].is_cuda:
+    return time_fn(fn, argsets, budget_s=budget_s, target_rep_s=target_rep_s, max_reps=max_reps,
+                   sync=lambda out: out)
+
+  def cuda_clock():
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+
+    def stop():
+      end.record()
+      end.synchronize()
+      return start.elapsed_time(end) / 1e3
+    return stop
+
+  return time_fn(fn, argsets, budget_s=budget_s, target_rep_s=target_rep_s, max_reps=max_reps,
+                 sync=lambda out: (torch.cuda.synchronize(), out)[1], clock=cuda_clock)
 
 
 def flex_cell(case: Case, inp: "Inputs", on_gpu: bool, mode: str, budget_s: float):
@@ -753,17 +730,26 @@ class Timing:
   compile_s: float
 
 
+def _wall_clock():
+  t0 = time.perf_counter()
+  return lambda: time.perf_counter() - t0
+
+
 def time_fn(fn, argsets, *, budget_s: float, target_rep_s: float = 0.025, max_reps: int = 30,
-            first_out=None) -> tuple[Timing, Any]:
-  """Median seconds per call of ``fn(*argsets[i])``; returns (timing, output of the first call)."""
+            first_out=None, sync=jax.block_until_ready, clock=_wall_clock) -> tuple[Timing, Any]:
+  """Median seconds per call of ``fn(*argsets[i])``; returns (timing, output of the first call).
+
+  ``sync(out)`` waits for a call's output; ``clock()`` starts a timer and returns its stop
+  function (seconds): wall clock for JAX, CUDA events for torch (:func:`time_torch`).
+  """
   n = len(argsets)
   t0 = time.perf_counter()
-  out0 = jax.block_until_ready(fn(*argsets[0])) if first_out is None else first_out
+  out0 = sync(fn(*argsets[0])) if first_out is None else first_out
   compile_s = time.perf_counter() - t0
   if compile_s < budget_s:     # cheap kernels: one more untimed warm call (lazy init, autotuning)
-    jax.block_until_ready(fn(*argsets[1 % n]))
+    sync(fn(*argsets[1 % n]))
   t0 = time.perf_counter()
-  jax.block_until_ready(fn(*argsets[0]))
+  sync(fn(*argsets[0]))
   t1 = time.perf_counter() - t0
   samples = [t1]
   calls = 1
@@ -772,12 +758,12 @@ def time_fn(fn, argsets, *, budget_s: float, target_rep_s: float = 0.025, max_re
     reps = max(3, min(max_reps, int(budget_s / (inner * t1))))
     samples = []
     for r in range(reps):
-      t0 = time.perf_counter()
+      stop = clock()
       out = None
       for i in range(inner):
         out = fn(*argsets[(r * inner + i) % n])
-      jax.block_until_ready(out)
-      samples.append((time.perf_counter() - t0) / inner)
+      sync(out)
+      samples.append(stop() / inner)
       calls += inner
     del out
   return Timing(statistics.median(samples), min(samples), len(samples), calls, compile_s), out0

@@ -63,8 +63,6 @@ def main():
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--seq", type=int, default=4096)
   ap.add_argument("--dims", default="64,128,256")
-  ap.add_argument("--variants", action="store_true",
-                  help="also time the kernel's scheduling variants (mosaic_gpu._VARIANT)")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   dev = jax.devices()[0]
@@ -90,18 +88,9 @@ def main():
       print(f"D={d} {kind}: cudnn {t_cudnn*1e3:.3f} ms ({fl/t_cudnn/1e12:.0f} TF/s), triton "
             f"{t_tri*1e3:.3f} ms ({t_cudnn/t_tri:.2f}x cudnn)", flush=True)
       best = None
-      variants = [{}]
-      if args.variants:
-        variants += [dict(split_turn=True)] + ([dict(reverse_q=False),
-                                                dict(split_turn=True, reverse_q=False)]
-                                               if causal else [])
-      for cfg, variant in ((c, var) for c in candidates(d, args.quick) for var in variants):
-        if variant and cfg.block_k != (64 if d >= 256 else 128):
-          continue
+      for cfg in candidates(d, args.quick):
         fn = lambda q, k, v, cfg=cfg: pallas_flash_attention(q, k, v, score_mod=mod,
                                                              backend="mosaic", config=cfg)
-        mg._VARIANT.update({**mg.VARIANT_DEFAULTS, **variant})
-        jax.clear_caches()
         try:
           t, c = bench(fn, q, k, v)
           out = np.asarray(jax.jit(fn)(q, k, v), np.float32)
@@ -110,14 +99,13 @@ def main():
           print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
           continue
         ratio = t_cudnn / t
-        print(f"  bk={cfg.block_k} stages={cfg.num_stages} {variant or ''}: {t*1e3:.3f} ms "
+        print(f"  bk={cfg.block_k} stages={cfg.num_stages}: {t*1e3:.3f} ms "
               f"({fl/t/1e12:.0f} TF/s, {ratio:.3f}x cudnn) compile {c:.1f} s max|err| {err:.3g}",
               flush=True)
-        rows.append(dict(d=d, kind=kind, block_k=cfg.block_k, stages=cfg.num_stages,
-                         variant=variant, ms=t * 1e3,
+        rows.append(dict(d=d, kind=kind, block_k=cfg.block_k, stages=cfg.num_stages, ms=t * 1e3,
                          ratio_cudnn=ratio, ratio_triton=t_tri / t, compile_s=c, err=err,
                          cudnn_ms=t_cudnn * 1e3, triton_ms=t_tri * 1e3))
-        if err < 0.05 and not variant and (best is None or t < best[0]):
+        if err < 0.05 and (best is None or t < best[0]):
           best = (t, cfg)
       if best is not None:
         cfg = best[1]

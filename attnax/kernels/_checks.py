@@ -157,3 +157,27 @@ def check_lse(lse: Any, q: jax.Array) -> None:
   expected = q.shape[:3]
   if tuple(jnp.shape(lse)) != tuple(expected):
     raise ValueError(f"lse must have shape {tuple(expected)} (B, Hq, Sq), got {tuple(jnp.shape(lse))}")
+
+
+def gpu_reasons(what: str, *, hint: str = "", min_cc: float = 8.0,
+                exact_cc: str | None = None) -> list[str]:
+  """Why this process cannot run a compiled GPU lowering (empty when it can).
+
+  ``what`` names the lowering; ``hint`` ends the no-GPU reason (what to use instead). A lowering
+  needs compute capability ``>= min_cc``, or exactly ``exact_cc`` (``"9.0"``: Hopper-only code).
+  """
+  platform = jax.default_backend()
+  if platform != "gpu":
+    return [f"{what} needs a CUDA GPU, but jax.default_backend() is {platform!r}{hint}"]
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  if exact_cc is not None:
+    if str(cc) != exact_cc:
+      return [f"{what} is written for sm{exact_cc.replace('.', '')}; the device has compute "
+              f"capability {cc or 'unknown'}"]
+    return []
+  try:
+    if cc is not None and float(cc) < min_cc:
+      return [f"{what} needs compute capability >= {min_cc}, device has {cc}"]
+  except ValueError:
+    pass
+  return []

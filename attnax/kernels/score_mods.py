@@ -99,6 +99,23 @@ class CausalMask:
     return any_[None, None], all_[None, None]
 
 
+def _in_band(q_idx, kv_idx, offset: int, lo: int, hi: int):
+  """``lo <= q_idx + offset - kv_idx <= hi``: the diagonal band every window mask keeps."""
+  d = q_idx + offset - kv_idx
+  return (d >= lo) & (d <= hi)
+
+
+def _band_tiles(block_q, block_k, q_len, kv_len, offset: int, lo: int, hi: int):
+  """Exact ``(any, all)`` tiles of :func:`_in_band`, ``(1, 1, nq, nk)``."""
+  q_lo, q_hi = _ranges(block_q, q_len)
+  k_lo, k_hi = _ranges(block_k, kv_len)
+  d_min = q_lo[:, None] + offset - k_hi[None, :]
+  d_max = q_hi[:, None] + offset - k_lo[None, :]
+  any_ = (d_max >= lo) & (d_min <= hi)
+  all_ = (d_min >= lo) & (d_max <= hi)
+  return any_[None, None], all_[None, None]
+
+
 @_pytree(meta=("window_size", "offset"))
 class SlidingWindowMask:
   """Keep ``0 <= q_idx + offset - kv_idx < window_size``."""
@@ -106,17 +123,10 @@ class SlidingWindowMask:
   offset: int = 0
 
   def __call__(self, b, h, q_idx, kv_idx):
-    d = q_idx + self.offset - kv_idx
-    return (d >= 0) & (d < self.window_size)
+    return _in_band(q_idx, kv_idx, self.offset, 0, self.window_size - 1)
 
   def tile_visibility(self, block_q, block_k, q_len, kv_len):
-    q_lo, q_hi = _ranges(block_q, q_len)
-    k_lo, k_hi = _ranges(block_k, kv_len)
-    d_min = q_lo[:, None] + self.offset - k_hi[None, :]
-    d_max = q_hi[:, None] + self.offset - k_lo[None, :]
-    any_ = (d_max >= 0) & (d_min < self.window_size)
-    all_ = (d_min >= 0) & (d_max < self.window_size)
-    return any_[None, None], all_[None, None]
+    return _band_tiles(block_q, block_k, q_len, kv_len, self.offset, 0, self.window_size - 1)
 
 
 @_pytree(data=("prefix_length",))
@@ -182,11 +192,7 @@ class PaddingMask:
     v = jnp.asarray(self.valid[:, :kv_len], bool)
     if v.shape[1] < kv_len:   # read as __call__ reads it (clamped); check_mod_shapes forbids this
       v = jnp.pad(v, ((0, 0), (0, kv_len - v.shape[1])), mode="edge")
-    nk = -(-kv_len // block_k)
-    tail = ((0, 0), (0, nk * block_k - kv_len))
-    # Positions past kv_len count neither for `any` nor against `all` (the tile is ragged anyway).
-    any_ = jnp.pad(v, tail, constant_values=False).reshape(-1, nk, block_k).any(-1)
-    all_ = jnp.pad(v, tail, constant_values=True).reshape(-1, nk, block_k).all(-1)
+    any_, all_ = _tiles_along(v, 1, block_k, kv_len)
     return any_[:, None, None, :], all_[:, None, None, :]   # (B, 1, 1, nk): exact
 
 
@@ -198,17 +204,10 @@ class LocalWindowMask:
   offset: int = 0
 
   def __call__(self, b, h, q_idx, kv_idx):
-    d = q_idx + self.offset - kv_idx
-    return (d >= -self.right) & (d <= self.left)
+    return _in_band(q_idx, kv_idx, self.offset, -self.right, self.left)
 
   def tile_visibility(self, block_q, block_k, q_len, kv_len):
-    q_lo, q_hi = _ranges(block_q, q_len)
-    k_lo, k_hi = _ranges(block_k, kv_len)
-    d_min = q_lo[:, None] + self.offset - k_hi[None, :]
-    d_max = q_hi[:, None] + self.offset - k_lo[None, :]
-    any_ = (d_max >= -self.right) & (d_min <= self.left)
-    all_ = (d_min >= -self.right) & (d_max <= self.left)
-    return any_[None, None], all_[None, None]
+    return _band_tiles(block_q, block_k, q_len, kv_len, self.offset, -self.right, self.left)
 
 
 @_pytree(data=("lengths",))
@@ -233,7 +232,7 @@ def _tiles_along(m: jax.Array, axis: int, block: int, length: int) -> tuple[jax.
   """Per-block (any, all) of boolean ``m`` along ``axis`` over its first ``length`` positions.
 
   A size-1 (broadcast) axis stays size 1. Positions past ``length`` (a ragged last block) count
-  neither for ``any`` nor against ``all``, as in :class:`PaddingMask`.
+  neither for ``any`` nor against ``all`` (the tile is ragged anyway).
   """
   if m.shape[axis] == 1:
     return m, m

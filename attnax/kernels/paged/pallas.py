@@ -147,22 +147,15 @@ def not_supported_reasons(plan_or_shapes, *, interpret: bool) -> list[str]:
                    "float64)")
   if interpret:
     return reasons
-  platform = jax.default_backend()
-  if platform != "gpu":
-    return reasons + [f"the Triton lowering needs a CUDA GPU, but jax.default_backend() is "
-                      f"{platform!r} (use backend='interpret' to run the kernel in the Pallas "
-                      "interpreter)"]
+  gpu = _checks.gpu_reasons("the Triton lowering", hint=" (use backend='interpret' to run the "
+                            "kernel in the Pallas interpreter)")
+  if gpu and jax.default_backend() != "gpu":
+    return reasons + gpu
   for name in ("head_dim", "v_dim"):
     d = getattr(plan_or_shapes, name)
     if d < 16 or d & (d - 1) or d > 256:
       reasons.append(f"{name} {d} is not a power of two in [16, 256]")
-  cc = getattr(jax.devices()[0], "compute_capability", None)
-  try:
-    if cc is not None and float(cc) < 8.0:
-      reasons.append(f"the Triton kernel needs compute capability >= 8.0, device has {cc}")
-  except ValueError:
-    pass
-  return reasons
+  return reasons + gpu
 
 
 # ----------------------------------------------------------------------------- the kernel

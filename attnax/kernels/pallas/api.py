@@ -161,8 +161,10 @@ def _plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, 
     raise ValueError(f"pallas_flash_attention: unknown backend {backend!r}; choose one of "
                      f"{BACKENDS}")
   head_pad = max(16, pow2(max(q.shape[-1], v.shape[-1])))
+  # Whether the plan will have partial tiles (a lowering may tune for it); a score mod may carry a
+  # mask, so it counts. (softcap= is a score mod without one.)
   masked = any(x is not None for x in (score_mod, mask_mod, block_mask, cu_seqlens_q,
-                                       cu_seqlens_k, softcap))
+                                       cu_seqlens_k))
   passed = []
   for name in (AUTO_ORDER if backend == "auto" else (backend,)):
     lowering = LOWERINGS[name]
@@ -178,12 +180,12 @@ def _plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, 
       reasons = lowering.plan_reasons(plan, cfg) + _dropout_reasons(lowering, plan)
       if not reasons:
         return lowering, lowering.kernel_spec(plan, cfg, num_warps, num_stages), arrays, qp, kp, vp
-    passed.append(f"{name}: " + "; ".join(reasons))
+    passed.append((name, "; ".join(reasons)))
   if backend == "auto":
     raise ValueError("pallas_flash_attention: no backend can run these inputs:\n  - "
-                     + "\n  - ".join(passed))
+                     + "\n  - ".join(f"{name}: {why}" for name, why in passed))
   raise ValueError(f"pallas_flash_attention: backend {backend!r} cannot run these inputs:\n  - "
-                   + "\n  - ".join(r.split(": ", 1)[1] for r in passed))
+                   + passed[0][1])
 
 
 # ----------------------------------------------------------------------------- custom_vjp

@@ -43,6 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from attnax.kernels import _checks
 from attnax.kernels import operands as ops_lib
 from attnax.kernels import tiles
 from attnax.kernels.pallas import triton as tk
@@ -140,16 +141,7 @@ def not_supported_reasons(q: Any, k: Any, v: Any) -> list[str]:
   elif d <= MIN_HEAD_DIM // 2:
     reasons.append(f"head_dim {d} <= {MIN_HEAD_DIM // 2} (padding it to {MIN_HEAD_DIM} would waste "
                    "the matmuls; the Triton lowering runs it)")
-  platform = jax.default_backend()
-  if platform != "gpu":
-    reasons.append(f"the Mosaic GPU lowering needs an sm90 GPU, but jax.default_backend() is "
-                   f"{platform!r}")
-    return reasons
-  cc = str(getattr(jax.devices()[0], "compute_capability", ""))
-  if cc != "9.0":
-    reasons.append(f"the Mosaic GPU kernel is written for sm90 (H100/H200); device has "
-                   f"compute capability {cc or 'unknown'}")
-  return reasons
+  return reasons + _checks.gpu_reasons("the Mosaic GPU kernel (sm90: H100/H200)", exact_cc="9.0")
 
 
 # ----------------------------------------------------------------------------- mod arrays
@@ -366,14 +358,6 @@ def _schedule(plan: FlashPlan, list_refs, row):
 # ----------------------------------------------------------------------------- forward
 
 
-# Scheduling variants, trace-time switches that benchmarks/tune_mosaic.py --variants times. On the
-# H200 (S=4096, D=128, causal) walking the q tiles last-first (the longest causal rows start first,
-# the short ones fill the tail) measured 3-4% faster; arriving at the turn barrier right after
-# issuing QK and waiting after releasing K (tokamax's order) measured within noise.
-_VARIANT = {"split_turn": False, "reverse_q": True}
-VARIANT_DEFAULTS = dict(_VARIANT)
-
-
 def _when(cond, fn):
   """``pl.when`` that also takes a static (Python) condition."""
   if isinstance(cond, (bool, np.bool_)):
@@ -391,8 +375,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
   (k_ready, v_ready, q_ready, k_free, v_free, turn) = barriers
   rows, bk, stages = spec.rows, plan.block_k, spec.num_stages
   h, qi, b = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
-  if _VARIANT["reverse_q"] and not plan.dense:
-    qi = plan.nq - 1 - qi   # masked plans: the longest rows (causal: the last) start first
+  if not plan.dense:
+    # Masked plans walk their q tiles last-first: the longest causal rows start first and the
+    # short ones fill the tail (3-4% at S=4096 causal on the H200).
+    qi = plan.nq - 1 - qi
   wg = lax.axis_index("wg")
   row = plan.bm_index(b, h) * plan.nq + qi
   n_full, total, kv_block = _schedule(plan, list_refs, row)
@@ -424,16 +410,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, qo_smem, k_smems.at[slot].transpose((1, 0)))
-        if _VARIANT["split_turn"]:
-          plgpu.barrier_arrive(turn)
-        else:
-          take_turn()
+        take_turn()
         return acc_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC((rows, bk), f32))
       plgpu.barrier_arrive(k_free.at[slot])
-      if _VARIANT["split_turn"]:
-        plgpu.barrier_wait(turn)
       iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (rows, bk), d, layout=_WGMMA)
       tile = _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, rows, bk)
       score_fn, mask_fn = _mods_in_kernel(plan, op_refs, tile)

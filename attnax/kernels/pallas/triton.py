@@ -182,18 +182,8 @@ def not_supported_reasons(q: Any, k: Any, v: Any, *, interpret: bool) -> list[st
     reasons.append(f"head_dim {d} / value dim {dv} exceeds {MAX_HEAD_DIM}")
   if interpret:
     return reasons
-  platform = jax.default_backend()
-  if platform != "gpu":
-    reasons.append(f"the Triton lowering needs a CUDA GPU, but jax.default_backend() is "
-                   f"{platform!r} (use backend='interpret' or 'auto')")
-    return reasons
-  cc = getattr(jax.devices()[0], "compute_capability", None)
-  try:
-    if cc is not None and float(cc) < 8.0:
-      reasons.append(f"the Triton kernels need compute capability >= 8.0, device has {cc}")
-  except ValueError:
-    pass
-  return reasons
+  return reasons + _checks.gpu_reasons("the Triton lowering",
+                                       hint=" (use backend='interpret' or 'auto')")
 
 
 
