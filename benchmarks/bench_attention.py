@@ -397,6 +397,20 @@ def build_attnax(name: str, **options):
   return build
 
 
+def build_mosaic(bwd: str):
+  """The Mosaic lowering with its tuned config and the backward on ``bwd`` (mosaic | triton)."""
+  def build(case, inp, on_gpu):
+    from attnax.kernels.pallas import mosaic_gpu as mg
+    kern = _attnax("pallas_flash_attention")
+    mod = _attnax_mod(case, inp)
+    cfg = mg.default_config(case.head_dim, masked=mod is not None)   # as backend="mosaic" picks
+    kw = dict(backend="mosaic", config=dataclasses.replace(cfg, bwd=bwd))
+    if mod is not None:
+      kw["score_mod"] = mod
+    return lambda q, k, v: kern(q, k, v, **kw)
+  return build
+
+
 def build_aether(case, inp, on_gpu, epsilon=1e-3):
   kern = _attnax("aether_attention")
   if not case.aether:
@@ -696,6 +710,9 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
            engine="torch"),
     Kernel("attnax-mosaic", "bhsd", build_attnax("pallas_flash_attention", backend="mosaic"),
            'attnax.kernels.pallas_flash_attention(backend="mosaic")', gpu_only=True),
+    Kernel("attnax-mosaic-tbwd", "bhsd", build_mosaic("triton"),
+           'pallas_flash_attention(backend="mosaic"), the Triton backward (MosaicConfig.bwd)',
+           gpu_only=True),
     Kernel("attnax-triton", "bhsd", build_attnax("pallas_flash_attention", backend="triton"),
            'attnax.kernels.pallas_flash_attention(backend="triton")', gpu_only=True),
     Kernel("attnax-pallas", "bhsd", build_attnax("pallas_flash_attention"),
@@ -714,7 +731,8 @@ KERNEL_GROUPS = {
     "pallas": PALLAS_ATTNAX,
     "attnax": PALLAS_ATTNAX + ("attnax-flash", "attnax-memeff", "attnax-standard", "aether"),
     # What issue 10's targets compare: the mosaic lowering, its Triton sibling and the peers to beat.
-    "targets": ("cudnn", "tokamax-mosaic", "flex", "attnax-mosaic", "attnax-triton"),
+    "targets": ("cudnn", "tokamax-mosaic", "flex", "attnax-mosaic", "attnax-mosaic-tbwd",
+                "attnax-triton"),
 }
 
 

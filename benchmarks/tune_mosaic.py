@@ -7,6 +7,7 @@ The result goes to ``attnax/kernels/pallas/configs/mosaic_gpu.json`` under the d
 
   python3 benchmarks/tune_mosaic.py --out $OUT/mosaic            # tune, write JSON to --out
   python3 benchmarks/tune_mosaic.py --out $OUT/mosaic --quick    # D=128 only, fewer candidates
+  python3 benchmarks/tune_mosaic.py --out $OUT/mosaic --backward # backward knobs, same table
   cp $OUT/mosaic/mosaic_gpu.json attnax/kernels/pallas/configs/  # then commit it
 
 Also prints cuDNN and the Triton lowering on the same inputs for reference.
@@ -15,6 +16,7 @@ Also prints cuDNN and the Triton lowering on the same inputs for reference.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -57,14 +59,82 @@ def candidates(d: int, quick: bool):
         yield mg.MosaicConfig(block_q=128, block_k=bk, num_stages=st)
 
 
+def bwd_candidates(base: mg.MosaicConfig, d: int):
+  """Backward knobs (ring depth, dQ chunk width) whose dQ and dK/dV buffers fit shared memory."""
+  for st in (2, 3, 4):
+    for dq_k in (64, 128):
+      own = 2 * 2 * 64 * d * 2                              # two 64-row chunks per warpgroup
+      if own + 2 * st * max(dq_k, 64) * d * 2 <= SMEM_BYTES:
+        yield dataclasses.replace(base, bwd_num_stages=st, bwd_dq_block_k=dq_k)
+
+
+def tune_backward(args):
+  """Times fwd+bwd of each backward candidate on the tuned forward; adds the fastest backward
+  knobs to the forward's table entries (the current table, then this run's)."""
+  dev = jax.devices()[0]
+  s, h = args.seq, 16
+  table = json.load(open(mg._TABLE_PATH)).get(dev.device_kind, {})
+  rows = []
+  for d in [int(x) for x in args.dims.split(",") if int(x) <= 128]:
+    b = max(1, 16384 // s)
+    key = jax.random.key(d)
+    q, k, v, ct = (jax.random.normal(kk, (b, h, s, d), jnp.bfloat16)
+                   for kk in jax.random.split(key, 4))
+    for kind in ("dense", "causal"):
+      mod = causal_mod() if kind == "causal" else None
+      base = mg.default_config(d, masked=mod is not None)
+
+      def grads(cfg):
+        def loss(q, k, v):
+          out = pallas_flash_attention(q, k, v, score_mod=mod, backend="mosaic", config=cfg)
+          return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32))
+        return jax.grad(loss, argnums=(0, 1, 2))
+
+      t_tri, _ = bench(grads(dataclasses.replace(base, bwd="triton")), q, k, v)
+      ref = [np.asarray(g, np.float32) for g in
+             jax.jit(grads(dataclasses.replace(base, bwd="triton")))(q, k, v)]
+      fl = flops(b, h, s, d, kind == "causal") * 3.5
+      print(f"D={d} {kind}: mosaic fwd + triton bwd {t_tri*1e3:.3f} ms "
+            f"({fl/t_tri/1e12:.0f} TF/s)", flush=True)
+      best = None
+      for cfg in bwd_candidates(base, d):
+        try:
+          t, c = bench(grads(cfg), q, k, v)
+          got = jax.jit(grads(cfg))(q, k, v)
+          err = max(float(np.linalg.norm(np.asarray(g, np.float32) - r) / np.linalg.norm(r))
+                    for g, r in zip(got, ref))
+        except Exception as e:  # noqa: BLE001 - a config that does not fit is skipped
+          print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+          continue
+        print(f"  stages={cfg.bwd_num_stages} dq_block_k={cfg.bwd_dq_block_k}: {t*1e3:.3f} ms "
+              f"({fl/t/1e12:.0f} TF/s, {t_tri/t:.3f}x triton bwd) compile {c:.1f} s "
+              f"rel err vs triton bwd {err:.2g}", flush=True)
+        rows.append(dict(d=d, kind=kind, stages=cfg.bwd_num_stages, dq_block_k=cfg.bwd_dq_block_k,
+                         ms=t * 1e3, triton_bwd_ms=t_tri * 1e3, compile_s=c, err=err))
+        if err < 2e-2 and (best is None or t < best[0]):
+          best = (t, cfg)
+      if best is not None and f"{d}/{kind}" in table:
+        table[f"{d}/{kind}"].update(bwd_num_stages=best[1].bwd_num_stages,
+                                    bwd_dq_block_k=best[1].bwd_dq_block_k)
+  with open(os.path.join(args.out, "mosaic_gpu.json"), "w") as f:
+    json.dump({dev.device_kind: table}, f, indent=1, sort_keys=True)
+  with open(os.path.join(args.out, "tune_bwd_rows.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+  print(json.dumps({dev.device_kind: table}, indent=1, sort_keys=True))
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="/tmp/attnax_out/mosaic")
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--seq", type=int, default=4096)
   ap.add_argument("--dims", default="64,128,256")
+  ap.add_argument("--backward", action="store_true",
+                  help="tune the backward's knobs on the current forward table instead")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
+  if args.backward:
+    return tune_backward(args)
   dev = jax.devices()[0]
   print("device", dev.device_kind, "jax", jax.__version__, flush=True)
   s, h = args.seq, 16

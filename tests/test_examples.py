@@ -39,3 +39,13 @@ def test_serve_tiny_gpt_continuous_batching_matches_the_full_pass():
   assert proc.returncode == 0, out
   assert "served 5 requests" in out and "generated tokens/s" in out, out
   assert "paged decoding matches the full causal pass" in out, out
+
+
+def test_gated_attention_example_agrees_and_skips_tiles():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, str(ROOT / "examples" / "gated_attention.py"),
+                         "--seq", "128"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out
+  assert proc.stdout.strip().splitlines()[-1] == "gated attention: kernels agree", out

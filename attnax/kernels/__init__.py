@@ -14,6 +14,7 @@ from attnax.kernels.score_mods import (
 from attnax.kernels.block_mask import BlockMask, create_block_mask
 from attnax.kernels.merge import merge_attentions
 from attnax.kernels import score_mods
+from attnax.kernels.gated import gated_mod
 # Pure-JAX kernels.
 from attnax.kernels.reference import standard_attention
 from attnax.kernels.memory_efficient import memory_efficient_attention
@@ -26,6 +27,8 @@ from attnax.kernels.pallas import (
 )
 # AETHER: a planner over the block-sparse kernels.
 from attnax.kernels.aether import AetherAttention, aether_attention, compute_block_geometry
+# Threshold-sparse attention (flash-sparse-attention's softmax_threshold).
+from attnax.kernels.threshold import ThresholdStats, threshold_sparse_attention
 # Linear, ring and paged attention.
 from attnax.kernels.linear import favor_projection, linear_attention
 from attnax.kernels.ring import (
@@ -40,6 +43,7 @@ __all__ = [
     "standard_attention", "memory_efficient_attention", "flash_attention",
     "pallas_flash_attention", "pallas_flash_attention_fwd", "pallas_flash_attention_bwd",
     "aether_attention", "AetherAttention", "compute_block_geometry",
+    "threshold_sparse_attention", "ThresholdStats",
     "linear_attention", "favor_projection", "ring_attention", "ring_attention_reference",
     "paged_attention", "PagedKVCache",
     # varlen and ring layout helpers
@@ -51,7 +55,7 @@ __all__ = [
     # score mods
     "causal_mod", "sliding_window_mod", "local_window_mod", "alibi_mod", "alibi_slopes",
     "prefix_lm_mod", "document_mask_mod", "padding_mask_mod", "array_mask_mod",
-    "additive_bias_mod", "softcap_mod",
+    "additive_bias_mod", "softcap_mod", "gated_mod",
     "compose_score_mods", "and_masks", "or_masks", "mask_mod_to_score_mod",
     "mask_mod_to_boolean_mask", "score_mods",
 ]

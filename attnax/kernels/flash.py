@@ -28,6 +28,13 @@ absolute indices (:func:`attnax.kernels.tiles.dropout_keep`) wherever the tile i
 forward (on the probabilities entering ``P V``, after the running sum ``l`` has counted them) and
 in both backward passes (``dV = (P Z)^T dO``, ``dS = P (Z dP' - delta)``); nothing is stored.
 
+Threshold skipping (``_Config.softmax_threshold``, behind
+:func:`attnax.kernels.threshold_sparse_attention`): each visited tile is decided per query head
+with :func:`attnax.kernels.tiles.threshold_skip` before its softmax update; a skipped head keeps
+its statistics, and the ``P V`` work runs (``lax.cond``) unless every head of the vectorised group
+skips. The forward records the decisions (int8 ``(B, Hq, nq, nk)``), the custom_vjp keeps them as a
+residual, and both backward passes give the skipped tiles no probability and skip their work.
+
 Precision follows the inputs: f32 statistics and accumulators for f32/bf16/f16, f64 for f64.
 """
 
@@ -66,6 +73,9 @@ class _Config:
   nb: int            # batch rows walked sequentially (the BlockMask's B'); B // nb vectorised
   nh: int            # kv heads walked sequentially (1 or Hkv); Hkv // nh vectorised
   dropout_rate: float = 0.0
+  # Threshold skipping (attnax.kernels.threshold): None = off; else the static threshold and rule.
+  softmax_threshold: float | None = None
+  threshold_rule: str = "tile"
 
   @property
   def ragged_q(self) -> bool:
@@ -74,6 +84,10 @@ class _Config:
   @property
   def ragged_k(self) -> bool:
     return self.kv_len % self.block_k != 0
+
+  @property
+  def log_threshold(self) -> float:
+    return tiles.log_threshold(self.softmax_threshold)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -142,7 +156,8 @@ class _Group:
   ``b_idx`` ``(Bv, 1, 1, 1, 1)`` and ``h_idx`` ``(1, Hv, G, 1, 1)`` absolute batch / query head.
   ``mods`` and ``values`` are the mods' static part and their operand arrays; ``diff`` lists the
   operands whose cotangents the backward accumulates; ``seed`` the dropout seed (uint32 ``(2,)``,
-  None without dropout).
+  None without dropout); ``skip`` the forward's threshold decisions, bool ``(Bv, Hv, G, nq, nk)``
+  (None without threshold skipping): the backward gives skipped tiles no probability.
   """
   cfg: _Config
   mods: ops_lib.ModOperands
@@ -153,6 +168,11 @@ class _Group:
   b_idx: jax.Array
   h_idx: jax.Array
   seed: Any = None
+  skip: Any = None
+
+  def skipped(self, qb: jax.Array, kb: jax.Array) -> jax.Array | None:
+    """The forward's decision for tile ``(qb, kb)`` of each head, bool ``(Bv, Hv, G)``."""
+    return None if self.skip is None else self.skip[:, :, :, qb, kb]
 
   def keep(self, qb: jax.Array, kb: jax.Array) -> jax.Array | None:
     """Dropout's keep mask of tile ``(qb, kb)``, ``(Bv, Hv, G, bq, bk)``; None without dropout."""
@@ -220,44 +240,82 @@ def _loop(count, indices, row, body, carry):
   return jax.lax.fori_loop(0, count, step, carry)
 
 
+def _unless_skipped(grp: "_Group", tile_of, body):
+  """``body(i, carry)``, or the carry unchanged when the forward skipped tile ``tile_of(i)`` (a
+  ``(qb, kb)`` pair) for every head of the vectorised group (threshold skipping only)."""
+  if grp.skip is None:
+    return body
+  return lambda i, carry: jax.lax.cond(jnp.all(grp.skipped(*tile_of(i))), lambda c: c,
+                                       lambda c: body(i, c), carry)
+
+
 def _forward_group(grp: _Group, q, k, v):
-  """Forward of one group: ``(out (Bv,Hv,G,Sq_pad,Dv) q.dtype, lse (Bv,Hv,G,Sq_pad), visits)``."""
+  """Forward of one group: ``(out (Bv,Hv,G,Sq_pad,Dv) q.dtype, lse (Bv,Hv,G,Sq_pad), visits,
+  decisions)``; ``decisions`` int8 ``(Bv,Hv,G,nq,nk)`` codes (``tiles.TILE_*``) with threshold
+  skipping, else None."""
   cfg, lists = grp.cfg, grp.lists
   bq, bk = cfg.block_q, cfg.block_k
   bv, hv, g, sqp, _ = q.shape
   dv = v.shape[-1]
-  nq = sqp // bq
+  nq, nk = sqp // bq, k.shape[2] // bk
   acc_t = tiles.acc_dtype(q.dtype)
+  thresholded = cfg.softmax_threshold is not None
 
   def q_block(qb):
     q_blk = jax.lax.dynamic_slice_in_dim(q, qb * bq, bq, axis=3)
+    q_valid = qb * bq + jnp.arange(bq, dtype=i32) < cfg.q_len
+
+    def step(s, visible, kb, v_blk, acc, m, l):
+      p, alpha, m, l = tiles.online_softmax_step(s, visible, m, l)
+      keep = grp.keep(qb, kb)
+      if keep is not None:   # after l has counted p: the LSE is that of the undropped softmax
+        p = tiles.apply_dropout(p, keep, cfg.dropout_rate)
+      pv = tiles.pv_dot(_fold(_lowp(p, v.dtype)), v_blk).reshape(bv, hv, g, bq, dv)
+      return acc * alpha[..., None] + pv, m, l
 
     def tile(masked):
       def body(kb, carry):
-        acc, m, l = carry
+        acc, m, l, rec = carry
         k_blk = jax.lax.dynamic_slice_in_dim(k, kb * bk, bk, axis=2)
         v_blk = jax.lax.dynamic_slice_in_dim(v, kb * bk, bk, axis=2)
         s, visible = grp.scores(q_blk, k_blk, qb, kb, masked)
-        p, alpha, m, l = tiles.online_softmax_step(s, visible, m, l)
-        keep = grp.keep(qb, kb)
-        if keep is not None:   # after l has counted p: the LSE is that of the undropped softmax
-          p = tiles.apply_dropout(p, keep, cfg.dropout_rate)
-        pv = tiles.pv_dot(_fold(_lowp(p, v.dtype)), v_blk).reshape(bv, hv, g, bq, dv)
-        return acc * alpha[..., None] + pv, m, l
+        if not thresholded:
+          return step(s, visible, kb, v_blk, acc, m, l) + (rec,)
+        tile_m, codes = rec
+        skip, tile_max = tiles.threshold_skip(s, q_valid, m, tile_m, cfg.log_threshold,
+                                              cfg.threshold_rule)
+
+        def kept(c):
+          acc, m, l, tile_m = c
+          acc2, m2, l2 = step(s, visible, kb, v_blk, acc, m, l)
+          # Heads of the vectorised group decide separately: a skipping head keeps its state.
+          sk = skip[..., None]
+          return (jnp.where(sk[..., None], acc, acc2), jnp.where(sk, m, m2),
+                  jnp.where(sk, l, l2), jnp.where(skip, tile_m, jnp.maximum(tile_m, tile_max)))
+
+        # The PV work runs unless every head of the group skips the tile.
+        acc, m, l, tile_m = jax.lax.cond(jnp.all(skip), lambda c: c, kept, (acc, m, l, tile_m))
+        code = jnp.where(skip, tiles.TILE_SKIPPED, tiles.TILE_KEPT).astype(jnp.int8)
+        if grp.state is not None:   # EMPTY for this head, visited only for its group: unvisited
+          code = jnp.where(grp.state[:, qb, kb].reshape(1, 1, g) != EMPTY, code, jnp.int8(0))
+        return acc, m, l, (tile_m, codes.at[..., kb].set(code))
       return body
 
     m, l = tiles.init_stats((bv, hv, g, bq), acc_t)
-    carry = ((jnp.zeros((bv, hv, g, bq, dv), acc_t), m, l), jnp.int32(0))
+    rec = ((jnp.full((bv, hv, g), sm.MASK_VALUE, acc_t), jnp.zeros((bv, hv, g, nk), jnp.int8))
+           if thresholded else ())
+    carry = ((jnp.zeros((bv, hv, g, bq, dv), acc_t), m, l, rec), jnp.int32(0))
     carry = _loop(lists.full_kv_counts[qb], lists.full_kv_indices, qb, tile(False), carry)
     carry = _loop(lists.kv_counts[qb], lists.kv_indices, qb, tile(True), carry)
-    (acc, m, l), visits = carry
+    (acc, m, l, rec), visits = carry
     out, lse = tiles.finalize(acc, m, l)
-    return out.astype(q.dtype), lse, visits
+    return out.astype(q.dtype), lse, visits, (rec[1] if thresholded else None)
 
-  out, lse, visits = jax.lax.map(q_block, jnp.arange(nq, dtype=i32))
+  out, lse, visits, codes = jax.lax.map(q_block, jnp.arange(nq, dtype=i32))
   out = jnp.moveaxis(out, 0, 3).reshape(bv, hv, g, sqp, dv)
   lse = jnp.moveaxis(lse, 0, 3).reshape(bv, hv, g, sqp)
-  return out, lse, visits.sum()
+  codes = None if codes is None else jnp.moveaxis(codes, 0, 3)
+  return out, lse, visits.sum(), codes
 
 
 def _map_accumulate(fn, xs, acc):
@@ -314,6 +372,9 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta, with_qkv: bool = True)
     ``ds`` d(loss)/d(scaled score)."""
     s, visible, vjp = grp.scores(q_blk, k_blk, qb, kb, masked, with_vjp=True)
     p = tiles.probabilities(s, visible, lse_blk)
+    skipped = grp.skipped(qb, kb)
+    if skipped is not None:   # the forward skipped it: no probability, so no gradient
+      p = jnp.where(skipped[..., None, None], 0.0, p)
     dp = tiles.qk_dot(_fold(do_blk), v_blk).reshape(p.shape)
     pz, keep = p, grp.keep(qb, kb)
     if keep is not None:   # out = (P Z) V: dP = Z dP', dV = (P Z)^T dO; delta is unchanged
@@ -341,7 +402,7 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta, with_qkv: bool = True)
         if with_qkv:
           dq = dq + tiles.pv_dot(_fold(_lowp(ds, q.dtype)), k_blk).reshape(dq.shape)
         return dq, tuple(a + b.astype(a.dtype) for a, b in zip(d_ops, inc))
-      return body
+      return _unless_skipped(grp, lambda kb: (qb, kb), body)
 
     dq0 = jnp.zeros((bv, hv, g, bq, d), acc_t) if with_qkv else None
     carry = ((dq0, _zeros_like_diff(grp)), jnp.int32(0))
@@ -364,7 +425,7 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta, with_qkv: bool = True)
         dk = dk + jnp.einsum("...qk,...qd->...kd", _fold(_lowp(ds, q.dtype)), _fold(q_blk),
                              preferred_element_type=acc_t)
         return dk, dv
-      return body
+      return _unless_skipped(grp, lambda qb: (qb, kb), body)
 
     carry = ((jnp.zeros((bv, hv, bk, d), acc_t), jnp.zeros((bv, hv, bk, dvd), acc_t)),
              jnp.int32(0))
@@ -387,10 +448,12 @@ def _backward_group(grp: _Group, q, k, v, do, lse, delta, with_qkv: bool = True)
 # ----------------------------------------------------------------------------- all groups
 
 
-def _groups(cfg: _Config, mods, values, diff, bm: BlockMask, state, seed, *arrays):
+def _groups(cfg: _Config, mods, values, diff, bm: BlockMask, state, seed, skip, *arrays):
   """Split the ``(B, Hkv, ...)`` arrays into sequential groups; the per-group xs for lax.map.
 
-  Returns ``(xs, make_group)`` where ``make_group(n, lists, state)`` builds the :class:`_Group`.
+  ``skip``: the forward's threshold decisions, bool ``(B, Hq, nq, nk)``, or None.
+  Returns ``(xs, make_group)`` where ``make_group(n, lists, state, skip)`` builds the
+  :class:`_Group`; ``xs = (n, lists, state, skip, *arrays)`` per group.
   """
   bsz, hkv = arrays[0].shape[:2]
   nb, nh, g = cfg.nb, cfg.nh, cfg.groups
@@ -398,39 +461,47 @@ def _groups(cfg: _Config, mods, values, diff, bm: BlockMask, state, seed, *array
   lists = jax.tree.map(lambda x: x.reshape((nb * nh,) + x.shape[2:]), bm)
   st = None if state is None else state.reshape((nb * nh,) + state.shape[2:])
 
-  def make_group(n, lists_n, st_n):
+  def make_group(n, lists_n, st_n, skip_n=None):
     bn, hn = n // nh, n % nh
     b_idx = (bn * bv + jnp.arange(bv, dtype=i32)).reshape(bv, 1, 1, 1, 1)
     h_idx = gqa_head_index(hv, g, hn * hv)
-    return _Group(cfg, mods, values, diff, lists_n, st_n, b_idx, h_idx, seed)
+    return _Group(cfg, mods, values, diff, lists_n, st_n, b_idx, h_idx, seed, skip_n)
 
-  xs = (jnp.arange(nb * nh, dtype=i32), lists, st) + tuple(_split_lead(a, nb, nh) for a in arrays)
+  if skip is not None:
+    skip = _split_lead(skip.reshape((bsz, hkv, g) + skip.shape[2:]), nb, nh)
+  xs = ((jnp.arange(nb * nh, dtype=i32), lists, st, skip)
+        + tuple(_split_lead(a, nb, nh) for a in arrays))
   return xs, make_group
 
 
 def _flash_forward(cfg: _Config, mods, values, bm, state, q, k, v, seed=None):
-  """Forward over all groups: ``(out (B,Hq,Sq,Dv) q.dtype, lse (B,Hq,Sq), tiles visited)``."""
+  """Forward over all groups: ``(out (B,Hq,Sq,Dv) q.dtype, lse (B,Hq,Sq), tiles visited,
+  decisions)``; ``decisions`` int8 ``(B, Hq, nq, nk)`` (``tiles.TILE_*`` codes) when
+  ``cfg.softmax_threshold`` is set, else None."""
   bsz, hq, sq, d = q.shape
   hkv, g = k.shape[1], cfg.groups
   nq, nk = -(-sq // cfg.block_q), -(-cfg.kv_len // cfg.block_k)
   qp = _pad_axis(q, 2, nq * cfg.block_q).reshape(bsz, hkv, g, nq * cfg.block_q, d)
   kp = _pad_axis(k, 2, nk * cfg.block_k)
   vp = _pad_axis(v, 2, nk * cfg.block_k)
-  xs, make_group = _groups(cfg, mods, values, (), bm, state, seed, qp, kp, vp)
+  xs, make_group = _groups(cfg, mods, values, (), bm, state, seed, None, qp, kp, vp)
 
   def run(x):
-    n, lists_n, st_n, q_n, k_n, v_n = x
+    n, lists_n, st_n, _, q_n, k_n, v_n = x
     return _forward_group(make_group(n, lists_n, st_n), q_n, k_n, v_n)
 
-  out, lse, visits = jax.lax.map(run, xs)
+  out, lse, visits, codes = jax.lax.map(run, xs)
   out = _merge_lead(out, cfg.nb, cfg.nh)[:, :, :, :sq].reshape(bsz, hq, sq, v.shape[-1])
   lse = _merge_lead(lse, cfg.nb, cfg.nh)[:, :, :, :sq].reshape(bsz, hq, sq)
-  return out, lse, visits.sum()
+  if codes is not None:
+    codes = _merge_lead(codes, cfg.nb, cfg.nh).reshape((bsz, hq) + codes.shape[-2:])
+  return out, lse, visits.sum(), codes
 
 
 def flash_backward(cfg: _Config, mods, values, diff, bm, state, q, k, v, out, lse, dout, dlse,
-                   with_qkv: bool = True, seed=None):
-  """Backward over all groups (``seed``: the forward's dropout seed, when it dropped).
+                   with_qkv: bool = True, seed=None, skip=None):
+  """Backward over all groups (``seed``: the forward's dropout seed, when it dropped; ``skip``:
+  the forward's threshold decisions, bool ``(B, Hq, nq, nk)``, replayed tile for tile).
 
   Returns ``(dq, dk, dv, d_operands, dq tiles visited, dkv tiles visited)``; ``d_operands`` are
   the cotangents of ``values[i]`` for ``i`` in ``diff`` (f32, f64 for f64 operands). Used by :func:`flash_attention` and, with
@@ -447,12 +518,12 @@ def flash_backward(cfg: _Config, mods, values, diff, bm, state, q, k, v, out, ls
   lsep, deltap = grouped(lse, -jnp.inf), grouped(delta)
   kp = _pad_axis(k, 2, nk * cfg.block_k)
   vp = _pad_axis(v, 2, nk * cfg.block_k)
-  xs, make_group = _groups(cfg, mods, values, diff, bm, state, seed, qp, kp, vp, dop, lsep,
+  xs, make_group = _groups(cfg, mods, values, diff, bm, state, seed, skip, qp, kp, vp, dop, lsep,
                            deltap)
 
   def run(x):
-    n, lists_n, st_n, q_n, k_n, v_n, do_n, lse_n, delta_n = x
-    grp = make_group(n, lists_n, st_n)
+    n, lists_n, st_n, skip_n, q_n, k_n, v_n, do_n, lse_n, delta_n = x
+    grp = make_group(n, lists_n, st_n, skip_n)
     dq, dk, dv, d_ops, dq_visits, dkv_visits = _backward_group(grp, q_n, k_n, v_n, do_n, lse_n,
                                                                delta_n, with_qkv)
     return (dq, dk, dv, dq_visits, dkv_visits), d_ops
@@ -505,26 +576,34 @@ def _make_flash(cfg: _Config, mods: ops_lib.ModOperands):
   Built with ``symbolic_zeros=True``, so the forward rule learns which float operands are being
   differentiated: only those get a cotangent pass (the extra work is paid only when asked for).
   ``seed`` (dropout's uint32 words, or None) is a residual: the backward regenerates the mask.
+  With ``cfg.softmax_threshold`` set, ``f`` returns ``(out, lse, decisions)`` (int8 codes
+  ``(B, Hq, nq, nk)``, no gradient) and the decisions are a residual: the backward replays them.
   """
+  thresholded = cfg.softmax_threshold is not None
+
+  def forward(q, k, v, values, bm, state, seed):
+    out, lse, _, codes = _flash_forward(cfg, mods, values, bm, state, q, k, v, seed)
+    return (out, lse, codes) if thresholded else (out, lse)
 
   @jax.custom_vjp
   def attn(q, k, v, values, bm, state, seed):
-    out, lse, _ = _flash_forward(cfg, mods, values, bm, state, q, k, v, seed)
-    return out, lse
+    return forward(q, k, v, values, bm, state, seed)
 
   def fwd(q, k, v, values, bm, state, seed):
     q, k, v, bm, state, seed = ops_lib.primal_values((q, k, v, bm, state, seed))
     values, marks = ops_lib.differentiated(values, mods.float_mask)
-    out, lse, _ = _flash_forward(cfg, mods, values, bm, state, q, k, v, seed)
-    return (out, lse), (q, k, v, out, lse, values, bm, state, seed, marks)
+    res = forward(q, k, v, values, bm, state, seed)
+    codes = res[2] if thresholded else None
+    return res, (q, k, v, res[0], res[1], values, bm, state, seed, marks, codes)
 
   def bwd(res, cts):
-    q, k, v, out, lse, values, bm, state, seed, marks = res
+    q, k, v, out, lse, values, bm, state, seed, marks, codes = res
     diff = ops_lib.marked(marks)
-    dout, dlse = map(ops_lib.cotangent_or_none, cts)
+    dout, dlse = map(ops_lib.cotangent_or_none, cts[:2])
     dout = jnp.zeros_like(out) if dout is None else dout
+    skip = None if codes is None else codes == tiles.TILE_SKIPPED
     dq, dk, dv, d_ops, _, _ = flash_backward(cfg, mods, values, diff, bm, state, q, k, v, out,
-                                             lse, dout, dlse, seed=seed)
+                                             lse, dout, dlse, seed=seed, skip=skip)
     return dq, dk, dv, ops_lib.operand_cotangents(values, diff, d_ops), None, None, None
 
   attn.defvjp(fwd, bwd, symbolic_zeros=True)
@@ -595,7 +674,7 @@ def tile_visits(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any = No
   """
   cfg, mods, values, bm, state = _prepare(q, k, v, score_mod, mask_mod, scale, block_q, block_k,
                                           block_mask)
-  out, lse, fwd = _flash_forward(cfg, mods, values, bm, state, q, k, v)
+  out, lse, fwd, _ = _flash_forward(cfg, mods, values, bm, state, q, k, v)
   dout = jnp.ones_like(out) if dout is None else dout
   *_, dq, dkv = flash_backward(cfg, mods, values, (), bm, state, q, k, v, out, lse, dout,
                                jnp.zeros_like(lse))
@@ -606,13 +685,14 @@ def tile_visits(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any = No
 def operand_cotangents_over(q, k, v, out, lse, dout, dlse, *, mods: ops_lib.ModOperands,
                             values: tuple, diff: tuple, scale: float, block_mask: BlockMask | None,
                             block_q: int, block_k: int, dropout_rate: float = 0.0,
-                            dropout_seed: Any = None) -> tuple:
+                            dropout_seed: Any = None, decisions: Any = None) -> tuple:
   """The mods' operand cotangents alone, over the tiles of ``block_mask`` (None: every tile).
 
   The pure-JAX pass a Pallas backward runs for the float arrays the mods carry (bias tables,
   slopes), on the same schedule and the same tile maths as :func:`flash_attention`'s backward
-  (with the forward's dropout mask, when it dropped). Returns f32 cotangents of ``values[i]`` for
-  ``i`` in ``diff``.
+  (with the forward's dropout mask, when it dropped; without the tiles a threshold forward
+  skipped, when ``decisions``, its int8 ``(B, Hq, nq, nk)`` codes, are given). Returns f32
+  cotangents of ``values[i]`` for ``i`` in ``diff``.
   """
   bsz, hq, sq, _ = q.shape
   hkv, sk = k.shape[1], k.shape[2]
@@ -621,5 +701,6 @@ def operand_cotangents_over(q, k, v, out, lse, dout, dlse, *, mods: ops_lib.ModO
   cfg = _Config(scale=scale, block_q=bm.block_q, block_k=bm.block_k, q_len=sq, kv_len=sk,
                 groups=hq // hkv, nb=bm.tiles.shape[0], nh=bm.tiles.shape[1],
                 dropout_rate=dropout_rate)
+  skip = None if decisions is None else decisions == tiles.TILE_SKIPPED
   return flash_backward(cfg, mods, values, diff, bm, state, q, k, v, out, lse, dout, dlse,
-                        with_qkv=False, seed=dropout_seed)[3]
+                        with_qkv=False, seed=dropout_seed, skip=skip)[3]

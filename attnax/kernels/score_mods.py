@@ -679,7 +679,8 @@ def check_mod_shapes(mod: Any, *, batch: int | None, heads: int | None, q_len: i
   document ids shorter than the sequence, ALiBi slopes for fewer heads, or a bias for another batch
   would otherwise be misread. Batch/head axes must be 1 or the input's size; position axes must
   cover the input (longer is fine: positions past it are never read). ``batch``/``heads`` ``None``
-  skip those axes. Mods of other types (a user's function, a wrapper) are not inspected.
+  skip those axes. A mod with a ``check_shapes(batch=, heads=, q_len=, kv_len=, name=)`` method
+  checks itself; mods of other types (a user's function, a wrapper) are not inspected.
   """
   def fail(what, shape, want):
     raise ValueError(f"{name}: {what} has shape {tuple(shape)}, which does not fit inputs with "
@@ -729,6 +730,9 @@ def check_mod_shapes(mod: Any, *, batch: int | None, heads: int | None, q_len: i
     lead("bias", shape, 1, heads, "heads")
     positions("bias", shape, 2, q_len, "q_len")
     positions("bias", shape, 3, kv_len, "kv_len")
+  elif callable(getattr(mod, "check_shapes", None)):
+    # A mod that knows its own arrays' shapes (attnax.kernels.gated): it raises the ValueError.
+    mod.check_shapes(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, name=name)
 
 
 def split_score_mod(score_mod: Any) -> tuple[Any, Any]:

@@ -20,6 +20,7 @@ kernel regenerates tile by tile in its forward and its backward (FlashAttention'
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -241,3 +242,47 @@ def apply_dropout(p: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
   does not touch.
   """
   return jnp.where(keep, p * (1.0 / (1.0 - rate)), 0.0)
+
+
+# ----------------------------------------------------------------------------- threshold skipping
+#
+# flash-sparse-attention's ``softmax_threshold`` (its ``online_sparse_softmax``), decided once per
+# visited (q tile, kv tile) of one query head, in the order the kernel walks the kv tiles. Every
+# kernel that skips calls this one function, so their decisions agree; the decisions are recorded
+# (int8 codes below) and the backward replays them instead of deciding again.
+
+TILE_UNVISITED, TILE_KEPT, TILE_SKIPPED = 0, 1, 2   # the recorded code of each tile
+THRESHOLD_RULES = ("tile", "row")
+
+
+def log_threshold(threshold: float) -> float:
+  """``log(threshold)`` as a static float; ``-inf`` for 0 (nothing is ever skipped)."""
+  return math.log(threshold) if threshold > 0 else -math.inf
+
+
+def threshold_skip(s: jax.Array, q_valid: jax.Array, m_prev: jax.Array, tile_m: jax.Array,
+                   log_t: float, rule: str) -> tuple[jax.Array, jax.Array]:
+  """Whether to skip a tile of masked scores ``s`` ``(..., q, k)``, and the tile's max.
+
+  Args:
+    s: the tile's scaled, modded, masked scores.
+    q_valid: bool, broadcasting against ``s.max(-1)``: rows inside the true ``Sq`` (padded rows
+      take no part in the decision).
+    m_prev: the running row max ``(..., q)`` before this tile (the ``"row"`` rule).
+    tile_m: the running max over the kept tiles and valid rows ``(...)`` (the ``"tile"`` rule;
+      starts at ``MASK_VALUE``, so the first tile is never skipped).
+    log_t: :func:`log_threshold` of the threshold.
+    rule: ``"tile"`` (flash-sparse-attention's): skip when ``exp(max(s) - tile_m) < threshold``,
+      one max over the whole tile against one running max; ``"row"``: skip when
+      ``exp(rowmax(s) - m_prev) < threshold`` for every valid row.
+
+  Returns:
+    ``(skip, tile_max)``: bool ``(...)`` and the tile's max over valid rows ``(...)`` (what a kept
+    tile folds into ``tile_m``). A NaN score compares False: NaN tiles are kept (and propagate).
+  """
+  row_max = s.max(axis=-1)
+  tile_max = jnp.where(q_valid, row_max, MASK_VALUE).max(axis=-1)
+  if rule == "tile":
+    return tile_max - tile_m < log_t, tile_max
+  gap = jnp.where(q_valid, row_max - m_prev, -jnp.inf).max(axis=-1)
+  return gap < log_t, tile_max

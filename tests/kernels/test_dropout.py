@@ -23,7 +23,7 @@ from attnax.kernels import (_checks, additive_bias_mod, alibi_mod, causal_mod, c
                             flash_attention, memory_efficient_attention, pallas_flash_attention,
                             standard_attention, tiles)
 from attnax.kernels.pallas import api as pallas_api
-from tests.helpers import rand, random_qkv, tol
+from tests.helpers import rand, random_qkv, rel_err, tol
 from tests.kernels.conformance import (assert_grads, assert_lse, assert_out, in_float64, jit,
                                        rows)
 
@@ -103,7 +103,9 @@ def test_kernel_applies_exactly_the_reference_mask(row, variant):
   assert np.all(out[~visible] == 0)
   p = in_float64(lambda q, k, v: standard_attention(q, k, v, score_mod=mod), q, k, v)
   kept = visible & keep
-  np.testing.assert_allclose(out[kept], p[kept] / (1 - RATE), rtol=1e-5, atol=1e-7)
+  # The suite's norm-wise check at tol(f32): TF32 tensor cores on the GPU rows, f32 on CPU.
+  err = rel_err(out[kept], p[kept] / (1 - RATE))
+  assert err < tol(f32), f"{row.name}: kept weights relative error {err:.3g}"
 
 
 # ----------------------------------------------------------------------------- gradients

@@ -20,6 +20,12 @@ Gradients: q, k, v (and ``lse`` as an output) from the lowering's backward kerne
 floating-point operands (bias tables, ALiBi slopes, gates), when they are differentiated, from a
 pure-JAX pass over the same tiles (:func:`attnax.kernels.flash.operand_cotangents_over`); integer
 operands (ids) get none.
+
+Threshold skipping (:func:`threshold_attention`, behind
+:func:`attnax.kernels.threshold_sparse_attention`): a plan flag like dropout's
+(``FlashPlan.softmax_threshold``; a lowering whose ``supports_threshold`` is False refuses it).
+The forward also returns its tile decisions; the custom_vjp keeps them as a residual
+(``PlanArrays.decisions``) and every backward pass replays them.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class Lowering:
   interpret: bool = False
   config_type: type = TritonConfig
   supports_dropout: bool = True   # its kernels regenerate the dropout mask (plan.dropout_rate)
+  supports_threshold: bool = True   # its forward skips and records tiles (plan.softmax_threshold)
 
   def not_supported_reasons(self, q, k, v) -> list[str]:
     """Why these inputs cannot run here (dtype, head dims, device)."""
@@ -85,14 +92,17 @@ class Lowering:
 
   def backward(self, spec, q, k, v, do, lse, delta, arrays: PlanArrays):
     return tk.backward(spec, q, k, v, do, lse, delta, arrays.lists, arrays.tlists,
-                       _flat(arrays.operands), seed=arrays.dropout_seed)
+                       _flat(arrays.operands), seed=arrays.dropout_seed,
+                       decisions=arrays.decisions)
 
 
 @dataclasses.dataclass(frozen=True)
 class MosaicLowering(Lowering):
-  """The Mosaic GPU (sm90) forward; the backward is the Triton lowering's, on the same plan."""
+  """The Mosaic GPU (sm90) forward and backward; plans the Mosaic backward cannot run take the
+  Triton lowering's backward on the same plan (``mg.backward_reasons``)."""
   config_type: type = mg.MosaicConfig
   supports_dropout: bool = False   # its forward has no dropout mask yet
+  supports_threshold: bool = False   # its forward does not skip tiles by threshold
 
   def not_supported_reasons(self, q, k, v) -> list[str]:
     return mg.not_supported_reasons(q, k, v)
@@ -116,6 +126,8 @@ class MosaicLowering(Lowering):
     return mg.forward(spec, q, k, v, arrays)
 
   def backward(self, spec, q, k, v, do, lse, delta, arrays: PlanArrays):
+    if spec.mosaic_backward:
+      return mg.backward(spec, q, k, v, do, lse, delta, arrays)
     return LOWERINGS["triton"].backward(spec.backward, q, k, v, do, lse, delta, arrays)
 
 
@@ -148,9 +160,16 @@ def _dropout_reasons(lowering: Lowering, plan: FlashPlan) -> list[str]:
   return []
 
 
+def _threshold_reasons(lowering: Lowering, plan: FlashPlan) -> list[str]:
+  if plan.softmax_threshold is not None and not getattr(lowering, "supports_threshold", False):
+    return [f"threshold skipping (softmax_threshold={plan.softmax_threshold}) is not implemented "
+            f"in the {lowering.name!r} lowering"]
+  return []
+
+
 def _plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, softcap,
           cu_seqlens_q, cu_seqlens_k, backend, num_warps, num_stages, config,
-          dropout_rate=0.0, dropout_seed=None):
+          dropout_rate=0.0, dropout_seed=None, softmax_threshold=None, threshold_rule="tile"):
   """``(lowering, kernel spec, plan arrays, padded q, k, v)`` for one call.
 
   ``backend="auto"`` tries the lowerings of :data:`AUTO_ORDER` in turn: the first whose inputs,
@@ -176,8 +195,10 @@ def _plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, 
           q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale, block_q=block_q,
           block_k=block_k, block_mask=block_mask, softcap=softcap, cu_seqlens_q=cu_seqlens_q,
           cu_seqlens_k=cu_seqlens_k, default_block_q=cfg.block_q, default_block_k=cfg.block_k,
-          dropout_rate=dropout_rate, dropout_seed=dropout_seed)
-      reasons = lowering.plan_reasons(plan, cfg) + _dropout_reasons(lowering, plan)
+          dropout_rate=dropout_rate, dropout_seed=dropout_seed,
+          softmax_threshold=softmax_threshold, threshold_rule=threshold_rule)
+      reasons = (lowering.plan_reasons(plan, cfg) + _dropout_reasons(lowering, plan)
+                 + _threshold_reasons(lowering, plan))
       if not reasons:
         return lowering, lowering.kernel_spec(plan, cfg, num_warps, num_stages), arrays, qp, kp, vp
     passed.append((name, "; ".join(reasons)))
@@ -210,7 +231,8 @@ def _backward(lowering, spec, q, k, v, out, lse, dout, dlse, arrays, diff):
     d_ops = flash.operand_cotangents_over(
         tq, tk_, tv, tout, tlse, tdout, tdlse, mods=plan.mods, values=arrays.operands, diff=diff,
         scale=plan.scale, block_mask=arrays.block_mask, block_q=plan.block_q,
-        block_k=plan.block_k, dropout_rate=plan.dropout_rate, dropout_seed=arrays.dropout_seed)
+        block_k=plan.block_k, dropout_rate=plan.dropout_rate, dropout_seed=arrays.dropout_seed,
+        decisions=arrays.decisions)
   return dq, dk, dv, d_ops
 
 
@@ -218,7 +240,8 @@ def _attention_vjp(lowering: Lowering, spec: tk.KernelSpec):
   """The custom_vjp of one (lowering, spec): ``f(q, k, v, operands, schedule) -> (out, lse)``.
 
   ``symbolic_zeros=True`` tells the forward rule which float operands are differentiated; only
-  those get the operand pass in the backward.
+  those get the operand pass in the backward. A threshold plan's ``f`` returns
+  ``(out, lse, decisions)``; the decisions (no gradient) go to the backward in the schedule.
   """
   float_mask = spec.plan.mods.float_mask
 
@@ -232,13 +255,16 @@ def _attention_vjp(lowering: Lowering, spec: tk.KernelSpec):
   def fwd(q, k, v, operands, schedule):
     q, k, v, schedule = ops_lib.primal_values((q, k, v, schedule))
     operands, marks = ops_lib.differentiated(operands, float_mask)
-    out, lse = forward(q, k, v, operands, schedule)
-    return (out, lse), (q, k, v, operands, schedule, out, lse, marks)
+    res = forward(q, k, v, operands, schedule)
+    out, lse = res[:2]
+    if len(res) > 2:   # threshold decisions: replayed by the backward
+      schedule = dataclasses.replace(schedule, decisions=res[2])
+    return res, (q, k, v, operands, schedule, out, lse, marks)
 
   def bwd(res, cts):
     q, k, v, operands, schedule, out, lse, marks = res
     diff = ops_lib.marked(marks)
-    dout, dlse = map(ops_lib.cotangent_or_none, cts)
+    dout, dlse = map(ops_lib.cotangent_or_none, cts[:2])
     dout = jnp.zeros_like(out) if dout is None else dout
     arrays = dataclasses.replace(schedule, operands=operands)
     dq, dk, dv, d_ops = _backward(lowering, spec, q, k, v, out, lse, dout, dlse, arrays, diff)
@@ -297,9 +323,9 @@ def _attention(q, k, v, tree, options):
       q, k, v, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask, cu_seqlens_q=cu_q,
       cu_seqlens_k=cu_k, dropout_seed=seed, **dict(options))
   schedule = dataclasses.replace(arrays, operands=())
-  out, lse = _attention_vjp(lowering, spec)(qp, kp, vp, arrays.operands, schedule)
+  out, lse, *decisions = _attention_vjp(lowering, spec)(qp, kp, vp, arrays.operands, schedule)
   plan = spec.plan
-  return out[:, :, :plan.q_len, :plan.v_dim], lse[:, :, :plan.q_len]
+  return (out[:, :, :plan.q_len, :plan.v_dim], lse[:, :, :plan.q_len]) + tuple(decisions)
 
 
 def _attention_static(key, options, q, k, v, arrays):
@@ -326,16 +352,42 @@ def pallas_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mo
              ("backend", backend), ("num_warps", num_warps), ("num_stages", num_stages),
              ("config", config), ("dropout_rate", rate))
   tree = (score_mod, mask_mod, block_mask, cu_seqlens_q, cu_seqlens_k, seed)
+  out, lse = _call(q, k, v, tree, options)
+  return (out, lse) if return_lse else out
+
+
+def _call(q, k, v, tree, options):
+  """:func:`_attention`, compiled once per static key when the mods and options are hashable."""
   key, arrays = ops_lib.split_static(tree)
   try:
     hash(options)
   except TypeError:
     key = None
   if key is None:   # unhashable static parts: trace every call
-    out, lse = _attention(q, k, v, tree, options)
-  else:
-    out, lse = _attention_jit(key, options, q, k, v, arrays)
-  return (out, lse) if return_lse else out
+    return _attention(q, k, v, tree, options)
+  return _attention_jit(key, options, q, k, v, arrays)
+
+
+def threshold_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, softmax_threshold: float,
+                        threshold_rule: str = "tile", score_mod: Any = None, mask_mod: Any = None,
+                        scale: float | None = None, block_q: int | None = None,
+                        block_k: int | None = None, backend: str = "auto",
+                        num_warps: int | None = None, num_stages: int | None = None,
+                        config: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Threshold-sparse forward and backward on the Pallas lowerings: ``(out, lse, decisions)``.
+
+  The kernel behind :func:`attnax.kernels.threshold_sparse_attention` (which checks the threshold
+  and documents the rule); ``decisions`` are int8 ``(B, Hq, nq, nk)`` codes
+  (:data:`attnax.kernels.tiles.TILE_SKIPPED` etc.) on the plan's ``(block_q, block_k)`` tiling.
+  Other arguments as :func:`pallas_flash_attention`; ``"auto"`` passes over the lowerings that do
+  not skip (Mosaic GPU, for now).
+  """
+  _checks.check_qkv(q, k, v, kernel="pallas_flash_attention")
+  options = (("scale", scale), ("block_q", block_q), ("block_k", block_k), ("softcap", None),
+             ("backend", backend), ("num_warps", num_warps), ("num_stages", num_stages),
+             ("config", config), ("softmax_threshold", float(softmax_threshold)),
+             ("threshold_rule", threshold_rule))
+  return _call(q, k, v, (score_mod, mask_mod, None, None, None, None), options)
 
 
 pallas_flash_attention.__doc__ = (

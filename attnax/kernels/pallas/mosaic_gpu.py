@@ -24,7 +24,11 @@ layout of the scores (:class:`TileArray`). A mod that gathers at computed positi
 (``table[ids[q]]``) or reads a whole array cannot be lowered this way: :func:`plan_reasons` says
 so and ``backend="auto"`` runs the Triton lowering instead.
 
-The backward of the plan is, for now, the Triton lowering's (the same plan, the same schedule).
+The backward (:func:`backward`) is two Mosaic kernels on the same plan: dQ per q tile over the
+plan's lists, dK/dV per kv tile over the transposed lists (GQA summed in registers), with the
+mods' tile maths and their derivatives. Plans it cannot run (head dims above 128, tiles other
+than 128 x 128, (query, key) tables read by a mod, dropout) take the Triton lowering's backward
+(:func:`backward_reasons` says why; ``MosaicConfig.bwd`` forces either).
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ from attnax.kernels.pallas.plan import NUM_LISTS, FlashPlan, PlanArrays, pad_to
 from attnax.kernels.score_mods import MASK_VALUE
 
 __all__ = ["MosaicConfig", "MosaicSpec", "TileArray", "default_config", "not_supported_reasons",
-           "plan_reasons", "forward", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
+           "plan_reasons", "backward_reasons", "forward", "backward", "MIN_HEAD_DIM",
+           "MAX_HEAD_DIM"]
 
 f32 = jnp.float32
 LOG2E = math.log2(math.e)
@@ -74,13 +79,22 @@ class MosaicConfig:
   ``block_q`` is the BlockMask tile height and the rows of one program: two consumer warpgroups
   of ``block_q // 2`` rows each (a multiple of 64). ``block_k`` is the BlockMask tile width and
   the kv tile each wgmma consumes (a multiple of 64). ``num_stages`` is the depth of the K/V
-  ring in shared memory. ``backward`` configures the backward, which runs on the Triton lowering
-  (``None``: its default for the head dim and dtype).
+  ring in shared memory.
+
+  The backward: ``bwd`` picks its lowering: ``"mosaic"`` (the dQ and dK/dV Mosaic kernels; an
+  error if the plan cannot run there), ``"triton"``, or ``"auto"`` (Mosaic where it can run,
+  else Triton). ``bwd_num_stages`` is the depth of the Mosaic backward's streamed rings;
+  ``bwd_dq_block_k`` (64 or 128) the width of the K/V chunks the dQ kernel streams (its S and dP
+  tiles); ``backward`` configures the Triton backward (``None``: its default for the head dim
+  and dtype).
   """
   block_q: int = 128
   block_k: int = 128
   num_stages: int = 2
   backward: tk.TritonConfig | None = None
+  bwd: str = "auto"
+  bwd_num_stages: int = 3
+  bwd_dq_block_k: int = 64
 
 
 # Built-in defaults by padded head dim (block_q, block_k, num_stages), sized so that Q, the K/V ring
@@ -121,8 +135,9 @@ def default_config(head_dim: int, dtype: Any = jnp.bfloat16, *, masked: bool = F
   kind = device_kind or _device_kind()
   tuned = _tuned_table().get(kind or "", {}).get(f"{d}/{'causal' if masked else 'dense'}")
   if tuned:
+    bwd = {k: tuned[k] for k in ("bwd_num_stages", "bwd_dq_block_k") if k in tuned}
     return MosaicConfig(block_q=tuned["block_q"], block_k=tuned["block_k"],
-                        num_stages=tuned["num_stages"])
+                        num_stages=tuned["num_stages"], **bwd)
   return _BUILTIN[d]
 
 
@@ -153,13 +168,26 @@ class _Unsupported(Exception):
 
 @dataclasses.dataclass
 class _Tile:
-  """The tile being visited: its index arrays (compared by identity) and where it starts."""
+  """The tile being visited: its index arrays (compared by identity) and where it starts.
+
+  ``rows x cols`` is the register tile: queries x keys, or keys x queries when ``transposed``
+  (the dK/dV kernel's ``S^T = K Q^T``).
+  """
   q_idx: Any
   kv_idx: Any
   q_start: Any
   k_start: Any
   rows: int
   cols: int
+  transposed: bool = False
+
+  @property
+  def q_len(self) -> int:
+    return self.cols if self.transposed else self.rows
+
+  @property
+  def kv_len(self) -> int:
+    return self.rows if self.transposed else self.cols
 
 
 class TileArray(ops_lib.RefArray):
@@ -168,11 +196,17 @@ class TileArray(ops_lib.RefArray):
   ``arr[b, h, q_idx, kv_idx]`` (any subset, in that axis order, size-1 axes broadcasting) becomes
   one load of the visited tile's rows/columns from global memory, in the scores' register layout.
   Without a ref (``record`` given) it only records how each axis is indexed: the plan's analysis.
+  A transposed tile (keys x queries) takes scalar, query and key reads; a ``(q, kv)`` table would
+  need a transposed tile load, which it refuses.
   """
 
-  def __init__(self, ref, shape, dtype, tile: _Tile, record: set | None = None):
+  def __init__(self, ref, shape, dtype, tile: _Tile, record: set | None = None,
+               cache: list | None = None, replay: bool = False):
     super().__init__(ref, shape, dtype)
     self.tile, self.record = tile, record
+    # ``cache``: loads are appended to it, or (``replay``) taken from it in order instead of
+    # loading: a jvp cannot trace Mosaic loads, so the backward loads first and replays inside.
+    self.cache, self.replay = cache, replay
 
   def __getitem__(self, idx):
     if not isinstance(idx, tuple):
@@ -186,10 +220,10 @@ class TileArray(ops_lib.RefArray):
         index.append(0)
         roles.append("one")
       elif i is tile.q_idx:
-        index.append(pl.ds(tile.q_start, tile.rows))
+        index.append(pl.ds(tile.q_start, tile.q_len))
         roles.append("q")
       elif i is tile.kv_idx:
-        index.append(pl.ds(tile.k_start, tile.cols))
+        index.append(pl.ds(tile.k_start, tile.kv_len))
         roles.append("kv")
       elif jnp.ndim(i) == 0:
         index.append(jnp.asarray(i, jnp.int32))
@@ -198,25 +232,38 @@ class TileArray(ops_lib.RefArray):
         raise _Unsupported(f"a mod reads its array of shape {self.shape} at computed positions "
                            "(only batch/head scalars and the query/key positions themselves can "
                            "be read per tile)")
-    if "q" in roles and "kv" in roles and roles.index("kv") < roles.index("q"):
-      raise _Unsupported(f"a mod reads its array of shape {self.shape} as [.., key, query]")
+    if "q" in roles and "kv" in roles:
+      if roles.index("kv") < roles.index("q"):
+        raise _Unsupported(f"a mod reads its array of shape {self.shape} as [.., key, query]")
+      if tile.transposed:
+        # A register tile in the wgmma layout vectorises along its columns (queries here),
+        # which are strided in the table, and Mosaic has no register transpose.
+        raise _Unsupported(f"a mod reads a (query, key) table of shape {self.shape}: the Mosaic "
+                           "dK/dV kernel works on transposed tiles and has no transposed tile "
+                           "load")
     shape = (tile.rows, tile.cols)
     if self.record is not None:
       self.record.add(tuple(roles))
       out = jnp.zeros(shape if ("q" in roles or "kv" in roles) else (), self.dtype)
       return out
+    if self.replay:
+      return self.cache.pop(0)
     index = tuple(index)
+    q_axis = 1 if tile.transposed else 0
+    line = lambda axis: lax.broadcast_in_dim(
+        plgpu.load(self.ref, index, layout=_COL if axis else _ROW, optimized=False), shape, (axis,))
     if "q" in roles and "kv" in roles:
       val = plgpu.load(self.ref, index, layout=_WGMMA, optimized=False)
     elif "q" in roles:
-      val = lax.broadcast_in_dim(plgpu.load(self.ref, index, layout=_ROW, optimized=False),
-                                 shape, (0,))
+      val = line(q_axis)
     elif "kv" in roles:
-      val = lax.broadcast_in_dim(plgpu.load(self.ref, index, layout=_COL, optimized=False),
-                                 shape, (1,))
+      val = line(1 - q_axis)
     else:
       val = self.ref[index]
-    return val != 0 if self.dtype == jnp.bool_ else val
+    val = val != 0 if self.dtype == jnp.bool_ else val
+    if self.cache is not None:
+      self.cache.append(val)
+    return val
 
   def flat_index(self, idx):
     raise _Unsupported("a mod function (closure) gathers from a captured array")
@@ -225,22 +272,28 @@ class TileArray(ops_lib.RefArray):
     raise _Unsupported(f"a mod reads its whole array of shape {self.shape}")
 
 
-def _mods_in_kernel(plan: FlashPlan, refs, tile: _Tile, records=None):
-  if records is None:
-    arrays = [TileArray(r, s, d, tile) for r, (s, d) in zip(refs, plan.mods.meta)]
+def _mods_in_kernel(plan: FlashPlan, refs, tile: _Tile, records=None, caches=None,
+                    replay=False):
+  """``(score_fn, mask_fn)`` reading the mods' arrays per tile (``records``: only record how)."""
+  meta = plan.mods.meta
+  if records is not None:
+    arrays = [TileArray(None, s, d, tile, rec) for rec, (s, d) in zip(records, meta)]
   else:
-    arrays = [TileArray(None, s, d, tile, rec) for rec, (s, d) in zip(records, plan.mods.meta)]
+    caches = caches or [None] * len(meta)
+    arrays = [TileArray(r, s, d, tile, cache=c, replay=replay)
+              for r, (s, d), c in zip(refs, meta, caches)]
   return plan.mods.rebuild(arrays)
 
 
-def _operand_roles(plan: FlashPlan, rows: int, cols: int) -> tuple[tuple, str | None]:
+def _operand_roles(plan: FlashPlan, rows: int, cols: int,
+                   transposed: bool = False) -> tuple[tuple, str | None]:
   """How each mod operand is read (per axis: "one", "scalar", "q", "kv"), or why it cannot be."""
   records = [set() for _ in plan.mods.meta]
 
   def probe(s, b, h, q_start, k_start):
-    q_idx = q_start + lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
-    kv_idx = k_start + lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
-    tile = _Tile(q_idx, kv_idx, q_start, k_start, rows, cols)
+    q_idx = q_start + lax.broadcasted_iota(jnp.int32, (rows, cols), int(transposed))
+    kv_idx = k_start + lax.broadcasted_iota(jnp.int32, (rows, cols), 1 - int(transposed))
+    tile = _Tile(q_idx, kv_idx, q_start, k_start, rows, cols, transposed)
     score_fn, mask_fn = _mods_in_kernel(plan, None, tile, records)
     return _log2_scores(s, plan, tile, score_fn, mask_fn, b, h, masked=True)
 
@@ -274,7 +327,10 @@ class MosaicSpec:
   rows: int               # query rows per consumer warpgroup
   num_stages: int
   roles: tuple            # per mod operand: the ways its axes are indexed
-  backward: tk.KernelSpec
+  backward: tk.KernelSpec   # the Triton backward (runs when mosaic_backward is False)
+  mosaic_backward: bool = False
+  bwd_stages: int = 3
+  bwd_dq_cols: int = 64   # width of the dQ kernel's K/V chunks
 
 
 def plan_reasons(plan: FlashPlan, cfg: MosaicConfig) -> list[str]:
@@ -304,10 +360,23 @@ def kernel_spec(plan: FlashPlan, cfg: MosaicConfig, num_stages: int | None = Non
   bwd_cfg = cfg.backward or tk.default_config(plan.head_pad, interpret=False, dtype=jnp.bfloat16)
   bwd = tk.KernelSpec.resolve(plan, bwd_cfg, interpret=False)
   stages = cfg.num_stages if num_stages is None else num_stages
-  if not isinstance(stages, int) or stages < 2:   # one slot cannot overlap a load with a matmul
-    raise ValueError(f"pallas_flash_attention: num_stages must be an int >= 2 for the Mosaic "
-                     f"lowering, got {stages!r}")
-  return MosaicSpec(plan=plan, rows=rows, num_stages=stages, roles=roles, backward=bwd)
+  for name, n in (("num_stages", stages), ("bwd_num_stages", cfg.bwd_num_stages)):
+    if not isinstance(n, int) or n < 2:   # one slot cannot overlap a load with a matmul
+      raise ValueError(f"pallas_flash_attention: {name} must be an int >= 2 for the Mosaic "
+                       f"lowering, got {n!r}")
+  if cfg.bwd_dq_block_k not in (64, 128) or plan.block_k % cfg.bwd_dq_block_k:
+    raise ValueError(f"pallas_flash_attention: MosaicConfig.bwd_dq_block_k must be 64 or 128 "
+                     f"and divide block_k={plan.block_k}, got {cfg.bwd_dq_block_k!r}")
+  if cfg.bwd not in ("auto", "mosaic", "triton"):
+    raise ValueError(f"pallas_flash_attention: MosaicConfig.bwd must be 'auto', 'mosaic' or "
+                     f"'triton', got {cfg.bwd!r}")
+  why_not = backward_reasons(plan) if cfg.bwd != "triton" else ["bwd='triton'"]
+  if cfg.bwd == "mosaic" and why_not:
+    raise ValueError("pallas_flash_attention: the Mosaic backward (MosaicConfig.bwd='mosaic') "
+                     "cannot run this plan:\n  - " + "\n  - ".join(why_not))
+  return MosaicSpec(plan=plan, rows=rows, num_stages=stages, roles=roles, backward=bwd,
+                    mosaic_backward=not why_not, bwd_stages=cfg.bwd_num_stages,
+                    bwd_dq_cols=cfg.bwd_dq_block_k)
 
 
 # ----------------------------------------------------------------------------- tile maths
@@ -332,27 +401,32 @@ def _log2_scores(s, plan: FlashPlan, tile: _Tile, score_fn, mask_fn, b, h, maske
   return s
 
 
-def _schedule(plan: FlashPlan, list_refs, row):
-  """``(number of full tiles, number of tiles, kv block of step t)`` for one BlockMask row.
+def _schedule(plan: FlashPlan, list_refs, row, kv_tile=None):
+  """``(number of full tiles, number of tiles, other block of step t)`` for one BlockMask row.
 
   Steps ``[0, n_full)`` are FULL tiles (the contiguous prefix ``first + t``, then listed ones),
-  ``[n_full, n)`` PARTIAL tiles. Producer and consumers both call this, so they agree.
+  ``[n_full, n)`` PARTIAL tiles. Producer and consumers both call this, so they agree. With
+  ``kv_tile`` (the dK/dV kernel) ``row`` is a row of the transposed lists: the q tiles of one kv
+  tile.
   """
-  nk = plan.nk
+  n_other = plan.nk if kv_tile is None else plan.nq
   if plan.dense:
-    ragged = int(plan.kv_len != plan.kv_pad)   # the last tile is masked by the true length
-    return nk - ragged, nk, lambda t: t   # static: Python ints
+    ragged = plan.kv_len != plan.kv_pad   # the last kv tile is masked by the true length
+    if kv_tile is None:
+      return n_other - int(ragged), n_other, lambda t: t   # static: Python ints
+    n_full = jnp.where(kv_tile == plan.nk - 1, 0, n_other) if ragged else n_other
+    return n_full, n_other, lambda t: t
   cnt, idx, fcnt, fidx, first, ncontig = list_refs
-  base = row * nk
+  base = row * n_other
   n_full, n_contig, start = fcnt[row], ncontig[row], first[row]
   total = n_full + cnt[row]
 
-  def kv_block(t):
-    listed_full = fidx[base + jnp.clip(t, 0, nk - 1)]
-    listed_partial = idx[base + jnp.clip(t - n_full, 0, nk - 1)]
+  def block(t):
+    listed_full = fidx[base + jnp.clip(t, 0, n_other - 1)]
+    listed_partial = idx[base + jnp.clip(t - n_full, 0, n_other - 1)]
     return jnp.where(t < n_contig, start + t, jnp.where(t < n_full, listed_full, listed_partial))
 
-  return n_full, total, kv_block
+  return n_full, total, block
 
 
 # ----------------------------------------------------------------------------- forward
@@ -524,3 +598,304 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays):
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, k, v, *arrays.lists, *ops)
   return out[..., :plan.v_pad], lse
+
+
+# ----------------------------------------------------------------------------- backward
+#
+# Two kernels, as in FlashAttention-2's backward: dQ per (query head, q tile) walking the plan's
+# lists, and dK/dV per (kv head, kv tile) walking the transposed lists over every query head of
+# its group (GQA gradients are summed in registers; K/V are never repeated). Each program has two
+# consumer warpgroups (64 rows of the tile each) and a producer streaming the other operand in
+# chunks of 64 rows through a ring; every wgmma is 64 x 64 (scores) or 64 x D (accumulators).
+# P is recomputed from the LSE in base 2; dS = P (dP - delta), times the score mod's derivative
+# where it is not 1 (a jvp of the same tile maths the forward runs).
+
+BWD_CHUNK = 64   # rows per consumer warpgroup, and rows of each streamed chunk
+
+
+def backward_reasons(plan: FlashPlan) -> list[str]:
+  """Why the Mosaic backward cannot run this plan (the Triton backward then runs it)."""
+  reasons = []
+  if plan.block_q != COMPUTE_WGS * BWD_CHUNK or plan.block_k != COMPUTE_WGS * BWD_CHUNK:
+    reasons.append(f"the Mosaic backward takes {COMPUTE_WGS * BWD_CHUNK} x "
+                   f"{COMPUTE_WGS * BWD_CHUNK} BlockMask tiles (two warpgroups of {BWD_CHUNK} "
+                   f"rows), the plan has {plan.block_q} x {plan.block_k}")
+  if max(plan.head_pad, plan.v_pad) > 128:
+    reasons.append(f"head dim {max(plan.head_pad, plan.v_pad)} > 128: the dK and dV accumulators "
+                   f"({BWD_CHUNK} x D f32 each) do not fit a warpgroup's registers")
+  if plan.dropout_rate or plan.softmax_threshold is not None:
+    reasons.append("dropout and threshold skipping run on the Triton lowering")
+  if not reasons and plan.mods.meta:
+    for transposed in (False, True):
+      _, why = _operand_roles(plan, BWD_CHUNK, BWD_CHUNK, transposed)
+      if why:
+        reasons.append(why)
+        break
+  return reasons
+
+
+def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool):
+  """Base-2 scores of a backward tile, and ``d(modded score)/d(q.k)`` where it is not constant.
+
+  Without a derivative (``plan.unit_grad``: no score mod, or mods that only add) the caller
+  multiplies its accumulated gradient by ``plan.scale``; with one, the derivative carries it.
+  """
+  caches = [[] for _ in plan.mods.meta]
+
+  def scores(x, replay):
+    score_fn, mask_fn = _mods_in_kernel(plan, op_refs, tile, caches=caches, replay=replay)
+    return _log2_scores(x, plan, tile, score_fn, mask_fn, b, h, masked)
+
+  s2 = scores(s, False)
+  if plan.unit_grad:
+    return s2, None
+  # Elementwise mods: a jvp with tangent 1 is the derivative (a soft-cap's 1 - tanh^2 included).
+  _, ds2 = jax.jvp(lambda x: scores(x, True), (s,), (jnp.ones_like(s),))
+  return s2, ds2 * LN2
+
+
+def _stream(total, stages, fetch, n0=0):
+  """Producer loop: ``fetch(t, slot, refill)`` for steps ``t < total`` of a ring whose global
+  step counter starts at ``n0``; ``refill``: the slot was used before (wait for its release)."""
+
+  @pl.loop(0, total)
+  def _(t):
+    n = n0 + t
+    fetch(t, lax.rem(n, stages), n >= stages)
+
+
+def _row_line(ref, index, axis: int):
+  """A vector of the LSE / delta rows in the layout of axis ``axis`` of a wgmma tile."""
+  return plgpu.load(ref.at[index], layout=_COL if axis else _ROW, optimized=False)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: MosaicSpec,
+               scoped):
+  plan = spec.plan
+  list_refs, op_refs, dq_ref = refs[:NUM_LISTS], refs[NUM_LISTS:-1], refs[-1]
+  (q_smems, do_smems, k_smems, v_smems), (q_ready, k_ready, v_ready, k_free, v_free) = scoped
+  c, ck, stages = BWD_CHUNK, spec.bwd_dq_cols, spec.bwd_stages   # 64 q rows x ck keys a step
+  chunks = jnp.int32(plan.block_k // ck)
+  h, qi, b = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
+  if not plan.dense:
+    qi = plan.nq - 1 - qi   # as the forward: the longest causal rows first (dK/dV's come first)
+  wg = lax.axis_index("wg")
+  row = plan.bm_index(b, h) * plan.nq + qi
+  n_full, total, kv_block = _schedule(plan, list_refs, row)
+  n_full, total = n_full * chunks, total * chunks
+  k_start_of = lambda t: kv_block(lax.div(t, chunks)) * plan.block_k + lax.rem(t, chunks) * ck
+  dtype = q_ref.dtype
+
+  @pl.when(wg < COMPUTE_WGS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    q_smem, do_smem = q_smems.at[wg], do_smems.at[wg]
+    q_start = qi * plan.block_q + wg * c
+    q_rows = (b, h, pl.ds(q_start, c))
+    plgpu.copy_gmem_to_smem(q_ref.at[q_rows], q_smem, q_ready.at[wg])
+    plgpu.copy_gmem_to_smem(do_ref.at[q_rows], do_smem, q_ready.at[COMPUTE_WGS + wg])
+    lse = _row_line(lse_ref, q_rows, 0)
+    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)   # rows that saw no key: p = 0
+    delta = _row_line(delta_ref, q_rows, 0)
+    dq = plgpu.layout_cast(jnp.zeros((c, q_smem.shape[-1]), f32), _WGMMA)
+    plgpu.barrier_wait(q_ready.at[wg])
+    plgpu.barrier_wait(q_ready.at[COMPUTE_WGS + wg])
+
+    def step(t, dq, masked: bool):
+      slot = lax.rem(t, stages)
+      k_start = k_start_of(t)
+      plgpu.barrier_wait(k_ready.at[slot])
+
+      def scores(s_ref, dp_ref):
+        plgpu.wgmma(s_ref, q_smem, k_smems.at[slot].transpose((1, 0)))
+        plgpu.barrier_wait(v_ready.at[slot])
+        plgpu.wgmma(dp_ref, do_smem, v_smems.at[slot].transpose((1, 0)))
+        return s_ref[...], dp_ref[...]
+
+      s, dp = pl.run_scoped(scores, plgpu.ACC((c, ck), f32), plgpu.ACC((c, ck), f32))
+      plgpu.barrier_arrive(v_free.at[slot])
+      iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, ck), d, layout=_WGMMA)
+      tile = _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, c, ck)
+      s2, dmod = _bwd_scores(s, plan, op_refs, tile, b, h, masked)
+      p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (0,)))
+      ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, (0,)))
+      if dmod is not None:
+        ds = ds * dmod
+
+      def acc_dq(acc_ref):
+        plgpu.wgmma(acc_ref, ds.astype(dtype), k_smems.at[slot])
+
+      dq = pl.run_state(acc_dq)(plgpu.ACC.init(dq))
+      plgpu.barrier_arrive(k_free.at[slot])
+      return dq
+
+    dq = lax.fori_loop(0, n_full, lambda t, a: step(t, a, False), dq)
+    dq = lax.fori_loop(n_full, total, lambda t, a: step(t, a, True), dq)
+    if plan.unit_grad:
+      dq = dq * plan.scale
+    q_smem[...] = dq.astype(dtype)   # every wgmma reading Q has completed
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[q_rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == COMPUTE_WGS)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    kv_head = lax.div(h, jnp.int32(plan.groups))
+
+    def fetch(t, slot, refill):
+      rows = (b, kv_head, pl.ds(k_start_of(t), ck))
+      _when(refill, lambda: plgpu.barrier_wait(k_free.at[slot]))
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smems.at[slot], k_ready.at[slot])
+      _when(refill, lambda: plgpu.barrier_wait(v_free.at[slot]))
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smems.at[slot], v_ready.at[slot])
+
+    _stream(total, stages, fetch)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: MosaicSpec,
+                scoped):
+  plan = spec.plan
+  tlist_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:-2]
+  dk_ref, dv_ref = refs[-2:]
+  (k_smems, v_smems, q_smems, do_smems), (kv_ready, q_ready, do_ready, free) = scoped
+  c, stages, groups = BWD_CHUNK, spec.bwd_stages, plan.groups
+  chunks = jnp.int32(plan.block_q // c)
+  hk, j, b = lax.axis_index("kv_heads"), lax.axis_index("kv_tiles"), lax.axis_index("batch")
+  wg = lax.axis_index("wg")
+  dtype = q_ref.dtype
+
+  def schedule(g):
+    h = hk * groups + g
+    n_full, total, q_block = _schedule(plan, tlist_refs, plan.bm_index(b, h) * plan.nk + j,
+                                       kv_tile=j)
+    q_start_of = lambda t: q_block(lax.div(t, chunks)) * plan.block_q + lax.rem(t, chunks) * c
+    return h, n_full * chunks, total * chunks, q_start_of
+
+  def over_heads(body, init):
+    """``body(g, carry)`` for each query head of the kv head's group."""
+    return body(0, init) if groups == 1 else lax.fori_loop(0, groups, body, init)
+
+  @pl.when(wg < COMPUTE_WGS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    k_smem, v_smem = k_smems.at[wg], v_smems.at[wg]
+    k_start = j * plan.block_k + wg * c
+    kv_rows = (b, hk, pl.ds(k_start, c))
+    plgpu.copy_gmem_to_smem(k_ref.at[kv_rows], k_smem, kv_ready.at[wg])
+    plgpu.copy_gmem_to_smem(v_ref.at[kv_rows], v_smem, kv_ready.at[COMPUTE_WGS + wg])
+    zeros = plgpu.layout_cast(jnp.zeros((c, k_smem.shape[-1]), f32), _WGMMA)
+    plgpu.barrier_wait(kv_ready.at[wg])
+    plgpu.barrier_wait(kv_ready.at[COMPUTE_WGS + wg])
+
+    def one_head(g, carry):
+      dk, dv, n = carry
+      h, n_full, total, q_start_of = schedule(g)
+
+      def step(t, acc, masked: bool):
+        dk, dv = acc
+        slot = lax.rem(n + t, stages)
+        q_start = q_start_of(t)
+        plgpu.barrier_wait(q_ready.at[slot])
+
+        def scores(st_ref, dpt_ref):   # S^T = K Q^T and dP^T = V dO^T: keys x queries
+          plgpu.wgmma(st_ref, k_smem, q_smems.at[slot].transpose((1, 0)))
+          plgpu.barrier_wait(do_ready.at[slot])
+          plgpu.wgmma(dpt_ref, v_smem, do_smems.at[slot].transpose((1, 0)))
+          return st_ref[...], dpt_ref[...]
+
+        st, dpt = pl.run_scoped(scores, plgpu.ACC((c, c), f32), plgpu.ACC((c, c), f32))
+        q_cols = (b, h, pl.ds(q_start, c))
+        lse = _row_line(lse_ref, q_cols, 1)
+        lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
+        delta = _row_line(delta_ref, q_cols, 1)
+        iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WGMMA)
+        tile = _Tile(q_start + iota(1), k_start + iota(0), q_start, k_start, c, c,
+                     transposed=True)
+        s2, dmod = _bwd_scores(st, plan, op_refs, tile, b, h, masked)
+        pt = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (1,)))
+        dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, (1,)))
+        if dmod is not None:
+          dst = dst * dmod
+
+        def accumulate(refs):
+          dv_ref, dk_ref = refs
+          plgpu.wgmma(dv_ref, pt.astype(dtype), do_smems.at[slot])
+          plgpu.wgmma(dk_ref, dst.astype(dtype), q_smems.at[slot])
+
+        dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+        plgpu.barrier_arrive(free.at[slot])
+        return dk, dv
+
+      acc = lax.fori_loop(0, n_full, lambda t, a: step(t, a, False), (dk, dv))
+      dk, dv = lax.fori_loop(n_full, total, lambda t, a: step(t, a, True), acc)
+      return dk, dv, n + total
+
+    dk, dv, _ = over_heads(one_head, (zeros, zeros, jnp.int32(0)))
+    if plan.unit_grad:
+      dk = dk * plan.scale
+    k_smem[...] = dk.astype(dtype)   # every wgmma reading K and V has completed
+    v_smem[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[kv_rows])
+    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[kv_rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == COMPUTE_WGS)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+
+    def one_head(g, n):
+      h, _, total, q_start_of = schedule(g)
+
+      def fetch(t, slot, refill):
+        rows = (b, h, pl.ds(q_start_of(t), c))
+        _when(refill, lambda: plgpu.barrier_wait(free.at[slot]))
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smems.at[slot], q_ready.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smems.at[slot], do_ready.at[slot])
+
+      _stream(total, stages, fetch, n)
+      return n + total
+
+    over_heads(one_head, jnp.int32(0))
+
+
+def _bwd_call(kernel, spec: MosaicSpec, scratch, barriers, out_type, grid, grid_names):
+  def entry(*refs):
+    def body(*scoped):
+      n = len(scratch)
+      kernel(*refs, spec=spec, scoped=(scoped[:n], scoped[n:]))
+
+    pl.run_scoped(body, *scratch, *barriers, collective_axes="wg")
+
+  return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names,
+                      num_threads=COMPUTE_WGS + 1, thread_name="wg",
+                      compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
+def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays):
+  """``(dq, dk, dv)`` on padded inputs (``delta = rowsum(out * dout) - dlse``, f32)."""
+  plan = spec.plan
+  if plan.head_pad < MIN_HEAD_DIM:
+    q, k, v, do = (pad_to(x, x.shape[:3] + (MIN_HEAD_DIM,)) for x in (q, k, v, do))
+  d = q.shape[-1]
+  ops = tuple(_pad_operand(x, r, plan) for x, r in zip(arrays.operands, spec.roles))
+  c, stages, wgs = BWD_CHUNK, spec.bwd_stages, COMPUTE_WGS
+  own = lambda dtype: _smem((wgs, c, d), dtype)        # one chunk per consumer warpgroup
+  ring = lambda dtype, rows=c: _smem((stages, rows, d), dtype)   # the streamed chunks
+  ready = lambda n: plgpu.Barrier(num_barriers=n)
+  release = plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)
+
+  dq = _bwd_call(
+      _dq_kernel, spec, (own(q.dtype), own(do.dtype), ring(k.dtype, spec.bwd_dq_cols),
+                         ring(v.dtype, spec.bwd_dq_cols)),
+      (ready(2 * wgs), ready(stages), ready(stages), release, release),
+      jax.ShapeDtypeStruct(q.shape, q.dtype), (plan.q_heads, plan.nq, plan.batch),
+      ("heads", "q_tiles", "batch"))(q, k, v, do, lse, delta, *arrays.lists, *ops)
+  dk, dv = _bwd_call(
+      _dkv_kernel, spec, (own(k.dtype), own(v.dtype), ring(q.dtype), ring(do.dtype)),
+      (ready(2 * wgs), ready(stages), ready(stages), release),
+      (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+      (plan.kv_heads, plan.nk, plan.batch), ("kv_heads", "kv_tiles", "batch"))(
+          q, k, v, do, lse, delta, *arrays.tlists, *ops)
+  return dq[..., :plan.head_pad], dk[..., :plan.head_pad], dv[..., :plan.v_pad]

@@ -10,7 +10,10 @@ Built once per call from the inputs and the mods, before any lowering is chosen 
   then partial ones), per kv block the q blocks (the dK/dV pass), as flat int32 lists;
 * attention dropout: the static rate (``FlashPlan.dropout_rate``; a lowering that cannot drop
   refuses plans with a rate above 0) and the traced uint32 seed (``PlanArrays.dropout_seed``), from
-  which every pass regenerates the keep mask of :func:`attnax.kernels.tiles.dropout_keep`.
+  which every pass regenerates the keep mask of :func:`attnax.kernels.tiles.dropout_keep`;
+* threshold skipping (:mod:`attnax.kernels.threshold`): the static threshold and rule
+  (``FlashPlan.softmax_threshold``, ``threshold_rule``; a lowering that cannot skip refuses such
+  plans); the forward's recorded decisions travel to the backward in ``PlanArrays.decisions``.
 
 A lowering (:mod:`attnax.kernels.pallas.triton`, or a Mosaic GPU one) reads the static
 :class:`FlashPlan` and the arrays of :class:`PlanArrays` and implements the forward and the backward
@@ -60,6 +63,8 @@ class FlashPlan:
     mods: the static part of ``(score part, mask part)``; their operands are in PlanArrays.
     unit_grad: ``d(modded score) / d(score) == 1`` wherever visible: the backward skips the jvp.
     dropout_rate: attention-weight dropout (0: none); the seed is ``PlanArrays.dropout_seed``.
+    softmax_threshold, threshold_rule: threshold skipping (None: off); the forward then also
+      returns its decisions, int8 ``(B, Hq, nq, nk)``, which the backward replays.
   """
   batch: int
   q_heads: int
@@ -81,6 +86,8 @@ class FlashPlan:
   mods: ops_lib.ModOperands
   unit_grad: bool
   dropout_rate: float = 0.0
+  softmax_threshold: float | None = None
+  threshold_rule: str = "tile"
 
   @property
   def groups(self) -> int:
@@ -113,13 +120,15 @@ class PlanArrays:
 
   ``block_mask`` is None for a dense plan; it feeds the pure-JAX pass that computes the mods'
   operand cotangents over the same tiles. ``dropout_seed`` is dropout's uint32 ``(2,)`` seed
-  (None without dropout); kernels take it as one more whole-array operand.
+  (None without dropout); kernels take it as one more whole-array operand. ``decisions`` are a
+  threshold forward's recorded tile decisions (int8 ``(B, Hq, nq, nk)``), set for the backward.
   """
   lists: tuple
   tlists: tuple
   operands: tuple
   block_mask: Any
   dropout_seed: Any = None
+  decisions: Any = None
 
 
 def _flat_i32(x):
@@ -143,7 +152,8 @@ def _unit_grad(score_fn: Any) -> bool:
     return True
   if isinstance(score_fn, sm.ComposedScoreMod):
     return all(_unit_grad(m) for m in score_fn.mods)
-  return isinstance(score_fn, (sm.AlibiMod, sm.AdditiveBiasMod, sm.MaskScoreMod))
+  return (isinstance(score_fn, (sm.AlibiMod, sm.AdditiveBiasMod, sm.MaskScoreMod))
+          or getattr(score_fn, "unit_grad", False) is True)   # e.g. gated.GatedScoreMod
 
 
 def _check_tile(name: str, value: int) -> int:
@@ -155,10 +165,12 @@ def _check_tile(name: str, value: int) -> int:
 
 def build_plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, softcap,
                cu_seqlens_q, cu_seqlens_k, default_block_q: int, default_block_k: int,
-               dropout_rate: float = 0.0, dropout_seed: Any = None):
+               dropout_rate: float = 0.0, dropout_seed: Any = None,
+               softmax_threshold: float | None = None, threshold_rule: str = "tile"):
   """Checks and the plan: ``(FlashPlan, PlanArrays, padded q, padded k, padded v)``.
 
-  ``dropout_rate``/``dropout_seed`` come checked (:func:`attnax.kernels._checks.check_dropout`).
+  ``dropout_rate``/``dropout_seed`` come checked (:func:`attnax.kernels._checks.check_dropout`),
+  and so do ``softmax_threshold``/``threshold_rule`` (:mod:`attnax.kernels.threshold`).
   """
   kernel = "pallas_flash_attention"
   b, hq, hkv, sq, sk, d, dv = _checks.check_qkv(q, k, v, kernel=kernel)
@@ -207,7 +219,9 @@ def build_plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_m
       batch=b, q_heads=hq, kv_heads=hkv, q_len=sq, kv_len=sk, q_pad=q_pad, kv_pad=kv_pad,
       head_dim=d, v_dim=dv, head_pad=d_pad, v_pad=dv_pad, scale=scale, block_q=bq, block_k=bk,
       bm_batch=int(bm_batch), bm_heads=int(bm_heads), dense=dense, mods=mods,
-      unit_grad=_unit_grad(score_fn), dropout_rate=float(dropout_rate))
+      unit_grad=_unit_grad(score_fn), dropout_rate=float(dropout_rate),
+      softmax_threshold=None if softmax_threshold is None else float(softmax_threshold),
+      threshold_rule=threshold_rule)
   arrays = PlanArrays(lists, tlists, operands, None if dense else block_mask,
                       dropout_seed if dropout_rate else None)
   return (plan, arrays, pad_to(q, (b, hq, q_pad, d_pad)), pad_to(k, (b, hkv, kv_pad, d_pad)),

@@ -16,6 +16,13 @@ seed and the absolute indices (:func:`attnax.kernels.tiles.dropout_keep`, uint32
 logical shifts): the forward drops probabilities after the running sum has counted them, the dQ
 pass and the dK/dV pass apply the same mask to ``dP`` and to the ``P`` of ``dV = P^T dO``.
 
+Threshold skipping (``plan.softmax_threshold``, :mod:`attnax.kernels.threshold`): the forward
+decides per visited coarse tile with :func:`attnax.kernels.tiles.threshold_skip` (so its programs
+are forced to the coarse tile: ``fwd_rows = block_q``, ``fwd_cols = block_k``) and runs the softmax
+update and ``P V`` under a ``lax.cond``; it writes the decisions as one more output (int32, the kv
+axis padded to a power of two, returned as int8 ``(B, Hq, nq, nk)``). Both backward passes take
+them as a whole-array operand after the seed and skip the recorded tiles (``lax.cond``).
+
 Mods that carry arrays: the plan's operands (:mod:`attnax.kernels.operands`: pytree leaves and
 closed-over arrays) enter as whole-array 1-D kernel operands and the mods are rebuilt inside the
 kernel around :class:`~attnax.kernels.operands.RefArray` views of them (a gather becomes a load at
@@ -40,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attnax.kernels import _checks, tiles
-from attnax.kernels.pallas.plan import NUM_LISTS, FlashPlan
+from attnax.kernels.pallas.plan import NUM_LISTS, FlashPlan, pow2
 
 f32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))   # a @ b.T
@@ -61,7 +68,8 @@ class TritonConfig:
   that do not fix one. Each pass may run finer: a program owns ``*_rows`` rows of a tile and walks
   the other axis in ``*_cols`` chunks; every fine size divides its coarse block (``None``: the
   coarse block). For dK/dV the rows are keys and the chunks are queries. ``*_num_warps`` /
-  ``*_num_stages`` are Triton's launch knobs.
+  ``*_num_stages`` are Triton's launch knobs. A threshold plan runs its forward on whole coarse
+  tiles (the unit of its decisions): ``fwd_rows``/``fwd_cols`` are then ignored.
   """
   block_q: int = 128
   block_k: int = 128
@@ -156,9 +164,12 @@ class KernelSpec:
       return st if cap is None else min(st, cap)
 
     bq, bk = plan.block_q, plan.block_k
+    # Threshold decisions are per coarse tile: the forward program owns one whole.
+    thresholded = plan.softmax_threshold is not None
     return KernelSpec(
         plan=plan,
-        fwd_rows=fine(cfg.fwd_rows, bq, "fwd_rows"), fwd_cols=fine(cfg.fwd_cols, bk, "fwd_cols"),
+        fwd_rows=bq if thresholded else fine(cfg.fwd_rows, bq, "fwd_rows"),
+        fwd_cols=bk if thresholded else fine(cfg.fwd_cols, bk, "fwd_cols"),
         fwd_warps=warps(cfg.fwd_num_warps), fwd_stages=stages(cfg.fwd_num_stages, cap_fwd),
         dq_rows=fine(cfg.dq_rows, bq, "dq_rows"), dq_cols=fine(cfg.dq_cols, bk, "dq_cols"),
         dq_warps=warps(cfg.dq_num_warps), dq_stages=stages(cfg.dq_num_stages, cap_bwd),
@@ -267,6 +278,32 @@ def _dropped(x, seed, plan: FlashPlan, b, h, q_idx, kv_idx):
   return tiles.apply_dropout(x, keep, plan.dropout_rate)
 
 
+def _take_decisions(plan: FlashPlan, refs):
+  """``(decisions ref or None, remaining refs)``: a threshold plan's decisions follow the seed."""
+  if plan.softmax_threshold is None:
+    return None, refs
+  return refs[0], refs[1:]
+
+
+def _decision_operands(plan: FlashPlan, decisions) -> tuple:
+  """The forward's decisions as a flat int32 kernel operand (none without threshold skipping)."""
+  if plan.softmax_threshold is None:
+    return ()
+  if decisions is None:
+    raise ValueError("pallas_flash_attention: the plan skips tiles by threshold but the "
+                     "backward got no recorded decisions")
+  return (jnp.asarray(decisions, jnp.int32).reshape(-1),)
+
+
+def _unless_skipped(dec_ref, plan: FlashPlan, b, h, q_block, kv_block, work, carry):
+  """``work(carry)``, or ``carry`` when the forward skipped coarse tile ``(q_block, kv_block)``
+  of query head ``h`` (no decisions: always ``work``)."""
+  if dec_ref is None:
+    return work(carry)
+  code = dec_ref[((b * plan.q_heads + h) * plan.nq + q_block) * plan.nk + kv_block]
+  return lax.cond(code == tiles.TILE_SKIPPED, lambda c: c, work, carry)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -274,6 +311,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, spec):
   plan = spec.plan
   list_refs, rest = rest[:NUM_LISTS], rest[NUM_LISTS:]
   seed, rest = _take_seed(plan, rest)
+  if plan.softmax_threshold is not None:
+    return _fwd_threshold_kernel(q_ref, k_ref, v_ref, list_refs, *rest, spec=spec)
   leaf_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.fwd_rows, spec.fwd_cols
@@ -306,6 +345,58 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, spec):
   lse_ref[...] = lse
 
 
+def _fwd_threshold_kernel(q_ref, k_ref, v_ref, list_refs, *rest, spec):
+  """The forward of a threshold plan: one program per (coarse q tile, batch row, query head).
+
+  Each visited kv tile: scores, the decision (:func:`attnax.kernels.tiles.threshold_skip`), then
+  under ``lax.cond`` the V load, the softmax update and ``P V`` of a kept tile. The decisions
+  (``tiles.TILE_*`` codes per kv tile) are collected in a vector and written once.
+  """
+  plan = spec.plan
+  leaf_refs, (o_ref, lse_ref, dec_ref) = rest[:-3], rest[-3:]
+  i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  rows, bk = plan.block_q, plan.block_k
+  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs)
+  q_start = i * rows
+  q = q_ref[...]
+  q_idx = q_start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+  q_valid = q_start + lax.broadcasted_iota(jnp.int32, (rows,), 0) < plan.q_len
+  kv_tiles = lax.broadcasted_iota(jnp.int32, (dec_ref.shape[-1],), 0)
+  log_t = tiles.log_threshold(plan.softmax_threshold)
+  m, l = tiles.init_stats((rows,))
+  carry = (jnp.zeros((rows, plan.v_pad), f32), m, l, jnp.full((), tiles.MASK_VALUE, f32),
+           jnp.zeros(kv_tiles.shape, jnp.int32))
+
+  def visit(kv_block, carry, masked):
+    acc, m, l, tile_m, codes = carry
+    k_start = kv_block * bk
+    k = k_ref[pl.ds(k_start, bk), :]
+    kv_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    s, visible, _ = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked, False)
+    skip, tile_max = tiles.threshold_skip(s, q_valid, m, tile_m, log_t, plan.threshold_rule)
+
+    def kept(c):
+      acc, m, l, tile_m = c
+      v = v_ref[pl.ds(k_start, bk), :]
+      p, alpha, m, l = tiles.online_softmax_step(s, visible, m, l)
+      p = tiles.low_precision(p, v.dtype)
+      acc = acc * alpha[:, None] + lax.dot(p, v, preferred_element_type=f32)
+      return acc, m, l, jnp.maximum(tile_m, tile_max)
+
+    acc, m, l, tile_m = lax.cond(skip, lambda c: c, kept, (acc, m, l, tile_m))
+    code = jnp.where(skip, tiles.TILE_SKIPPED, tiles.TILE_KEPT)
+    return acc, m, l, tile_m, jnp.where(kv_tiles == kv_block, code, codes)
+
+  row = plan.bm_index(b, h) * plan.nq + i
+  ragged_k = plan.kv_len != plan.kv_pad
+  acc, m, l, _, codes = _walk(spec, list_refs, row, plan.nk, plan.nk, ragged_k, False, visit,
+                              carry)
+  out, lse = tiles.finalize(acc, m, l)
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse
+  dec_ref[...] = codes
+
+
 def _launch(spec: KernelSpec, warps: int, stages: int):
   return dict(
       interpret=spec.interpret,
@@ -321,7 +412,8 @@ def _whole(x):
 def forward(spec: KernelSpec, q, k, v, lists, leaves, seed=None):
   """``(out, lse)`` on padded inputs: out ``(B, Hq, q_pad, v_dim)``, lse f32 ``(B, Hq, q_pad)``.
 
-  ``seed``: dropout's uint32 ``(2,)`` seed when ``plan.dropout_rate > 0``.
+  ``seed``: dropout's uint32 ``(2,)`` seed when ``plan.dropout_rate > 0``. A threshold plan
+  returns ``(out, lse, decisions)``, decisions int8 ``(B, Hq, nq, nk)``.
   """
   plan = spec.plan
   seeds = _seed_operands(plan, seed)
@@ -341,10 +433,22 @@ def forward(spec: KernelSpec, q, k, v, lists, leaves, seed=None):
       jax.ShapeDtypeStruct((plan.batch, plan.q_heads, plan.q_pad, plan.v_pad), q.dtype),
       jax.ShapeDtypeStruct((plan.batch, plan.q_heads, plan.q_pad), f32),
   ]
-  return pl.pallas_call(
+  thresholded = plan.softmax_threshold is not None
+  if thresholded and plan.dropout_rate:
+    raise ValueError("pallas_flash_attention: threshold skipping and attention dropout cannot be "
+                     "combined in one call")
+  if thresholded:   # one row of decisions per program (Triton blocks are powers of two)
+    nk_pad = pow2(plan.nk)
+    out_specs.append(pl.BlockSpec((None, None, None, nk_pad), lambda i, b, h: (b, h, i, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((plan.batch, plan.q_heads, plan.nq, nk_pad),
+                                          jnp.int32))
+  res = pl.pallas_call(
       lambda *refs: _fwd_kernel(*refs, spec=spec), grid=grid, in_specs=in_specs,
       out_specs=out_specs, out_shape=out_shape, name="attnax_flash_fwd",
       **_launch(spec, spec.fwd_warps, spec.fwd_stages))(q, k, v, *lists, *seeds, *leaves)
+  if thresholded:
+    return res[0], res[1], res[2][..., :plan.nk].astype(jnp.int8)
+  return tuple(res)
 
 
 # ----------------------------------------------------------------------------- backward: dQ
@@ -354,6 +458,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
   plan = spec.plan
   list_refs, rest = rest[:NUM_LISTS], rest[NUM_LISTS:]
   seed, rest = _take_seed(plan, rest)
+  dec_ref, rest = _take_decisions(plan, rest)
   leaf_refs, dq_ref = rest[:-1], rest[-1]
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.dq_rows, spec.dq_cols
@@ -364,20 +469,23 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
   q_idx = q_start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
 
   def visit(kv_block, dq, masked):
-    for c in range(plan.block_k // cols):
-      k_start = kv_block * plan.block_k + c * cols
-      k = k_ref[pl.ds(k_start, cols), :]
-      v = v_ref[pl.ds(k_start, cols), :]
-      kv_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
-      s, visible, dmod = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked, True)
-      p = tiles.probabilities(s, visible, lse)
-      dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
-      dp = _dropped(dp, seed, plan, b, h, q_idx, kv_idx)   # out = (P Z) V: dP = Z dP'
-      ds = p * (dp - delta[:, None])
-      if dmod is not None:
-        ds = ds * dmod
-      dq = dq + lax.dot(ds.astype(k.dtype), k, preferred_element_type=f32)
-    return dq
+    def work(dq):
+      for c in range(plan.block_k // cols):
+        k_start = kv_block * plan.block_k + c * cols
+        k = k_ref[pl.ds(k_start, cols), :]
+        v = v_ref[pl.ds(k_start, cols), :]
+        kv_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
+        s, visible, dmod = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked,
+                                   True)
+        p = tiles.probabilities(s, visible, lse)
+        dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
+        dp = _dropped(dp, seed, plan, b, h, q_idx, kv_idx)   # out = (P Z) V: dP = Z dP'
+        ds = p * (dp - delta[:, None])
+        if dmod is not None:
+          ds = ds * dmod
+        dq = dq + lax.dot(ds.astype(k.dtype), k, preferred_element_type=f32)
+      return dq
+    return _unless_skipped(dec_ref, plan, b, h, q_start // plan.block_q, kv_block, work, dq)
 
   row = plan.bm_index(b, h) * plan.nq + q_start // plan.block_q
   ragged_k = plan.kv_len != plan.kv_pad
@@ -393,6 +501,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
   plan = spec.plan
   list_refs, rest = rest[:NUM_LISTS], rest[NUM_LISTS:]
   seed, rest = _take_seed(plan, rest)
+  dec_ref, rest = _take_decisions(plan, rest)
   leaf_refs, (dk_ref, dv_ref) = rest[:-2], rest[-2:]
   j, b, hk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.dkv_rows, spec.dkv_cols
@@ -407,48 +516,52 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
     h = hk * plan.groups + g
 
     def visit(q_block, carry, masked):
-      dk, dv = carry
-      for c in range(plan.block_q // cols):
-        q_start = q_block * plan.block_q + c * cols
-        q = q_ref[g, pl.ds(q_start, cols), :]
-        do = do_ref[g, pl.ds(q_start, cols), :]
-        lse = lse_ref[g, pl.ds(q_start, cols)]
-        delta = delta_ref[g, pl.ds(q_start, cols)]
-        low = jnp.dtype(do.dtype).itemsize < 4
-        if spec.dkv_transposed:
-          # Work on the transposed tile (keys x queries), as the Triton tutorial does: every
-          # matmul then takes its operands as loaded (no transposes of computed tiles).
-          q_idx = q_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
-          st, visible, dmod = _scores(k, q, spec, score_fn, mask_fn, b, h, q_idx, kv_col, masked,
-                                      True)
-          # tiles.probabilities, transposed: exp(s - lse) with lse = -inf rows giving 0.
-          lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-          pt = jnp.exp(st - lse_safe[None, :])
-          if visible is not None:
-            pt = jnp.where(visible, pt, 0.0)
-          pz = _dropped(pt, seed, plan, b, h, q_idx, kv_col)   # dV = (P Z)^T dO
-          dv = dv + lax.dot(pz.astype(do.dtype) if low else pz, do, preferred_element_type=f32)
-          dpt = lax.dot_general(v, do, _NT, preferred_element_type=f32)
-          dpt = _dropped(dpt, seed, plan, b, h, q_idx, kv_col)
-          dst = pt * (dpt - delta[None, :])
-          if dmod is not None:
-            dst = dst * dmod
-          dk = dk + lax.dot(dst.astype(q.dtype), q, preferred_element_type=f32)
-        else:
-          q_idx = q_start + lax.broadcasted_iota(jnp.int32, (cols, 1), 0)
-          s, visible, dmod = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked,
-                                     True)
-          p = tiles.probabilities(s, visible, lse)
-          pz = _dropped(p, seed, plan, b, h, q_idx, kv_idx)
-          pc = pz.astype(do.dtype) if low else pz
-          dv = dv + lax.dot_general(pc, do, _TN, preferred_element_type=f32)
-          dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
-          dp = _dropped(dp, seed, plan, b, h, q_idx, kv_idx)
-          ds = p * (dp - delta[:, None])
-          if dmod is not None:
-            ds = ds * dmod
-          dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=f32)
-      return dk, dv
+      def work(carry):
+        dk, dv = carry
+        for c in range(plan.block_q // cols):
+          q_start = q_block * plan.block_q + c * cols
+          q = q_ref[g, pl.ds(q_start, cols), :]
+          do = do_ref[g, pl.ds(q_start, cols), :]
+          lse = lse_ref[g, pl.ds(q_start, cols)]
+          delta = delta_ref[g, pl.ds(q_start, cols)]
+          low = jnp.dtype(do.dtype).itemsize < 4
+          if spec.dkv_transposed:
+            # Work on the transposed tile (keys x queries), as the Triton tutorial does: every
+            # matmul then takes its operands as loaded (no transposes of computed tiles).
+            q_idx = q_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
+            st, visible, dmod = _scores(k, q, spec, score_fn, mask_fn, b, h, q_idx, kv_col,
+                                        masked, True)
+            # tiles.probabilities, transposed: exp(s - lse) with lse = -inf rows giving 0.
+            lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+            pt = jnp.exp(st - lse_safe[None, :])
+            if visible is not None:
+              pt = jnp.where(visible, pt, 0.0)
+            pz = _dropped(pt, seed, plan, b, h, q_idx, kv_col)   # dV = (P Z)^T dO
+            dv = dv + lax.dot(pz.astype(do.dtype) if low else pz, do,
+                              preferred_element_type=f32)
+            dpt = lax.dot_general(v, do, _NT, preferred_element_type=f32)
+            dpt = _dropped(dpt, seed, plan, b, h, q_idx, kv_col)
+            dst = pt * (dpt - delta[None, :])
+            if dmod is not None:
+              dst = dst * dmod
+            dk = dk + lax.dot(dst.astype(q.dtype), q, preferred_element_type=f32)
+          else:
+            q_idx = q_start + lax.broadcasted_iota(jnp.int32, (cols, 1), 0)
+            s, visible, dmod = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx,
+                                       masked, True)
+            p = tiles.probabilities(s, visible, lse)
+            pz = _dropped(p, seed, plan, b, h, q_idx, kv_idx)
+            pc = pz.astype(do.dtype) if low else pz
+            dv = dv + lax.dot_general(pc, do, _TN, preferred_element_type=f32)
+            dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
+            dp = _dropped(dp, seed, plan, b, h, q_idx, kv_idx)
+            ds = p * (dp - delta[:, None])
+            if dmod is not None:
+              ds = ds * dmod
+            dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=f32)
+        return dk, dv
+      return _unless_skipped(dec_ref, plan, b, h, q_block, k_start // plan.block_k, work,
+                             carry)
 
     row = plan.bm_index(b, h) * plan.nk + k_start // plan.block_k
     return _walk(spec, list_refs, row, plan.nq, plan.nq, False, ragged_k, visit, carry)
@@ -462,10 +575,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward_dq(spec: KernelSpec, q, k, v, do, lse, delta, lists, leaves, seed=None):
+def backward_dq(spec: KernelSpec, q, k, v, do, lse, delta, lists, leaves, seed=None,
+                decisions=None):
   """dQ on padded inputs (one program per q tile and query head)."""
   plan = spec.plan
-  seeds = _seed_operands(plan, seed)
+  seeds = _seed_operands(plan, seed) + _decision_operands(plan, decisions)
   g = plan.groups
   rows = spec.dq_rows
   return pl.pallas_call(
@@ -486,10 +600,11 @@ def backward_dq(spec: KernelSpec, q, k, v, do, lse, delta, lists, leaves, seed=N
   )(q, k, v, do, lse, delta, *lists, *seeds, *leaves)
 
 
-def backward_dkv(spec: KernelSpec, q, k, v, do, lse, delta, tlists, leaves, seed=None):
+def backward_dkv(spec: KernelSpec, q, k, v, do, lse, delta, tlists, leaves, seed=None,
+                 decisions=None):
   """(dK, dV) on padded inputs: one program per kv tile and kv head, looping over its group."""
   plan = spec.plan
-  seeds = _seed_operands(plan, seed)
+  seeds = _seed_operands(plan, seed) + _decision_operands(plan, decisions)
   g = plan.groups
   rows = spec.dkv_rows
   return pl.pallas_call(
@@ -513,9 +628,11 @@ def backward_dkv(spec: KernelSpec, q, k, v, do, lse, delta, tlists, leaves, seed
   )(q, k, v, do, lse, delta, *tlists, *seeds, *leaves)
 
 
-def backward(spec: KernelSpec, q, k, v, do, lse, delta, lists, tlists, leaves, seed=None):
+def backward(spec: KernelSpec, q, k, v, do, lse, delta, lists, tlists, leaves, seed=None,
+             decisions=None):
   """``(dq, dk, dv)`` on padded inputs. ``delta`` is ``rowsum(out * dout) - dlse`` (f32);
-  ``seed`` the forward's dropout seed when the plan drops."""
-  dq = backward_dq(spec, q, k, v, do, lse, delta, lists, leaves, seed)
-  dk, dv = backward_dkv(spec, q, k, v, do, lse, delta, tlists, leaves, seed)
+  ``seed`` the forward's dropout seed when the plan drops; ``decisions`` a threshold forward's
+  recorded tiles (int8 ``(B, Hq, nq, nk)``), which both passes skip."""
+  dq = backward_dq(spec, q, k, v, do, lse, delta, lists, leaves, seed, decisions)
+  dk, dv = backward_dkv(spec, q, k, v, do, lse, delta, tlists, leaves, seed, decisions)
   return dq, dk, dv

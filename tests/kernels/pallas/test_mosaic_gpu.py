@@ -6,9 +6,11 @@ would fail first on the GPU). With ``-m gpu`` (an H100/H200): outputs, LSE and g
 the references at realistic shapes.
 """
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from attnax.kernels import (additive_bias_mod, alibi_mod, causal_mod, compose_score_mods,
@@ -16,7 +18,7 @@ from attnax.kernels import (additive_bias_mod, alibi_mod, causal_mod, compose_sc
                             softcap_mod)
 from attnax.kernels.pallas import api, mosaic_gpu as mg, pallas_flash_attention
 from attnax.kernels.pallas.plan import build_plan
-from tests.helpers import random_qkv
+from tests.helpers import kernel_grads, random_qkv, rel_err, tol
 from tests.kernels.pallas.test_gpu import check_against_reference
 
 bf16, f16 = jnp.bfloat16, jnp.float16
@@ -96,6 +98,35 @@ def test_lowers_for_sm90(case):
   assert "mosaic_gpu" in exported.mlir_module()
   out, lse = exported.out_avals
   assert out.shape == (1, 4, plan.q_pad, plan.v_pad) and lse.shape == (1, 4, plan.q_pad)
+  if not spec.mosaic_backward:
+    return
+  # The backward's two kernels (dQ over the lists, dK/dV over the transposed lists).
+  bwd = jax.jit(lambda q, k, v, do, lse, delta, a: mg.backward(spec, q, k, v, do, lse, delta, a))
+  rows = jnp.zeros(qp.shape[:3], jnp.float32)
+  exported = jax.export.export(bwd, platforms=["cuda"], disabled_checks=[
+      jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(qp, kp, vp, qp, rows, rows,
+                                                                     arrays)
+  assert [a.shape for a in exported.out_avals] == [qp.shape, kp.shape, vp.shape]
+
+
+def test_backward_reasons():
+  """Which plans the Mosaic backward runs; the rest take the Triton backward, with the reason."""
+  q, k, v = _zeros()
+  cfg, plan, *_ = _plan(q, k, v, score_mod=compose_score_mods(causal_mod(), softcap_mod(30.0),
+                                                              alibi_mod(4)))
+  assert mg.backward_reasons(plan) == [] and mg.kernel_spec(plan, cfg).mosaic_backward
+  assert not mg.kernel_spec(plan, dataclasses.replace(cfg, bwd="triton")).mosaic_backward
+  # A (query, key) table needs a transposed tile load in the dK/dV kernel.
+  cfg, plan, *_ = _plan(q, k, v, score_mod=additive_bias_mod(jnp.zeros((4, 512, 512))))
+  assert "transposed" in " ".join(mg.backward_reasons(plan))
+  assert not mg.kernel_spec(plan, cfg).mosaic_backward
+  with pytest.raises(ValueError, match="Mosaic backward"):
+    mg.kernel_spec(plan, dataclasses.replace(cfg, bwd="mosaic"))
+  with pytest.raises(ValueError, match="bwd must be"):
+    mg.kernel_spec(plan, dataclasses.replace(cfg, bwd="cuda"))
+  # Head dim 256: the accumulators do not fit.
+  cfg, plan, *_ = _plan(*_zeros(d=256))
+  assert "head dim 256" in " ".join(mg.backward_reasons(plan))
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -128,7 +159,27 @@ def test_mosaic_against_reference(case):
   b, hq, hkv, sq, sk, d, dtype, kw = GPU_CASES[case]
   q, k, v = random_qkv(hash(case) % 1000, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq, kv_len=sk,
                        head_dim=d, dtype=dtype)
-  _check_gpu(q, k, v, grads=case in ("causal_gqa", "bias_table", "docs_alibi_softcap"), **kw())
+  _check_gpu(q, k, v, grads=True, **kw())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["causal_gqa", "docs_alibi_softcap", "ragged_sq_ne_sk",
+                                  "padding_rows_empty"])
+def test_mosaic_backward_matches_triton_backward(case):
+  """The Mosaic backward against the Triton backward of the same forward (same plan, same
+  rounding of the inputs): closer than either is to the float64 reference."""
+  b, hq, hkv, sq, sk, d, dtype, kw = GPU_CASES[case]
+  q, k, v = random_qkv(hash(case) % 1000 + 1, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq,
+                       kv_len=sk, head_dim=d, dtype=dtype)
+  cfg = mg.default_config(d, dtype, masked=True)
+  ct = jax.random.normal(jax.random.key(8), q.shape[:3] + v.shape[-1:], jnp.float32).astype(dtype)
+  grads = {}
+  for bwd in ("mosaic", "triton"):
+    grads[bwd] = kernel_grads(pallas_flash_attention, q, k, v, ct, backend="mosaic",
+                              config=dataclasses.replace(cfg, bwd=bwd), **kw())
+  for name, g, w in zip("qkv", grads["mosaic"], grads["triton"]):
+    assert not np.isnan(np.asarray(g, np.float32)).any(), name
+    assert rel_err(g, w) < tol(dtype), (name, rel_err(g, w))
 
 
 @pytest.mark.gpu
