@@ -1,26 +1,45 @@
 #!/usr/bin/env bash
-# The Mosaic backward's device sweep (BENCHMARKS.md "Mosaic GPU backward"): tune the backward's
-# knobs at D=128, install the tuned table in this working copy, then time fwd+bwd of the issue's
-# target cases against cuDNN, tokamax and FlexAttention, and the mod-array gradient costs.
+# One device call for the Mosaic backward and issue 13 (BENCHMARKS.md "Mosaic GPU backward" and
+# "Threshold-sparse and gated attention"): tune the backward's knobs at D=128 and install the table
+# in this working copy; the GPU tests of the new kernels; fwd+bwd of the target cases against cuDNN,
+# tokamax and FlexAttention; mod-array gradient costs; threshold-sparse / gated attention at 32k.
 #   run(command="bash benchmarks/sweep_mosaic_bwd.sh", carry=[".whl"], timeout_s=600)
-# Parts can be skipped: SKIP_TUNE=1, SKIP_MODGRADS=1; BENCH_CASES / BENCH_BUDGET_S override.
+# SKIP="tune tests bench modgrads threshold" skips parts; BENCH_CASES / BENCH_BUDGET_S override.
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/attnax_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 T0=$(date +%s)
-if [[ -z $SKIP_TUNE ]]; then
-  timeout 170 python3 benchmarks/tune_mosaic.py --backward --dims 128 --out "$OUT/tune" \
+skip() { [[ " $SKIP " == *" $1 "* ]]; }
+stamp() { echo "== $1 at $(( $(date +%s) - T0 ))s"; }
+if ! skip tune; then
+  stamp tune
+  timeout 110 python3 benchmarks/tune_mosaic.py --backward --dims 128 --out "$OUT/tune" \
     > "$OUT/tune_bwd.log" 2>&1
-  echo "tune rc=$? in $(( $(date +%s) - T0 ))s"; grep -v "^WARNING" "$OUT/tune_bwd.log" | tail -30
+  echo "tune rc=$?"; grep -v "^WARNING" "$OUT/tune_bwd.log" | grep -v "^ *\"\|^ *}\|^{" | tail -14
   [[ -f $OUT/tune/mosaic_gpu.json ]] && cp "$OUT/tune/mosaic_gpu.json" attnax/kernels/pallas/configs/
 fi
-cases=${BENCH_CASES:-s4k,s4k-causal,s16k,s16k-causal,window32k,docs32k,alibi8k,s4k-d64,s4k-d64-causal,s4k-d256,aether-32k-clustered}
-SWEEP_BUDGET_S=${BENCH_BUDGET_S:-300} bash benchmarks/gpu_sweep.sh bench --cases "$cases" \
-  --kernels cudnn,tokamax-mosaic,flex,attnax-mosaic,attnax-mosaic-tbwd,aether --modes fwd+bwd \
-  --budget-s 0.3 2>&1 | grep -v "^WARNING:absl" | grep -v "^$" | tail -120
-if [[ -z $SKIP_MODGRADS ]]; then
-  timeout 90 python3 benchmarks/bench_mod_grads.py --json "$OUT/mod_grads.json" --deadline-s 80 \
+if ! skip tests; then
+  stamp tests
+  timeout 80 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" \
+    tests/kernels/test_threshold.py tests/kernels/test_gated.py tests/kernels/test_dropout.py \
+    2>&1 | tail -6
+fi
+if ! skip bench; then
+  stamp bench
+  cases=${BENCH_CASES:-s4k,s4k-causal,s16k-causal,window32k,docs32k,alibi8k,s4k-d256,aether-32k-clustered}
+  SWEEP_BUDGET_S=${BENCH_BUDGET_S:-230} bash benchmarks/gpu_sweep.sh bench --cases "$cases" \
+    --kernels cudnn,tokamax-mosaic,flex,attnax-mosaic,aether --modes fwd+bwd --budget-s 0.25 \
+    2>&1 | grep "^|\|^###\|done" | tail -80
+fi
+if ! skip modgrads; then
+  stamp modgrads
+  timeout 60 python3 benchmarks/bench_mod_grads.py --json "$OUT/mod_grads.json" --deadline-s 55 \
+    --budget-s 0.25 2>&1 | grep -v "^WARNING" | grep "^|\|costs" | tail -24
+fi
+if ! skip threshold; then
+  stamp threshold
+  timeout 100 python3 benchmarks/bench_threshold.py --budget-s 0.25 --out "$OUT/threshold" \
     2>&1 | grep -v "^WARNING" | tail -30
 fi
-echo "sweep done in $(( $(date +%s) - T0 ))s"
+stamp done
