@@ -50,10 +50,8 @@ _NAMES = tuple(IMPLEMENTATIONS) + ("xla",)
 
 def _layout(fn: str, query: Any, key: Any, value: Any, rank: int) -> tuple[int, ...]:
   """Check ``(B, S, H, D)`` (rank 4) or packed ``(T, H, D)`` (rank 3) query/key/value."""
-  for name, x in (("query", query), ("key", key), ("value", value)):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-      raise ValueError(f"{fn}: {name} must be an array, got {type(x).__name__}")
-  if not query.ndim == key.ndim == value.ndim == rank:
+  ranks = [getattr(x, "ndim", None) for x in (query, key, value)]
+  if None not in ranks and ranks != [rank] * 3:      # a non-array: check_layout names it
     what = "(batch, seqlen, heads, head_dim)" if rank == 4 else "(total_seqlen, heads, head_dim)"
     raise ValueError(f"{fn}: query, key and value must be {what} arrays (rank {rank}), got query "
                      f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}")
@@ -110,13 +108,6 @@ def _kernel(fn: str, implementation: Any, q, k, v):
                    f"got {type(implementation).__name__}")
 
 
-def _scale(fn: str, softmax_scale: Any, head_dim: int) -> float:
-  try:
-    return _checks.default_scale(softmax_scale, head_dim)
-  except ValueError as e:
-    raise ValueError(f"{fn}: softmax_scale: {e}") from None
-
-
 def _to_bhsd(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 1, 2)             # (B, S, H, D) <-> (B, H, S, D)
 
@@ -138,36 +129,22 @@ def _run(fn: str, q, k, v, *, score_mod, scale, return_lse, implementation, spar
   return res, None
 
 
-def _gates(fn: str, alpha: Any, delta: Any, want_a: tuple, want_d: tuple, what: str):
+def _gates(fn: str, alpha: Any, delta: Any, want_a: tuple, want_d: tuple, what: dict):
   """alpha/delta as arrays of exactly the shapes the inputs need (a ValueError naming them)."""
-  arrays = []
-  for name, x, want in (("alpha", alpha, want_a), ("delta", delta, want_d)):
-    try:
-      x = jnp.asarray(x)
-    except (TypeError, ValueError):
-      raise ValueError(f"{fn}: {name} must be an array, got {type(x).__name__}") from None
-    if tuple(x.shape) != tuple(want) or not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{fn}: {name} must be a floating-point array of shape {what[name]} = "
-                       f"{tuple(want)}, got {x.dtype}{tuple(x.shape)}")
-    arrays.append(x)
-  return arrays
+  return [gated._gate_array(x, name, fn=fn, shape=want, layout=what[name])
+          for name, x, want in (("alpha", alpha, want_a), ("delta", delta, want_d))]
 
 
-def _threshold(fn: str, name: str, value: Any, *, allow_zero: bool = False) -> float | None:
-  """A static threshold: a Python float, > 0 (>= 0 with ``allow_zero``), or None."""
-  if value is None:
-    return None
-  what = ">= 0" if allow_zero else "> 0"
-  if isinstance(value, bool):
-    raise ValueError(f"{fn}: {name} must be a Python float {what} or None, got {value!r}")
-  try:
-    value = float(value)
-  except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
-    raise ValueError(f"{fn}: {name} must be a Python float {what} or None (static), got "
-                     f"{type(value).__name__}") from None
-  if not (np.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
-    raise ValueError(f"{fn}: {name} must be finite and {what}, got {value}")
-  return value
+def _softmax_threshold(fn: str, value: Any) -> float | None:
+  """None, or a softmax-probability threshold: a static float in ``[0, 1]`` (0 skips nothing)."""
+  return _checks.static_float(value, "softmax_threshold", fn=fn, low=0.0, high=1.0,
+                              allow_none=True)
+
+
+def _gate_threshold(fn: str, value: Any) -> float | None:
+  """None, or ``gated_mod``'s threshold: a static float > 0."""
+  return _checks.static_float(value, "gate_threshold", fn=fn, low=0.0, low_inclusive=False,
+                              allow_none=True)
 
 
 # ----------------------------------------------------------------------------- base (B, S, H, D)
@@ -176,7 +153,7 @@ def _threshold(fn: str, name: str, value: Any, *, allow_zero: bool = False) -> f
 def _base(fn, query, key, value, *, is_causal, softmax_scale, window_size, return_lse,
           implementation, sparse, softmax_threshold=None, gate=None):
   b, sq, sk, hq, hkv = _layout(fn, query, key, value, 4)
-  scale = _scale(fn, softmax_scale, query.shape[-1])
+  scale = _checks.default_scale(softmax_scale, query.shape[-1], name="softmax_scale", fn=fn)
   left, right = _window(fn, window_size)
   mask = _band(bool(is_causal), left, right, sk - sq)
   if gate is None:
@@ -186,7 +163,7 @@ def _base(fn, query, key, value, *, is_causal, softmax_scale, window_size, retur
     alpha, delta = _gates(fn, alpha, delta, (b, hq, sq), (b, hkv, sk),
                           {"alpha": "(batch, num_heads, seqlen_q)",
                            "delta": "(batch, num_kv_heads, seqlen_k)"})
-    kw["gate_threshold"] = _threshold(fn, "gate_threshold", kw["gate_threshold"])
+    kw["gate_threshold"] = _gate_threshold(fn, kw["gate_threshold"])
     score_mod = gated.gated_mod(alpha, delta, gate_scale=scale, mask_mod=mask, **kw)
   out, lse = _run(fn, _to_bhsd(query), _to_bhsd(key), _to_bhsd(value), score_mod=score_mod,
                   scale=scale, return_lse=return_lse, implementation=implementation,
@@ -238,8 +215,8 @@ def flash_sparse_attn_func(query: Any, key: Any, value: Any, is_causal: bool = F
   return _base("flash_sparse_attn_func", query, key, value, is_causal=is_causal,
                softmax_scale=softmax_scale, window_size=window_size, return_lse=return_lse,
                implementation=implementation, sparse=True,
-               softmax_threshold=_threshold("flash_sparse_attn_func", "softmax_threshold",
-                                            softmax_threshold, allow_zero=True))
+               softmax_threshold=_softmax_threshold("flash_sparse_attn_func",
+                                                    softmax_threshold))
 
 
 def flash_gated_attn_func(query: Any, key: Any, value: Any, alpha: Any, delta: Any,
@@ -257,7 +234,7 @@ def flash_gated_attn_func(query: Any, key: Any, value: Any, alpha: Any, delta: A
   Args:
     alpha: ``(batch, num_heads, seqlen_q)`` query gates.
     delta: ``(batch, num_kv_heads, seqlen_k)`` key gates.
-    softmax_threshold: None (no softmax skipping) or a threshold: the call then runs
+    softmax_threshold: None (no softmax skipping) or a threshold in ``[0, 1]``: the call runs
       :func:`attnax.kernels.threshold_sparse_attention` with the gate as its score mod.
     gate_threshold: None (no gate masking) or ``gated_mod``'s threshold: a key whose gate gives it
       less than this fraction of the weight the row's strongest visible gate gives is masked
@@ -268,7 +245,7 @@ def flash_gated_attn_func(query: Any, key: Any, value: Any, alpha: Any, delta: A
       :func:`flash_dense_attn_func`.
   """
   fn = "flash_gated_attn_func"
-  softmax_threshold = _threshold(fn, "softmax_threshold", softmax_threshold, allow_zero=True)
+  softmax_threshold = _softmax_threshold(fn, softmax_threshold)
   gate = (alpha, delta, dict(is_logsigmoid_gate=is_logsigmoid_gate, is_adapt_gate=is_adapt_gate,
                              gate_threshold=gate_threshold))
   return _base(fn, query, key, value, is_causal=is_causal, softmax_scale=softmax_scale,
@@ -290,12 +267,6 @@ def _seqused(fn: str, name: str, x: Any, n: int) -> jax.Array | None:
   if not isinstance(x, jax.core.Tracer) and np.any(np.asarray(x) < 0):
     raise ValueError(f"{fn}: {name} must be >= 0, got {np.asarray(x).tolist()}")
   return x.astype(jnp.int32)
-
-
-def _max_seqlen(fn: str, name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{fn}: {name} must be a positive Python int, got {value!r}")
-  return int(value)
 
 
 def varlen_key_ranges(cu_seqlens_q: Any, cu_seqlens_k: Any, *, total_q: int, total_k: int,
@@ -356,9 +327,9 @@ def _varlen(fn, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
             is_causal, softmax_scale, window_size, seqused_q, seqused_k, return_lse,
             implementation, sparse, softmax_threshold=None, gate=None):
   _, tq, tk, hq, hkv = _layout(fn, query, key, value, 3)
-  _max_seqlen(fn, "max_seqlen_q", max_seqlen_q)
-  max_k = _max_seqlen(fn, "max_seqlen_k", max_seqlen_k)
-  scale = _scale(fn, softmax_scale, query.shape[-1])
+  _checks.check_positive_int(f"{fn}: max_seqlen_q", max_seqlen_q)
+  max_k = _checks.check_positive_int(f"{fn}: max_seqlen_k", max_seqlen_k)
+  scale = _checks.default_scale(softmax_scale, query.shape[-1], name="softmax_scale", fn=fn)
   lo, hi, adapt = varlen_key_ranges(cu_seqlens_q, cu_seqlens_k, total_q=tq, total_k=tk,
                                     seqused_q=seqused_q, seqused_k=seqused_k,
                                     is_causal=is_causal, window_size=window_size, fn=fn)
@@ -370,8 +341,8 @@ def _varlen(fn, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     alpha, delta = _gates(fn, alpha, delta, (hq, tq), (hkv, tk),
                           {"alpha": "(num_heads_q, total_seqlen_q)",
                            "delta": "(num_heads_kv, total_seqlen_k)"})
-    alpha, delta = gated._gate_array(alpha[None], "alpha"), gated._gate_array(delta[None], "delta")
-    thr = _threshold(fn, "gate_threshold", kw["gate_threshold"])
+    alpha, delta = alpha[None], delta[None]                 # (1, H, T): gated_mod's layout
+    thr = _gate_threshold(fn, kw["gate_threshold"])
     score_mod = gated._build(alpha, delta, logsigmoid=kw["is_logsigmoid_gate"], gate_scale=scale,
                              gate_threshold=thr, mask=ranges, lo=lo, hi=hi,
                              adapt=adapt if (kw["is_adapt_gate"] and is_causal) else None)
@@ -425,8 +396,7 @@ def flash_sparse_attn_varlen_func(query: Any, key: Any, value: Any, cu_seqlens_q
                  is_causal=is_causal, softmax_scale=softmax_scale, window_size=window_size,
                  seqused_q=seqused_q, seqused_k=seqused_k, return_lse=return_lse,
                  implementation=implementation, sparse=True,
-                 softmax_threshold=_threshold(fn, "softmax_threshold", softmax_threshold,
-                                              allow_zero=True))
+                 softmax_threshold=_softmax_threshold(fn, softmax_threshold))
 
 
 def flash_gated_attn_varlen_func(query: Any, key: Any, value: Any, alpha: Any, delta: Any,
@@ -440,7 +410,7 @@ def flash_gated_attn_varlen_func(query: Any, key: Any, value: Any, alpha: Any, d
                                  seqused_k: Any = None, return_lse: bool = False, *,
                                  implementation: Any = None) -> Any:
   fn = "flash_gated_attn_varlen_func"
-  softmax_threshold = _threshold(fn, "softmax_threshold", softmax_threshold, allow_zero=True)
+  softmax_threshold = _softmax_threshold(fn, softmax_threshold)
   gate = (alpha, delta, dict(is_logsigmoid_gate=is_logsigmoid_gate, is_adapt_gate=is_adapt_gate,
                              gate_threshold=gate_threshold))
   return _varlen(fn, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

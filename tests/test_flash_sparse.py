@@ -323,3 +323,40 @@ def test_bad_inputs_raise_value_errors_naming_them():
     fs.flash_dense_attn_varlen_func(pq, pk, pv, cu_q, cu_k[:-1], 9, 11)
   with pytest.raises(ValueError, match=r"alpha.*\(num_heads_q, total_seqlen_q\)"):
     fs.flash_gated_attn_varlen_func(pq, pk, pv, pa.T, pd, cu_q, cu_k, 9, 11)
+
+
+def _softmax_threshold_calls():
+  """Each function taking a softmax_threshold, as ``name -> call(threshold)``."""
+  q, k, v = bshd(10, 13, 19)
+  alpha, delta = gates(11, 13, 19)
+  pq, pk, pv, pa, pd, cu_q, cu_k = packed(12)
+  return {
+      "flash_sparse_attn_func": lambda t: fs.flash_sparse_attn_func(q, k, v, softmax_threshold=t),
+      "flash_gated_attn_func": lambda t: fs.flash_gated_attn_func(
+          q, k, v, alpha, delta, softmax_threshold=t),
+      "flash_sparse_attn_varlen_func": lambda t: fs.flash_sparse_attn_varlen_func(
+          pq, pk, pv, cu_q, cu_k, 9, 11, softmax_threshold=t),
+      "flash_gated_attn_varlen_func": lambda t: fs.flash_gated_attn_varlen_func(
+          pq, pk, pv, pa, pd, cu_q, cu_k, 9, 11, softmax_threshold=t),
+  }
+
+
+def test_softmax_threshold_is_a_probability():
+  """softmax_threshold is a probability relative to the running max: a static float in [0, 1];
+  above 1 (and below 0, NaN, bools, strings, traced values) is a ValueError naming the function
+  and the argument."""
+  for name, call in _softmax_threshold_calls().items():
+    with pytest.raises(ValueError, match=rf"{name}: softmax_threshold must be in \[0, 1\], "
+                                         r"got 1\.5"):
+      call(1.5)
+    with pytest.raises(ValueError, match=rf"{name}: softmax_threshold must be in \[0, 1\]"):
+      call(-0.1)
+    with pytest.raises(ValueError, match=rf"{name}: softmax_threshold must be finite"):
+      call(float("nan"))
+    for bad in (True, "0.5"):
+      with pytest.raises(ValueError, match=rf"{name}: softmax_threshold must be a float"):
+        call(bad)
+    with pytest.raises(ValueError, match=rf"{name}: softmax_threshold must be a static"):
+      jax.jit(call)(0.5)
+    for ok in (0.0, 1.0):      # the bounds are thresholds: 0 skips nothing, 1 all but the best
+      jax.eval_shape(lambda: call(ok))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -58,20 +60,63 @@ def check_qkv(q: Any, k: Any, v: Any, *, kernel: str = "attention",
   return b, hq, hkv, sq, sk, d, dv
 
 
-def default_scale(scale: float | None, head_dim: int) -> float:
-  """``scale`` as a float (``None``: ``head_dim ** -0.5``); a ValueError unless static and finite."""
+def _interval(low: float | None, low_inclusive: bool, high: float | None,
+              high_inclusive: bool) -> str:
+  """The range text of :func:`static_float`'s messages: `` in [0, 1)``, `` > 0``, or empty."""
+  if low is not None and high is not None:
+    return (f" in {'[' if low_inclusive else '('}{low:g}, {high:g}"
+            f"{']' if high_inclusive else ')'}")
+  if low is not None:
+    return f" {'>=' if low_inclusive else '>'} {low:g}"
+  if high is not None:
+    return f" {'<=' if high_inclusive else '<'} {high:g}"
+  return ""
+
+
+def static_float(value: Any, name: str, *, fn: str | None = None, low: float | None = None,
+                 low_inclusive: bool = True, high: float | None = None,
+                 high_inclusive: bool = True, allow_none: bool = False) -> float | None:
+  """``value`` as a Python float, or a ValueError naming ``name`` (after ``fn: `` when given).
+
+  Accepted: a real Python or NumPy scalar (not a bool), or a concrete 0-d integer or floating
+  array; it must be finite and within ``low``/``high`` (each bound inclusive unless told
+  otherwise; ``None``: unbounded). ``allow_none`` passes ``None`` through. Traced values are
+  refused: the value is static configuration (a new value retraces).
+  """
+  if value is None and allow_none:
+    return None
+  where = f"{fn}: " if fn else ""
+  rng = _interval(low, low_inclusive, high, high_inclusive)
+  or_none = " or None" if allow_none else ""
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{where}{name} must be a static Python float{rng}{or_none}, got a traced "
+                     "value (pass it through functools.partial or mark it static under jit)")
+  concrete_scalar = (isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0
+                     and (jnp.issubdtype(value.dtype, jnp.floating)
+                          or jnp.issubdtype(value.dtype, jnp.integer)))
+  if (isinstance(value, (bool, np.bool_))
+      or not (concrete_scalar or isinstance(value, numbers.Real))):
+    raise ValueError(f"{where}{name} must be a float{rng}{or_none} (a static Python number), got "
+                     f"{type(value).__name__} {value!r}")
+  result = float(value)
+  if not math.isfinite(result):
+    raise ValueError(f"{where}{name} must be finite{' and' + rng if rng else ''}, got {result}")
+  below = low is not None and (result < low if low_inclusive else result <= low)
+  above = high is not None and (result > high if high_inclusive else result >= high)
+  if below or above:
+    raise ValueError(f"{where}{name} must be{rng}, got {result}")
+  return result
+
+
+def default_scale(scale: float | None, head_dim: int, *, name: str = "scale",
+                  fn: str | None = None) -> float:
+  """``scale`` as a float (``None``: ``head_dim ** -0.5``); a ValueError unless static and finite.
+
+  ``name`` and ``fn`` name the argument and the function in the error (see :func:`static_float`).
+  """
   if scale is None:
     return head_dim ** -0.5
-  if isinstance(scale, (bool, np.bool_)):
-    raise ValueError(f"scale must be a finite Python float (static), got {scale!r}")
-  try:
-    value = float(scale)
-  except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
-    raise ValueError(f"scale must be a finite Python float (static), got {type(scale).__name__} "
-                     f"{scale!r}") from None
-  if not np.isfinite(value):
-    raise ValueError(f"scale must be finite, got {value}")
-  return value
+  return static_float(scale, name, fn=fn)
 
 
 def static_int(name: str, value: Any) -> int:
@@ -114,19 +159,8 @@ def check_dropout(dropout_rate: Any, dropout_rng: Any, *,
   :func:`attnax.kernels.tiles.dropout_keep`; the same key gives the same mask in every kernel.
   With rate 0 the key is ignored (may be None) and the seed is None.
   """
-  if isinstance(dropout_rate, jax.core.Tracer):
-    raise ValueError(f"{kernel}: dropout_rate must be a static Python float, got a traced value "
-                     "(pass it through functools.partial or mark it static under jit)")
-  concrete_scalar = (isinstance(dropout_rate, (jax.Array, np.ndarray))
-                     and jnp.ndim(dropout_rate) == 0
-                     and jnp.issubdtype(dropout_rate.dtype, jnp.floating))
-  if (isinstance(dropout_rate, (bool, np.bool_))
-      or not (concrete_scalar or isinstance(dropout_rate, (int, float, np.integer, np.floating)))):
-    raise ValueError(f"{kernel}: dropout_rate must be a float in [0, 1), got "
-                     f"{type(dropout_rate).__name__} {dropout_rate!r}")
-  rate = float(dropout_rate)
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f"{kernel}: dropout_rate must be in [0, 1), got {dropout_rate}")
+  rate = static_float(dropout_rate, "dropout_rate", fn=kernel, low=0.0, high=1.0,
+                      high_inclusive=False)
   if rate == 0.0:
     return 0.0, None
   if dropout_rng is None:

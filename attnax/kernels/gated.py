@@ -22,14 +22,13 @@ EMPTY in the BlockMask: they are never loaded, in the forward or the backward.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnax.kernels import _checks
 from attnax.kernels import score_mods as sm
 from attnax.kernels.score_mods import _pytree, _ranges, take
 
@@ -320,26 +319,25 @@ def _causal_adapt(q_len: int, kv_len: int, offset: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- the factory
 
 
-def _gate_array(x: Any, name: str) -> jax.Array:
+def _gate_array(x: Any, name: str, *, fn: str = "gated_mod", shape: tuple | None = None,
+                layout: str | None = None) -> jax.Array:
+  """``x`` as a floating-point array of rank 3 (or, given ``shape``, of exactly that shape).
+
+  A ValueError naming ``fn`` and ``name`` otherwise; ``layout`` names the axes in it (default
+  ``(B, Hq, Sq)`` for alpha, ``(B, Hkv, Sk)`` for delta).
+  """
   try:
     arr = jnp.asarray(x)
   except (TypeError, ValueError):
-    raise ValueError(f"gated_mod: {name} must be an array, got {type(x).__name__}") from None
-  if arr.ndim != 3 or not jnp.issubdtype(arr.dtype, jnp.floating):
-    raise ValueError(f"gated_mod: {name} must be a floating-point array of rank 3 "
-                     f"({'(B, Hq, Sq)' if name == 'alpha' else '(B, Hkv, Sk)'}), got "
+    raise ValueError(f"{fn}: {name} must be an array, got {type(x).__name__}") from None
+  if layout is None:
+    layout = "(B, Hq, Sq)" if name == "alpha" else "(B, Hkv, Sk)"
+  fits = arr.ndim == 3 if shape is None else tuple(arr.shape) == tuple(shape)
+  if not fits or not jnp.issubdtype(arr.dtype, jnp.floating):
+    want = f"of rank 3 ({layout})" if shape is None else f"of shape {layout} = {tuple(shape)}"
+    raise ValueError(f"{fn}: {name} must be a floating-point array {want}, got "
                      f"{arr.dtype}{tuple(arr.shape)}")
   return arr
-
-
-def _positive_float(value: Any, name: str) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise ValueError(f"gated_mod: {name} must be a positive Python float (static), got "
-                     f"{value!r} ({type(value).__name__})")
-  value = float(value)
-  if not (math.isfinite(value) and value > 0):
-    raise ValueError(f"gated_mod: {name} must be finite and > 0, got {value}")
-  return value
 
 
 def _unwrap_mask(mask_mod: Any) -> Any:
@@ -426,12 +424,14 @@ def gated_mod(alpha: Any, delta: Any, *, is_logsigmoid_gate: bool = True,
                      f"delta's (Hkv={delta.shape[1]}): {shapes}")
   if 0 in alpha.shape + delta.shape:
     raise ValueError(f"gated_mod: empty dimension: {shapes}")
-  gate_scale = _positive_float(gate_scale, "gate_scale")
+  gate_scale = _checks.static_float(gate_scale, "gate_scale", fn="gated_mod", low=0.0,
+                                   low_inclusive=False)
   mask = None if mask_mod is None else _unwrap_mask(mask_mod)
   if gate_threshold is None:
     return _build(alpha, delta, logsigmoid=is_logsigmoid_gate, gate_scale=gate_scale,
                   gate_threshold=None, mask=mask)
-  gate_threshold = _positive_float(gate_threshold, "gate_threshold")
+  gate_threshold = _checks.static_float(gate_threshold, "gate_threshold", fn="gated_mod",
+                                       low=0.0, low_inclusive=False)
   q_len, kv_len = alpha.shape[2], delta.shape[2]
   if isinstance(mask, KeyRangeMask):
     lo, hi, offset = mask.lo, mask.hi, None

@@ -34,12 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attnax.kernels import _checks
 from attnax.kernels import flash as flash_lib
@@ -107,16 +105,10 @@ def default_softmax_threshold(head_dim: int, kv_len: int) -> float:
 
 
 def _check_threshold(threshold: Any, head_dim: int, kv_len: int) -> float:
+  """A probability relative to the running max: a static float in ``[0, 1]`` (None: default)."""
   if threshold is None:
     return default_softmax_threshold(head_dim, kv_len)
-  if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, numbers.Real):
-    raise ValueError(f"{_NAME}: softmax_threshold must be a static Python float in [0, 1] or "
-                     f"None, got {type(threshold).__name__}")
-  t = float(threshold)
-  if not (0.0 <= t <= 1.0):   # NaN fails too
-    raise ValueError(f"{_NAME}: softmax_threshold must be in [0, 1] (a probability relative to "
-                     f"the running max), got {t}")
-  return t
+  return _checks.static_float(threshold, "softmax_threshold", fn=_NAME, low=0.0, high=1.0)
 
 
 def _resolve_backend(backend: Any, dtype: Any) -> str:

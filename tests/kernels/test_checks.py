@@ -178,6 +178,39 @@ def test_default_scale():
     _checks.default_scale("abc", 4)
 
 
+def test_static_float():
+  sf = _checks.static_float
+  assert sf(0.5, "x") == 0.5 and type(sf(np.float32(0.25), "x")) is float
+  assert sf(2, "x") == 2.0 and sf(jnp.asarray(0.5), "x") == 0.5 and sf(np.asarray(3), "x") == 3.0
+  assert sf(None, "x", allow_none=True) is None
+  assert sf(0.0, "x", low=0.0) == 0.0 and sf(1.0, "x", high=1.0) == 1.0
+  cases = [
+      (dict(value=None), r"^x must be a float \(a static Python number\), got NoneType None$"),
+      (dict(value=True, fn="f"), r"^f: x must be a float .*got bool True"),
+      (dict(value="0.5"), r"x must be a float .*got str '0.5'"),
+      (dict(value=np.array([0.5])), r"x must be a float .*got ndarray"),
+      (dict(value=np.bool_(True)), r"x must be a float"),
+      (dict(value=float("nan"), fn="f"), r"^f: x must be finite, got nan$"),
+      (dict(value=float("inf"), low=0.0), r"^x must be finite and >= 0, got inf$"),
+      (dict(value=0.0, low=0.0, low_inclusive=False), r"^x must be > 0, got 0\.0$"),
+      (dict(value=1.0, low=0.0, high=1.0, high_inclusive=False), r"^x must be in \[0, 1\), got 1"),
+      (dict(value=1.5, low=0.0, high=1.0, fn="f"), r"^f: x must be in \[0, 1\], got 1\.5$"),
+      (dict(value=-2.0, high=-3.0), r"^x must be <= -3, got -2\.0$"),
+  ]
+  for kw, match in cases:
+    with pytest.raises(ValueError, match=match):
+      sf(kw.pop("value"), "x", **kw)
+  with pytest.raises(ValueError, match=r"^f: x must be a static Python float or None, got a traced"):
+    jax.jit(lambda t: sf(t, "x", fn="f", allow_none=True))(0.5)
+
+
+def test_default_scale_names_the_argument():
+  with pytest.raises(ValueError, match=r"^g: softmax_scale must be finite, got inf$"):
+    _checks.default_scale(float("inf"), 4, name="softmax_scale", fn="g")
+  with pytest.raises(ValueError, match=r"^scale must be a float"):
+    _checks.default_scale(False, 4)
+
+
 @pytest.mark.parametrize("value", [0, -1, 2.5, "8", None, True])
 def test_check_block_rejects(value):
   with pytest.raises(ValueError, match="block_q"):

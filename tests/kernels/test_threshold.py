@@ -294,6 +294,19 @@ def test_bad_threshold_raises(bad):
     threshold_sparse_attention(q, k, v, softmax_threshold=bad)
 
 
+@pytest.mark.parametrize("bad, match", [
+    (1.5, r"threshold_sparse_attention: softmax_threshold must be in \[0, 1\], got 1\.5"),
+    (1.0 + 1e-9, r"softmax_threshold must be in \[0, 1\]"),
+    (float("inf"), r"softmax_threshold must be finite"),
+    (True, r"softmax_threshold must be a float"),
+])
+def test_threshold_above_one_raises_naming_it(bad, match):
+  q, k, v = random_qkv(15, batch=1, q_heads=2, kv_heads=1, q_len=16, kv_len=16, head_dim=16)
+  with pytest.raises(ValueError, match=match):
+    threshold_sparse_attention(q, k, v, softmax_threshold=bad)
+  jax.eval_shape(lambda: threshold_sparse_attention(q, k, v, softmax_threshold=1.0))   # bound ok
+
+
 def test_traced_threshold_raises():
   q, k, v = random_qkv(16, batch=1, q_heads=2, kv_heads=1, q_len=16, kv_len=16, head_dim=16)
   with pytest.raises(ValueError, match="softmax_threshold"):

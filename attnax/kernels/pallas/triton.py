@@ -38,7 +38,7 @@ padding); the true lengths are in the plan.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -307,6 +307,45 @@ def _unless_skipped(dec_ref, plan: FlashPlan, b, h, q_block, kv_block, work, car
 # ----------------------------------------------------------------------------- forward
 
 
+class _FwdProgram(NamedTuple):
+  """What both forward kernels start from, for one program (a ``rows``-row q tile of ``(b, h)``)."""
+  b: Any
+  h: Any
+  q_start: Any
+  q: Any            # the q tile
+  q_idx: Any        # int32 (rows, 1): its absolute query positions
+  score_fn: Any
+  mask_fn: Any
+  row: Any          # the BlockMask row this q tile walks
+  carry: tuple      # (acc, m, l): the empty accumulator and softmax statistics
+
+
+def _fwd_program(q_ref, leaf_refs, spec: KernelSpec, rows: int) -> _FwdProgram:
+  """The forward kernels' shared prologue: program ids, mods, the q tile, initial state."""
+  plan = spec.plan
+  i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs)
+  q_start = i * rows
+  q = q_ref[...]
+  q_idx = q_start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+  row = plan.bm_index(b, h) * plan.nq + q_start // plan.block_q
+  m, l = tiles.init_stats((rows,))
+  acc = jnp.zeros((rows, plan.v_pad), f32)
+  return _FwdProgram(b, h, q_start, q, q_idx, score_fn, mask_fn, row, (acc, m, l))
+
+
+def _fwd_finish(spec: KernelSpec, list_refs, prog: _FwdProgram, visit, carry, o_ref, lse_ref):
+  """Walk the q tile's BlockMask row with ``visit`` from ``carry`` (whose first three entries
+  are ``(acc, m, l)``), write the output and the LSE; returns the final carry."""
+  plan = spec.plan
+  ragged_k = plan.kv_len != plan.kv_pad
+  carry = _walk(spec, list_refs, prog.row, plan.nk, plan.nk, ragged_k, False, visit, carry)
+  out, lse = tiles.finalize(*carry[:3])
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse
+  return carry
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, *rest, spec):
   plan = spec.plan
   list_refs, rest = rest[:NUM_LISTS], rest[NUM_LISTS:]
@@ -314,14 +353,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, spec):
   if plan.softmax_threshold is not None:
     return _fwd_threshold_kernel(q_ref, k_ref, v_ref, list_refs, *rest, spec=spec)
   leaf_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
-  i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  rows, cols = spec.fwd_rows, spec.fwd_cols
-  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs)
-  q_start = i * rows
-  q = q_ref[...]
-  q_idx = q_start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
-  m, l = tiles.init_stats((rows,))
-  acc = jnp.zeros((rows, plan.v_pad), f32)
+  cols = spec.fwd_cols
+  prog = _fwd_program(q_ref, leaf_refs, spec, spec.fwd_rows)
+  b, h, q, q_idx, score_fn, mask_fn = (prog.b, prog.h, prog.q, prog.q_idx, prog.score_fn,
+                                        prog.mask_fn)
 
   def visit(kv_block, carry, masked):
     acc, m, l = carry
@@ -337,12 +372,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, spec):
       acc = acc * alpha[:, None] + lax.dot(p, v, preferred_element_type=f32)
     return acc, m, l
 
-  row = plan.bm_index(b, h) * plan.nq + q_start // plan.block_q
-  ragged_k = plan.kv_len != plan.kv_pad
-  acc, m, l = _walk(spec, list_refs, row, plan.nk, plan.nk, ragged_k, False, visit, (acc, m, l))
-  out, lse = tiles.finalize(acc, m, l)
-  o_ref[...] = out.astype(o_ref.dtype)
-  lse_ref[...] = lse
+  _fwd_finish(spec, list_refs, prog, visit, prog.carry, o_ref, lse_ref)
 
 
 def _fwd_threshold_kernel(q_ref, k_ref, v_ref, list_refs, *rest, spec):
@@ -354,18 +384,14 @@ def _fwd_threshold_kernel(q_ref, k_ref, v_ref, list_refs, *rest, spec):
   """
   plan = spec.plan
   leaf_refs, (o_ref, lse_ref, dec_ref) = rest[:-3], rest[-3:]
-  i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, bk = plan.block_q, plan.block_k
-  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs)
-  q_start = i * rows
-  q = q_ref[...]
-  q_idx = q_start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
-  q_valid = q_start + lax.broadcasted_iota(jnp.int32, (rows,), 0) < plan.q_len
+  prog = _fwd_program(q_ref, leaf_refs, spec, rows)
+  b, h, q, q_idx, score_fn, mask_fn = (prog.b, prog.h, prog.q, prog.q_idx, prog.score_fn,
+                                        prog.mask_fn)
+  q_valid = prog.q_start + lax.broadcasted_iota(jnp.int32, (rows,), 0) < plan.q_len
   kv_tiles = lax.broadcasted_iota(jnp.int32, (dec_ref.shape[-1],), 0)
   log_t = tiles.log_threshold(plan.softmax_threshold)
-  m, l = tiles.init_stats((rows,))
-  carry = (jnp.zeros((rows, plan.v_pad), f32), m, l, jnp.full((), tiles.MASK_VALUE, f32),
-           jnp.zeros(kv_tiles.shape, jnp.int32))
+  carry = prog.carry + (jnp.full((), tiles.MASK_VALUE, f32), jnp.zeros(kv_tiles.shape, jnp.int32))
 
   def visit(kv_block, carry, masked):
     acc, m, l, tile_m, codes = carry
@@ -384,16 +410,12 @@ def _fwd_threshold_kernel(q_ref, k_ref, v_ref, list_refs, *rest, spec):
       return acc, m, l, jnp.maximum(tile_m, tile_max)
 
     acc, m, l, tile_m = lax.cond(skip, lambda c: c, kept, (acc, m, l, tile_m))
-    code = jnp.where(skip, tiles.TILE_SKIPPED, tiles.TILE_KEPT)
+    # The code as an int32 vector: Triton's select of a scalar-int branch came out i1 (invalid IR).
+    code = (jnp.full(kv_tiles.shape, tiles.TILE_KEPT, jnp.int32)
+            + skip.astype(jnp.int32) * (tiles.TILE_SKIPPED - tiles.TILE_KEPT))
     return acc, m, l, tile_m, jnp.where(kv_tiles == kv_block, code, codes)
 
-  row = plan.bm_index(b, h) * plan.nq + i
-  ragged_k = plan.kv_len != plan.kv_pad
-  acc, m, l, _, codes = _walk(spec, list_refs, row, plan.nk, plan.nk, ragged_k, False, visit,
-                              carry)
-  out, lse = tiles.finalize(acc, m, l)
-  o_ref[...] = out.astype(o_ref.dtype)
-  lse_ref[...] = lse
+  *_, codes = _fwd_finish(spec, list_refs, prog, visit, carry, o_ref, lse_ref)
   dec_ref[...] = codes
 
 
