@@ -29,7 +29,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ModOperands", "RefArray", "collect", "eval_jaxpr", "is_array", "has_functions",
+__all__ = ["ModOperands", "RefArray", "LoadTape", "TapedRefArray", "collect", "eval_jaxpr", "is_array", "has_functions",
            "split_static", "join_static", "primal_values", "differentiated", "marked",
            "cotangent_or_none", "operand_cotangents"]
 
@@ -91,6 +91,53 @@ class RefArray:
     val = self.ref[...]
     val = val.reshape(self.shape) if self.shape else val.reshape(())
     return val != 0 if self.dtype == jnp.bool_ else val
+
+
+class LoadTape:
+  """The loads of mods' arrays inside a kernel, recorded and then replayed.
+
+  A ref load has no transpose rule, so a kernel cannot take ``jax.vjp`` of a mod through its
+  loads. Instead it runs the mod once recording every load (:class:`TapedRefArray`), then runs it
+  again under ``jax.vjp`` with the recorded values replayed as inputs: the cotangent of each load
+  is what the kernel adds back (atomically) into the array's gradient at the load's flat indices.
+  """
+
+  def __init__(self):
+    self.loads: list = []        # (operand index, flat indices, loaded value), in load order
+    self._replay: list | None = None
+
+  def record(self):
+    self.loads, self._replay = [], None
+
+  def replay(self, values: Sequence[Any]):
+    self._replay = list(values)
+
+  def next_value(self):
+    return self._replay.pop(0)
+
+  @property
+  def replaying(self) -> bool:
+    return self._replay is not None
+
+
+class TapedRefArray(RefArray):
+  """A :class:`RefArray` whose loads go through a :class:`LoadTape` (operand ``index``)."""
+
+  def __init__(self, ref, shape, dtype, index: int, tape: LoadTape):
+    super().__init__(ref, shape, dtype)
+    self.index, self.tape = index, tape
+
+  def load(self, flat: Any) -> Any:
+    if self.tape.replaying:
+      val = self.tape.next_value()
+    else:
+      val = self.ref[flat]
+      self.tape.loads.append((self.index, flat, val))
+    return val != 0 if self.dtype == jnp.bool_ else val
+
+  def value(self) -> Any:
+    flat = jnp.arange(self.size, dtype=jnp.int32).reshape(self.shape)
+    return self.load(flat if self.shape else jnp.zeros((), jnp.int32))
 
 
 # ----------------------------------------------------------------------------- jaxpr evaluation
@@ -324,10 +371,15 @@ class ModOperands:
     wrap = lambda f: None if f is None else _Closure(f, self.cells, cell_vals)
     return wrap(score_fn), wrap(mask_fn)
 
-  def rebuild_from_refs(self, refs: Sequence[Any]) -> tuple[Any, Any]:
+  def rebuild_from_refs(self, refs: Sequence[Any], tape: LoadTape | None = None
+                        ) -> tuple[Any, Any]:
     """The mods inside a kernel: :class:`RefArray` views of its 1-D operand refs (the layout of
-    :meth:`kernel_operands`)."""
-    return self.rebuild([RefArray(r, shape, dtype) for r, (shape, dtype) in zip(refs, self.meta)])
+    :meth:`kernel_operands`); with ``tape``, views whose loads it records and replays."""
+    if tape is None:
+      return self.rebuild([RefArray(r, shape, dtype)
+                           for r, (shape, dtype) in zip(refs, self.meta)])
+    return self.rebuild([TapedRefArray(r, shape, dtype, n, tape)
+                         for n, (r, (shape, dtype)) in enumerate(zip(refs, self.meta))])
 
   @staticmethod
   def kernel_operands(operands: Sequence[Any]) -> tuple[jax.Array, ...]:

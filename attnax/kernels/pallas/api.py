@@ -17,8 +17,10 @@ is a traced plan array (``PlanArrays.dropout_seed``) that forward and backward k
 mask from.
 
 Gradients: q, k, v (and ``lse`` as an output) from the lowering's backward kernels; the mods'
-floating-point operands (bias tables, ALiBi slopes, gates), when they are differentiated, from a
-pure-JAX pass over the same tiles (:func:`attnax.kernels.flash.operand_cotangents_over`); integer
+floating-point operands (bias tables, ALiBi slopes, gates), when they are differentiated, from the
+Triton dQ kernel, which differentiates the mods through their recorded loads
+(:class:`attnax.kernels.operands.LoadTape`) and adds each load's cotangent atomically into an f32
+accumulator (a plan whose backward runs on Mosaic takes the Triton backward for that); integer
 operands (ids) get none.
 
 Threshold skipping (:func:`threshold_attention`, behind
@@ -36,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnax.kernels import _checks, flash, tiles
+from attnax.kernels import _checks, tiles
 from attnax.kernels import operands as ops_lib
 from attnax.kernels.pallas import mosaic_gpu as mg
 from attnax.kernels.pallas import triton as tk
@@ -90,10 +92,11 @@ class Lowering:
     return tk.forward(spec, q, k, v, arrays.lists, _flat(arrays.operands),
                       seed=arrays.dropout_seed)
 
-  def backward(self, spec, q, k, v, do, lse, delta, arrays: PlanArrays):
+  def backward(self, spec, q, k, v, do, lse, delta, arrays: PlanArrays, diff=()):
+    """``(dq, dk, dv, d_ops)``: ``d_ops`` the f32 flat cotangents of the operands in ``diff``."""
     return tk.backward(spec, q, k, v, do, lse, delta, arrays.lists, arrays.tlists,
                        _flat(arrays.operands), seed=arrays.dropout_seed,
-                       decisions=arrays.decisions)
+                       decisions=arrays.decisions, diff=diff)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +128,10 @@ class MosaicLowering(Lowering):
   def forward(self, spec, q, k, v, arrays: PlanArrays):
     return mg.forward(spec, q, k, v, arrays)
 
-  def backward(self, spec, q, k, v, do, lse, delta, arrays: PlanArrays):
-    if spec.mosaic_backward:
-      return mg.backward(spec, q, k, v, do, lse, delta, arrays)
-    return LOWERINGS["triton"].backward(spec.backward, q, k, v, do, lse, delta, arrays)
+  def backward(self, spec, q, k, v, do, lse, delta, arrays: PlanArrays, diff=()):
+    if spec.mosaic_backward and not diff:   # mod-array cotangents: the Triton dQ kernel's
+      return mg.backward(spec, q, k, v, do, lse, delta, arrays) + ((),)
+    return LOWERINGS["triton"].backward(spec.backward, q, k, v, do, lse, delta, arrays, diff)
 
 
 def _flat(operands):
@@ -212,27 +215,13 @@ def _plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, 
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-def _unpad(plan: FlashPlan, q, k, v, *rows):
-  """True-size views of padded q, k, v and of ``(B, Hq, q_pad, ...)`` row arrays."""
-  sq, sk, d, dv = plan.q_len, plan.kv_len, plan.head_dim, plan.v_dim
-  cut = lambda x: x[:, :, :sq, :dv] if x.ndim == 4 else x[:, :, :sq]
-  return (q[:, :, :sq, :d], k[:, :, :sk, :d], v[:, :, :sk, :dv]) + tuple(map(cut, rows))
-
-
 def _backward(lowering, spec, q, k, v, out, lse, dout, dlse, arrays, diff):
   """``(dq, dk, dv, operand cotangents for diff)`` on padded inputs."""
   plan = spec.plan
   delta = tiles.backward_delta(out, dout, lse, dlse)
-  dq, dk, dv = lowering.backward(spec, q, k, v, dout.astype(q.dtype), lse, delta, arrays)
-  d_ops = ()
-  if diff:
-    tq, tk_, tv, tout, tdout, tlse = _unpad(plan, q, k, v, out, dout, lse)
-    tdlse = None if dlse is None else dlse[:, :, :plan.q_len]
-    d_ops = flash.operand_cotangents_over(
-        tq, tk_, tv, tout, tlse, tdout, tdlse, mods=plan.mods, values=arrays.operands, diff=diff,
-        scale=plan.scale, block_mask=arrays.block_mask, block_q=plan.block_q,
-        block_k=plan.block_k, dropout_rate=plan.dropout_rate, dropout_seed=arrays.dropout_seed,
-        decisions=arrays.decisions)
+  dq, dk, dv, d_flat = lowering.backward(spec, q, k, v, dout.astype(q.dtype), lse, delta, arrays,
+                                         diff)
+  d_ops = tuple(d.reshape(jnp.shape(arrays.operands[i])) for i, d in zip(diff, d_flat))
   return dq, dk, dv, d_ops
 
 

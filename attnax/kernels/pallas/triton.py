@@ -47,6 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attnax.kernels import _checks, tiles
+from attnax.kernels import operands as ops_lib
 from attnax.kernels.pallas.plan import NUM_LISTS, FlashPlan, pow2
 
 f32 = jnp.float32
@@ -222,6 +223,44 @@ def _scores(q, k, spec: KernelSpec, score_fn, mask_fn, b, h, q_idx, kv_idx, mask
   # Mods are elementwise: a jvp with tangent 1 is the derivative (a soft-cap's 1 - tanh^2 included).
   s, ds, visible = jax.jvp(modded, (s_raw,), (jnp.ones_like(s_raw),), has_aux=True)
   return s, visible, ds
+
+
+def _scores_with_pullback(q, k, spec: KernelSpec, score_fn, mask_fn, tape, diff, b, h, q_idx,
+                          kv_idx, masked: bool):
+  """As :func:`_scores`, with ``pullback(ds) -> (d raw scores, [(operand, flat, d load)])``.
+
+  The mods were rebuilt on ``tape`` (:class:`attnax.kernels.operands.LoadTape`): their loads are
+  recorded here, then replayed as the inputs of a vjp, which gives the cotangent of every load
+  of a differentiated operand (``diff``) along with that of the raw scores.
+  """
+  plan = spec.plan
+  s_raw = lax.dot_general(q, k, _NT, preferred_element_type=f32) * plan.scale
+  kv_len = plan.kv_len if (masked and plan.kv_len != plan.kv_pad) else None
+
+  def modded(x):
+    return tiles.tile_scores(x, score_fn=score_fn, mask_fn=mask_fn, b=b, h=h, q_idx=q_idx,
+                             kv_idx=kv_idx, kv_len=kv_len, apply_mask=masked)
+
+  tape.record()
+  s, visible = modded(s_raw)
+  loads = list(tape.loads)
+  picked = [n for n, (index, _, _) in enumerate(loads) if index in diff]
+
+  def replayed(x, values):
+    every = [value for _, _, value in loads]
+    for n, value in zip(picked, values):
+      every[n] = value
+    tape.replay(every)
+    out = modded(x)[0]
+    tape.record()
+    return out
+
+  def pullback(ds):
+    _, pull = jax.vjp(replayed, s_raw, [loads[n][2] for n in picked])
+    d_raw, d_loads = pull(ds)
+    return d_raw, [(loads[n][0], loads[n][1], d) for n, d in zip(picked, d_loads)]
+
+  return s, visible, pullback
 
 
 def _walk(spec: KernelSpec, refs, row, n_other, n_dense, dense_masked_last, dense_masked_all,
@@ -476,15 +515,29 @@ def forward(spec: KernelSpec, q, k, v, lists, leaves, seed=None):
 # ----------------------------------------------------------------------------- backward: dQ
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
+def _scatter_add(ref, flat, value, interpret: bool):
+  """``ref[flat] += value`` with repeated indices summed: an atomic add on the GPU (programs run
+  at once); in interpret mode (programs run in turn) a scatter-add, as Pallas' interpreted
+  ``atomic_add`` sets ``ref[flat]`` and so keeps one of the repeated indices' values."""
+  if interpret:
+    ref[...] = ref[...].at[flat].add(value)
+  else:
+    plgpu.atomic_add(ref, flat, value)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec, diff=()):
+  """dQ of one q tile; with ``diff`` (differentiated operand indices) also those operands'
+  cotangents, added atomically into f32 accumulators (the outputs after dQ, which alias zeros)."""
   plan = spec.plan
   list_refs, rest = rest[:NUM_LISTS], rest[NUM_LISTS:]
   seed, rest = _take_seed(plan, rest)
   dec_ref, rest = _take_decisions(plan, rest)
-  leaf_refs, dq_ref = rest[:-1], rest[-1]
+  n_leaves = len(plan.mods.meta)
+  leaf_refs, dq_ref, dop_refs = rest[:n_leaves], rest[-1 - len(diff)], rest[len(rest) - len(diff):]
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.dq_rows, spec.dq_cols
-  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs)
+  tape = ops_lib.LoadTape() if diff else None
+  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs, tape)
   q_start = i * rows
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
@@ -497,13 +550,21 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
         k = k_ref[pl.ds(k_start, cols), :]
         v = v_ref[pl.ds(k_start, cols), :]
         kv_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
-        s, visible, dmod = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked,
-                                   True)
+        if diff:
+          s, visible, pullback = _scores_with_pullback(q, k, spec, score_fn, mask_fn, tape, diff,
+                                                       b, h, q_idx, kv_idx, masked)
+        else:
+          s, visible, dmod = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked,
+                                     True)
         p = tiles.probabilities(s, visible, lse)
         dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
         dp = _dropped(dp, seed, plan, b, h, q_idx, kv_idx)   # out = (P Z) V: dP = Z dP'
         ds = p * (dp - delta[:, None])
-        if dmod is not None:
+        if diff:
+          ds, d_loads = pullback(ds)
+          for index, flat, d in d_loads:
+            _scatter_add(dop_refs[diff.index(index)], flat, d.astype(f32), spec.interpret)
+        elif dmod is not None:
           ds = ds * dmod
         dq = dq + lax.dot(ds.astype(k.dtype), k, preferred_element_type=f32)
       return dq
@@ -598,14 +659,19 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
 
 
 def backward_dq(spec: KernelSpec, q, k, v, do, lse, delta, lists, leaves, seed=None,
-                decisions=None):
-  """dQ on padded inputs (one program per q tile and query head)."""
+                decisions=None, diff=()):
+  """dQ on padded inputs (one program per q tile and query head); with ``diff`` (indices of
+  differentiated float operands) ``(dQ, f32 cotangents of leaves[i] for i in diff)``."""
   plan = spec.plan
   seeds = _seed_operands(plan, seed) + _decision_operands(plan, decisions)
   g = plan.groups
   rows = spec.dq_rows
+  zeros = tuple(jnp.zeros(leaves[i].shape, f32) for i in diff)
+  first_zero = 6 + len(lists) + len(seeds) + len(leaves)
+  out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  out_spec = pl.BlockSpec((None, None, rows, plan.head_pad), lambda i, b, h: (b, h, i, 0))
   return pl.pallas_call(
-      lambda *refs: _dq_kernel(*refs, spec=spec),
+      lambda *refs: _dq_kernel(*refs, spec=spec, diff=tuple(diff)),
       grid=(plan.q_pad // rows, plan.batch, plan.q_heads),
       in_specs=[
           pl.BlockSpec((None, None, rows, plan.head_pad), lambda i, b, h: (b, h, i, 0)),
@@ -615,11 +681,13 @@ def backward_dq(spec: KernelSpec, q, k, v, do, lse, delta, lists, leaves, seed=N
           pl.BlockSpec((None, None, rows, plan.v_pad), lambda i, b, h: (b, h, i, 0)),
           pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, i)),
           pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, i)),
-      ] + [_whole(x) for x in lists + seeds] + [_whole(x) for x in leaves],
-      out_specs=pl.BlockSpec((None, None, rows, plan.head_pad), lambda i, b, h: (b, h, i, 0)),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), name="attnax_flash_dq",
-      **_launch(spec, spec.dq_warps, spec.dq_stages),
-  )(q, k, v, do, lse, delta, *lists, *seeds, *leaves)
+      ] + [_whole(x) for x in lists + seeds] + [_whole(x) for x in leaves + zeros],
+      out_specs=[out_spec] + [_whole(x) for x in zeros] if diff else out_spec,
+      out_shape=[out_shape] + [jax.ShapeDtypeStruct(x.shape, f32) for x in zeros] if diff
+      else out_shape,
+      input_output_aliases={first_zero + n: 1 + n for n in range(len(zeros))},
+      name="attnax_flash_dq", **_launch(spec, spec.dq_warps, spec.dq_stages),
+  )(q, k, v, do, lse, delta, *lists, *seeds, *leaves, *zeros)
 
 
 def backward_dkv(spec: KernelSpec, q, k, v, do, lse, delta, tlists, leaves, seed=None,
@@ -651,10 +719,12 @@ def backward_dkv(spec: KernelSpec, q, k, v, do, lse, delta, tlists, leaves, seed
 
 
 def backward(spec: KernelSpec, q, k, v, do, lse, delta, lists, tlists, leaves, seed=None,
-             decisions=None):
-  """``(dq, dk, dv)`` on padded inputs. ``delta`` is ``rowsum(out * dout) - dlse`` (f32);
+             decisions=None, diff=()):
+  """``(dq, dk, dv, d_ops)`` on padded inputs. ``delta`` is ``rowsum(out * dout) - dlse`` (f32);
   ``seed`` the forward's dropout seed when the plan drops; ``decisions`` a threshold forward's
-  recorded tiles (int8 ``(B, Hq, nq, nk)``), which both passes skip."""
-  dq = backward_dq(spec, q, k, v, do, lse, delta, lists, leaves, seed, decisions)
+  recorded tiles (int8 ``(B, Hq, nq, nk)``), which both passes skip. ``d_ops``: f32 flat
+  cotangents of ``leaves[i]`` for ``i`` in ``diff``, accumulated by the dQ pass."""
+  dq = backward_dq(spec, q, k, v, do, lse, delta, lists, leaves, seed, decisions, diff)
+  dq, d_ops = (dq[0], tuple(dq[1:])) if diff else (dq, ())
   dk, dv = backward_dkv(spec, q, k, v, do, lse, delta, tlists, leaves, seed, decisions)
-  return dq, dk, dv
+  return dq, dk, dv, d_ops

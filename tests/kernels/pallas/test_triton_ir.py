@@ -110,3 +110,23 @@ def test_gated_modules_verify(verified_modules):
 
   errors, lowered = verified_modules(fn, q, k, v, alpha, delta)
   assert lowered >= 3 and not errors, errors
+
+
+def test_mod_array_gradient_modules_verify(verified_modules):
+  # The dQ kernel's atomic adds of the bias table's (rows, cols), the slopes' scalar and the
+  # gates' row and column cotangents, ragged (210 = 1.6 tiles of 128).
+  q, k, v = _qkv(sq=210, sk=210)
+  bias = jax.ShapeDtypeStruct((1, 2, 210, 210), f32)
+  slopes = jax.ShapeDtypeStruct((2,), f32)
+  alpha = jax.ShapeDtypeStruct((1, 2, 210), f32)
+
+  def fn(q, k, v, bias, slopes, alpha):
+    def attn(q, k, v, bias, slopes, alpha):
+      mod = ak.compose_score_mods(ak.causal_mod(), ak.additive_bias_mod(bias),
+                                  ak.alibi_mod(slopes=slopes), ak.gated_mod(alpha, alpha))
+      return ak.pallas_flash_attention(q, k, v, score_mod=mod, backend="triton")
+    out, pull = jax.vjp(attn, q, k, v, bias, slopes, alpha)
+    return (out,) + pull(jnp.ones_like(out))
+
+  errors, lowered = verified_modules(fn, q, k, v, bias, slopes, alpha)
+  assert lowered >= 3 and not errors, errors
