@@ -157,9 +157,19 @@ class _Stack:
     self.components = tuple(components)
 
 
+class _Point:
+  """``dynamic_slice`` of one element (``x[h]`` with a scalar index): the loaded scalar, kept
+  unreshaped until a ``squeeze`` takes it back to a scalar (Triton has no scalar reshape)."""
+
+  def __init__(self, value, ndim: int):
+    self.value, self.ndim = value, ndim
+
+
 def _materialise(x: Any) -> Any:
   if isinstance(x, RefArray):
     return x.value()
+  if isinstance(x, _Point):
+    return jnp.reshape(x.value, (1,) * x.ndim)
   if isinstance(x, _UnitAxis):
     return x.components[0][..., None]
   if isinstance(x, _Stack):
@@ -206,7 +216,7 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
 
   for v, x in zip(jaxpr.constvars + jaxpr.invars, list(consts) + list(args)):
     env[v] = x
-  special = (RefArray, _UnitAxis, _Stack)
+  special = (RefArray, _UnitAxis, _Stack, _Point)
   for eqn in jaxpr.eqns:
     vals = [read(v) for v in eqn.invars]
     out = None
@@ -216,6 +226,13 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
         out = _point_gather(vals[0], vals[1], eqn.params["dimension_numbers"],
                             eqn.params["slice_sizes"])
         out = None if out is None else [out]
+      elif (name == "dynamic_slice" and isinstance(vals[0], RefArray)
+            and all(n == 1 for n in eqn.params["slice_sizes"])
+            and not any(isinstance(x, special) for x in vals[1:])):
+        out = [_Point(vals[0].load(vals[0].flat_index(vals[1:])), vals[0].ndim)]
+      elif (name == "squeeze" and isinstance(vals[0], _Point)
+            and len(eqn.params["dimensions"]) == vals[0].ndim):
+        out = [vals[0].value]
       elif (name == "broadcast_in_dim" and not isinstance(vals[0], special)
             and tuple(eqn.params["shape"]) == tuple(jnp.shape(vals[0])) + (1,)):
         out = [_UnitAxis(vals[0])]
@@ -294,30 +311,41 @@ class _swapped:
 
 
 class _Closure:
-  """A mod function whose closed-over arrays are replaced by ``values`` while it runs.
-
-  With arrays (pure-JAX kernels) the function simply runs with its cells swapped. With
-  :class:`RefArray` values (inside a Pallas kernel) it is traced with placeholders in the cells
-  and its jaxpr evaluated by :func:`eval_jaxpr`, which turns gathers from the arrays into loads.
-  Swapping the cells (rather than tracing the function over its captured tracers) means a closure
-  over a tracer of an enclosing ``grad`` can be rebuilt after that trace has ended, in a backward.
-  """
+  """A mod function whose closed-over arrays are replaced by ``values`` while it runs."""
 
   def __init__(self, fn, cells, values):
     self.fn, self.cells, self.values = fn, cells, tuple(values)
 
   def __call__(self, *args):
-    if not any(isinstance(x, RefArray) for x in self.values):
-      with _swapped(self.cells, self.values):
-        return self.fn(*args)
+    with _swapped(self.cells, self.values):
+      return self.fn(*args)
 
-    def traced(captured, *args):
-      with _swapped(self.cells, captured):
-        return self.fn(*args)
+
+_NONE_TREE = jax.tree_util.tree_structure(None)
+
+
+class _TracedMod:
+  """Mod ``which`` (0: score, 1: mask) of a pair with closures, inside a Pallas kernel.
+
+  The pair is rebuilt on placeholders for *every* operand (pytree leaves and closed-over arrays),
+  traced, and its jaxpr evaluated by :func:`eval_jaxpr` on the :class:`RefArray` values, which
+  turns gathers into loads: every load then happens at the kernel's trace level (a
+  :class:`LoadTape` sees them all; none is a tracer of the inner trace). Swapping cells rather
+  than tracing over captured tracers means a closure over a tracer of an enclosing ``grad`` can
+  be rebuilt after that trace has ended, in a backward.
+  """
+
+  def __init__(self, mods: "ModOperands", values, which: int):
+    self.mods, self.values, self.which = mods, tuple(values), which
+
+  def __call__(self, *args):
+    def traced(operands, *args):
+      return self.mods.rebuild(operands)[self.which](*args)
 
     placeholders = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self.values]
     closed = jax.make_jaxpr(traced)(placeholders, *args)
-    globals_ = [(c.cell_contents, v) for c, v in zip(self.cells, self.values)
+    cell_vals = self.values[self.mods.num_leaves:]
+    globals_ = [(c.cell_contents, v) for c, v in zip(self.mods.cells, cell_vals)
                 if isinstance(c, _GlobalArray)]
     consts = [next((v for g, v in globals_ if g is c), c) for c in closed.consts]
     return eval_jaxpr(closed.jaxpr, consts, *self.values, *args)[0]
@@ -362,6 +390,9 @@ class ModOperands:
     """``(score_fn, mask_fn)`` with the operands replaced by ``values`` (arrays or RefArrays)."""
     values = tuple(x != 0 if d == "bool" and not isinstance(x, RefArray) and x.dtype != jnp.bool_
                    else x for x, (_, d) in zip(values, self.meta))
+    if self.cells and any(isinstance(x, RefArray) for x in values):
+      absent = [c == _NONE_TREE for c in self.treedef.children()]
+      return tuple(None if none else _TracedMod(self, values, n) for n, none in enumerate(absent))
     leaf_vals, cell_vals = values[:self.num_leaves], values[self.num_leaves:]
     it = iter(leaf_vals)
     leaves = [next(it) if s is None else s for s in self.slots]

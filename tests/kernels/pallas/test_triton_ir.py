@@ -114,8 +114,11 @@ def test_gated_modules_verify(verified_modules):
 
 def test_mod_array_gradient_modules_verify(verified_modules):
   # The dQ kernel's atomic adds of the bias table's (rows, cols), the slopes' scalar and the
-  # gates' row and column cotangents, ragged (210 = 1.6 tiles of 128).
+  # gates' row and column cotangents, ragged (210 = 1.6 tiles of 128); with a closure mask beside
+  # them (the pair is traced on placeholders: no load may be a tracer of that inner trace, which
+  # the GPU's pallas_call refused as captured constants).
   q, k, v = _qkv(sq=210, sk=210)
+  ids = jnp.asarray(np.arange(210) // 100, jnp.int32)
   bias = jax.ShapeDtypeStruct((1, 2, 210, 210), f32)
   slopes = jax.ShapeDtypeStruct((2,), f32)
   alpha = jax.ShapeDtypeStruct((1, 2, 210), f32)
@@ -124,7 +127,8 @@ def test_mod_array_gradient_modules_verify(verified_modules):
     def attn(q, k, v, bias, slopes, alpha):
       mod = ak.compose_score_mods(ak.causal_mod(), ak.additive_bias_mod(bias),
                                   ak.alibi_mod(slopes=slopes), ak.gated_mod(alpha, alpha))
-      return ak.pallas_flash_attention(q, k, v, score_mod=mod, backend="triton")
+      return ak.pallas_flash_attention(q, k, v, score_mod=mod, backend="triton",
+                                       mask_mod=lambda b, h, i, j: ids[i] == ids[j])
     out, pull = jax.vjp(attn, q, k, v, bias, slopes, alpha)
     return (out,) + pull(jnp.ones_like(out))
 
