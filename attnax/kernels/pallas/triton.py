@@ -225,40 +225,86 @@ def _scores(q, k, spec: KernelSpec, score_fn, mask_fn, b, h, q_idx, kv_idx, mask
   return s, visible, ds
 
 
-def _scores_with_pullback(q, k, spec: KernelSpec, score_fn, mask_fn, tape, diff, b, h, q_idx,
-                          kv_idx, masked: bool):
-  """As :func:`_scores`, with ``pullback(ds) -> (d raw scores, [(operand, flat, d load)])``.
+# Where a mod's load of a differentiated operand varies (its flat index's shape on a tile): its
+# cotangent is summed where that costs least. SCALAR (slopes[h]) and Q_ROWS (alpha[b, h, q]) in the
+# dQ kernel's registers, written once per program; KV_COLS (delta[b, h, k]) in the dK/dV kernel's
+# the same way; TILE (bias[b, h, q, k]) added atomically per tile by the dQ kernel.
+SCALAR, Q_ROWS, KV_COLS, TILE = "scalar", "q", "kv", "tile"
 
-  The mods were rebuilt on ``tape`` (:class:`attnax.kernels.operands.LoadTape`): their loads are
-  recorded here, then replayed as the inputs of a vjp, which gives the cotangent of every load
-  of a differentiated operand (``diff``) along with that of the raw scores.
+
+def _load_kind(shape, q_axis: int) -> str:
+  shape = tuple(shape)
+  if all(n == 1 for n in shape):
+    return SCALAR
+  if len(shape) == 2:
+    if shape[1 - q_axis] == 1:
+      return Q_ROWS
+    if shape[q_axis] == 1:
+      return KV_COLS
+  return TILE
+
+
+def score_loads(plan: FlashPlan, leaves, diff, rows: int, cols: int) -> tuple:
+  """``(operand, kind, flat shape)`` of each load that the score mod makes of an operand in
+  ``diff`` on a ``(rows, cols)`` tile, in order: a trace on ``leaves`` (no kernel runs)."""
+  seen = []
+
+  def probe(leaves):
+    tape = ops_lib.LoadTape()
+    score_fn, _ = plan.mods.rebuild_from_refs(leaves, tape)
+    if score_fn is not None:
+      tiles.tile_scores(jnp.zeros((rows, cols), f32), score_fn=score_fn, mask_fn=None,
+                        b=jnp.int32(0), h=jnp.int32(0),
+                        q_idx=lax.broadcasted_iota(jnp.int32, (rows, 1), 0),
+                        kv_idx=lax.broadcasted_iota(jnp.int32, (1, cols), 1), apply_mask=False)
+    seen.extend(index for index, _, _ in tape.loads)
+    return [flat for _, flat, _ in tape.loads]
+
+  shapes = jax.eval_shape(probe, list(leaves))
+  return tuple((index, _load_kind(flat.shape, 0), tuple(flat.shape))
+               for index, flat in zip(seen, shapes) if index in diff)
+
+
+def _scores_with_pullback(q, k, spec: KernelSpec, score_fn, mask_fn, tape, b, h, q_idx, kv_idx,
+                          masked: bool, loads: tuple):
+  """As :func:`_scores`, with ``pullback(ds) -> (d raw scores, [d load for each of loads])``.
+
+  The mods were rebuilt on ``tape`` (:class:`attnax.kernels.operands.LoadTape`): the score mod's
+  loads are recorded here, then replayed as the inputs of a vjp, which gives the cotangent of
+  each load of a differentiated operand (``loads``: :func:`score_loads`, in the same order) along
+  with that of the raw scores. The mask mod's loads are not differentiated (booleans).
   """
   plan = spec.plan
   s_raw = lax.dot_general(q, k, _NT, preferred_element_type=f32) * plan.scale
   kv_len = plan.kv_len if (masked and plan.kv_len != plan.kv_pad) else None
+  ids = dict(b=b, h=h, q_idx=q_idx, kv_idx=kv_idx)
 
-  def modded(x):
-    return tiles.tile_scores(x, score_fn=score_fn, mask_fn=mask_fn, b=b, h=h, q_idx=q_idx,
-                             kv_idx=kv_idx, kv_len=kv_len, apply_mask=masked)
+  def score_part(x):
+    return tiles.tile_scores(x, score_fn=score_fn, mask_fn=None, apply_mask=False, **ids)[0]
 
   tape.record()
-  s, visible = modded(s_raw)
-  loads = list(tape.loads)
-  picked = [n for n, (index, _, _) in enumerate(loads) if index in diff]
+  s_mod = score_part(s_raw)
+  recorded = list(tape.loads)
+  s, visible = tiles.tile_scores(s_mod, score_fn=None, mask_fn=mask_fn, kv_len=kv_len,
+                                 apply_mask=masked, **ids)
+  wanted = {index for index, _, _ in loads}
+  picked = [n for n, (index, _, _) in enumerate(recorded) if index in wanted]
+  if len(picked) != len(loads):
+    raise AssertionError("the score mod's loads differ from those score_loads traced")
 
   def replayed(x, values):
-    every = [value for _, _, value in loads]
+    every = [value for _, _, value in recorded]
     for n, value in zip(picked, values):
       every[n] = value
     tape.replay(every)
-    out = modded(x)[0]
+    out = score_part(x)
     tape.record()
     return out
 
   def pullback(ds):
-    _, pull = jax.vjp(replayed, s_raw, [loads[n][2] for n in picked])
+    _, pull = jax.vjp(replayed, s_raw, [recorded[n][2] for n in picked])
     d_raw, d_loads = pull(ds)
-    return d_raw, [(loads[n][0], loads[n][1], d) for n, d in zip(picked, d_loads)]
+    return d_raw, [(recorded[n][1], d) for n, d in zip(picked, d_loads)]
 
   return s, visible, pullback
 
@@ -525,34 +571,57 @@ def _scatter_add(ref, flat, value, interpret: bool):
     plgpu.atomic_add(ref, flat, value)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec, diff=()):
-  """dQ of one q tile; with ``diff`` (differentiated operand indices) also those operands'
-  cotangents, added atomically into f32 accumulators (the outputs after dQ, which alias zeros)."""
+def _operands_of(loads: tuple, kinds) -> tuple:
+  """The operands (in order, once each) that have a load of one of ``kinds``."""
+  return tuple(dict.fromkeys(index for index, kind, _ in loads if kind in kinds))
+
+
+def _summed(loads: tuple, kinds, shape_of) -> tuple:
+  """Positions in ``loads`` of the kinds summed in registers, and their zero accumulators
+  ``(cotangent sum, flat indices)`` (the indices are loop-invariant; the last chunk's are used)."""
+  picked = tuple(n for n, (_, kind, _) in enumerate(loads) if kind in kinds)
+  zeros = tuple((jnp.zeros(shape_of(loads[n][2]), f32), jnp.zeros(shape_of(loads[n][2]),
+                                                                  jnp.int32)) for n in picked)
+  return picked, zeros
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec, loads=()):
+  """dQ of one q tile; with ``loads`` (:func:`score_loads`) also the cotangents of the loads of
+  differentiated operands that are not KV_COLS, into f32 accumulators (the outputs after dQ,
+  which alias zeros): TILE loads atomically per chunk, SCALAR and Q_ROWS loads summed over the
+  walk and added once."""
   plan = spec.plan
   list_refs, rest = rest[:NUM_LISTS], rest[NUM_LISTS:]
   seed, rest = _take_seed(plan, rest)
   dec_ref, rest = _take_decisions(plan, rest)
+  ops_here = _operands_of(loads, (SCALAR, Q_ROWS, TILE))
   n_leaves = len(plan.mods.meta)
-  leaf_refs, dq_ref, dop_refs = rest[:n_leaves], rest[-1 - len(diff)], rest[len(rest) - len(diff):]
+  leaf_refs, dq_ref = rest[:n_leaves], rest[-1 - len(ops_here)]
+  dop_refs = rest[len(rest) - len(ops_here):]
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.dq_rows, spec.dq_cols
-  tape = ops_lib.LoadTape() if diff else None
+  tape = ops_lib.LoadTape() if ops_here else None
   score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs, tape)
   q_start = i * rows
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   q_idx = q_start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+  summed, sums = _summed(loads, (SCALAR, Q_ROWS), lambda shape: shape)
+  add = lambda index, flat, d: _scatter_add(dop_refs[ops_here.index(index)], flat, d,
+                                            spec.interpret)
 
-  def visit(kv_block, dq, masked):
-    def work(dq):
+  def visit(kv_block, carry, masked):
+    def work(carry):
+      dq, sums = carry
+      sums = list(sums)
       for c in range(plan.block_k // cols):
         k_start = kv_block * plan.block_k + c * cols
         k = k_ref[pl.ds(k_start, cols), :]
         v = v_ref[pl.ds(k_start, cols), :]
         kv_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
-        if diff:
-          s, visible, pullback = _scores_with_pullback(q, k, spec, score_fn, mask_fn, tape, diff,
-                                                       b, h, q_idx, kv_idx, masked)
+        if ops_here:
+          s, visible, pullback = _scores_with_pullback(q, k, spec, score_fn, mask_fn, tape, b, h,
+                                                       q_idx, kv_idx, masked, loads)
         else:
           s, visible, dmod = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked,
                                      True)
@@ -560,35 +629,51 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec, dif
         dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
         dp = _dropped(dp, seed, plan, b, h, q_idx, kv_idx)   # out = (P Z) V: dP = Z dP'
         ds = p * (dp - delta[:, None])
-        if diff:
+        if ops_here:
           ds, d_loads = pullback(ds)
-          for index, flat, d in d_loads:
-            _scatter_add(dop_refs[diff.index(index)], flat, d.astype(f32), spec.interpret)
+          for n, (flat, d) in enumerate(d_loads):
+            index, kind, _ = loads[n]
+            if kind == TILE:
+              add(index, flat, d.astype(f32))
+            elif n in summed:
+              acc, _ = sums[summed.index(n)]
+              sums[summed.index(n)] = (acc + d.astype(f32), flat)
         elif dmod is not None:
           ds = ds * dmod
         dq = dq + lax.dot(ds.astype(k.dtype), k, preferred_element_type=f32)
-      return dq
-    return _unless_skipped(dec_ref, plan, b, h, q_start // plan.block_q, kv_block, work, dq)
+      return dq, tuple(sums)
+    return _unless_skipped(dec_ref, plan, b, h, q_start // plan.block_q, kv_block, work, carry)
 
   row = plan.bm_index(b, h) * plan.nq + q_start // plan.block_q
   ragged_k = plan.kv_len != plan.kv_pad
-  dq = _walk(spec, list_refs, row, plan.nk, plan.nk, ragged_k, False, visit,
-             jnp.zeros((rows, plan.head_pad), f32))
+  dq, sums = _walk(spec, list_refs, row, plan.nk, plan.nk, ragged_k, False, visit,
+                   (jnp.zeros((rows, plan.head_pad), f32), sums))
+  for n, (acc, flat) in zip(summed, sums):
+    add(loads[n][0], flat, acc)
   dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- backward: dK, dV
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec, loads=()):
+  """dK, dV of one kv tile (looping over the group's query heads); with ``loads`` also the
+  KV_COLS loads' cotangents, summed over each head's walk in registers and added once."""
   plan = spec.plan
   list_refs, rest = rest[:NUM_LISTS], rest[NUM_LISTS:]
   seed, rest = _take_seed(plan, rest)
   dec_ref, rest = _take_decisions(plan, rest)
-  leaf_refs, (dk_ref, dv_ref) = rest[:-2], rest[-2:]
+  ops_here = _operands_of(loads, (KV_COLS,))
+  n_leaves = len(plan.mods.meta)
+  leaf_refs, (dk_ref, dv_ref) = rest[:n_leaves], rest[n_leaves + len(ops_here):][:2]
+  dop_refs = rest[len(rest) - len(ops_here):]
   j, b, hk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.dkv_rows, spec.dkv_cols
-  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs)
+  tape = ops_lib.LoadTape() if ops_here else None
+  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs, tape)
+  # A KV_COLS load's indices lie along the tile's key axis: rows of the transposed tile.
+  summed, zero_sums = _summed(loads, (KV_COLS,), lambda shape: (
+      (rows, 1) if spec.dkv_transposed else (1, rows)))
   k_start = j * rows
   k, v = k_ref[...], v_ref[...]
   kv_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, rows), 1)
@@ -598,9 +683,30 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
   def one_head(g, carry):
     h = hk * plan.groups + g
 
+    def mod_scores(x, y, q_ids, kv_ids, masked, sums):
+      """Scores of the tile ``x y^T`` and ``finish(ds)``: ds times the mods' derivative, the
+      KV_COLS loads' cotangents summed into ``sums`` (a list) on the way."""
+      if not ops_here:
+        s, visible, dmod = _scores(x, y, spec, score_fn, mask_fn, b, h, q_ids, kv_ids, masked,
+                                   True)
+        return s, visible, (lambda ds: ds if dmod is None else ds * dmod)
+      s, visible, pullback = _scores_with_pullback(x, y, spec, score_fn, mask_fn, tape, b, h,
+                                                   q_ids, kv_ids, masked, loads)
+
+      def finish(ds):
+        ds, d_loads = pullback(ds)
+        for n, (flat, d) in enumerate(d_loads):
+          if n in summed:
+            acc, _ = sums[summed.index(n)]
+            sums[summed.index(n)] = (acc + d.astype(f32), flat)
+        return ds
+
+      return s, visible, finish
+
     def visit(q_block, carry, masked):
       def work(carry):
-        dk, dv = carry
+        dk, dv, sums = carry
+        sums = list(sums)
         for c in range(plan.block_q // cols):
           q_start = q_block * plan.block_q + c * cols
           q = q_ref[g, pl.ds(q_start, cols), :]
@@ -612,8 +718,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
             # Work on the transposed tile (keys x queries), as the Triton tutorial does: every
             # matmul then takes its operands as loaded (no transposes of computed tiles).
             q_idx = q_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
-            st, visible, dmod = _scores(k, q, spec, score_fn, mask_fn, b, h, q_idx, kv_col,
-                                        masked, True)
+            st, visible, finish = mod_scores(k, q, q_idx, kv_col, masked, sums)
             # tiles.probabilities, transposed: exp(s - lse) with lse = -inf rows giving 0.
             lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)
             pt = jnp.exp(st - lse_safe[None, :])
@@ -624,30 +729,29 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
                               preferred_element_type=f32)
             dpt = lax.dot_general(v, do, _NT, preferred_element_type=f32)
             dpt = _dropped(dpt, seed, plan, b, h, q_idx, kv_col)
-            dst = pt * (dpt - delta[None, :])
-            if dmod is not None:
-              dst = dst * dmod
+            dst = finish(pt * (dpt - delta[None, :]))
             dk = dk + lax.dot(dst.astype(q.dtype), q, preferred_element_type=f32)
           else:
             q_idx = q_start + lax.broadcasted_iota(jnp.int32, (cols, 1), 0)
-            s, visible, dmod = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx,
-                                       masked, True)
+            s, visible, finish = mod_scores(q, k, q_idx, kv_idx, masked, sums)
             p = tiles.probabilities(s, visible, lse)
             pz = _dropped(p, seed, plan, b, h, q_idx, kv_idx)
             pc = pz.astype(do.dtype) if low else pz
             dv = dv + lax.dot_general(pc, do, _TN, preferred_element_type=f32)
             dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
             dp = _dropped(dp, seed, plan, b, h, q_idx, kv_idx)
-            ds = p * (dp - delta[:, None])
-            if dmod is not None:
-              ds = ds * dmod
+            ds = finish(p * (dp - delta[:, None]))
             dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=f32)
-        return dk, dv
+        return dk, dv, tuple(sums)
       return _unless_skipped(dec_ref, plan, b, h, q_block, k_start // plan.block_k, work,
                              carry)
 
     row = plan.bm_index(b, h) * plan.nk + k_start // plan.block_k
-    return _walk(spec, list_refs, row, plan.nq, plan.nq, False, ragged_k, visit, carry)
+    dk, dv, sums = _walk(spec, list_refs, row, plan.nq, plan.nq, False, ragged_k, visit,
+                         carry + (zero_sums,))
+    for n, (acc, flat) in zip(summed, sums):
+      _scatter_add(dop_refs[ops_here.index(loads[n][0])], flat, acc, spec.interpret)
+    return dk, dv
 
   carry = (jnp.zeros((rows, plan.head_pad), f32), jnp.zeros((rows, plan.v_pad), f32))
   if plan.groups == 1:
@@ -658,20 +762,27 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+def _accumulated(call_args: dict, out_specs: list, out_shape: list, n_inputs: int, leaves,
+                 ops: tuple) -> dict:
+  """``call_args`` with f32 accumulators for ``leaves[i]``, ``i`` in ``ops``: zero inputs after
+  the ``n_inputs`` others, aliased to outputs after ``out_specs`` (kernels add into them)."""
+  zeros = [jnp.zeros(leaves[i].shape, f32) for i in ops]
+  return dict(call_args, out_specs=out_specs + [_whole(x) for x in zeros],
+              out_shape=out_shape + [jax.ShapeDtypeStruct(x.shape, f32) for x in zeros],
+              input_output_aliases={n_inputs + n: len(out_specs) + n for n in range(len(zeros))},
+              in_specs=call_args["in_specs"] + [_whole(x) for x in zeros]), zeros
+
+
 def backward_dq(spec: KernelSpec, q, k, v, do, lse, delta, lists, leaves, seed=None,
-                decisions=None, diff=()):
-  """dQ on padded inputs (one program per q tile and query head); with ``diff`` (indices of
-  differentiated float operands) ``(dQ, f32 cotangents of leaves[i] for i in diff)``."""
+                decisions=None, loads=()):
+  """``(dQ, cotangents)`` on padded inputs (one program per q tile and query head): the f32
+  flat cotangents of the operands with non-KV_COLS ``loads`` (:func:`score_loads`), in order."""
   plan = spec.plan
   seeds = _seed_operands(plan, seed) + _decision_operands(plan, decisions)
   g = plan.groups
   rows = spec.dq_rows
-  zeros = tuple(jnp.zeros(leaves[i].shape, f32) for i in diff)
-  first_zero = 6 + len(lists) + len(seeds) + len(leaves)
-  out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
-  out_spec = pl.BlockSpec((None, None, rows, plan.head_pad), lambda i, b, h: (b, h, i, 0))
-  return pl.pallas_call(
-      lambda *refs: _dq_kernel(*refs, spec=spec, diff=tuple(diff)),
+  inputs = (q, k, v, do, lse, delta, *lists, *seeds, *leaves)
+  call, zeros = _accumulated(dict(
       grid=(plan.q_pad // rows, plan.batch, plan.q_heads),
       in_specs=[
           pl.BlockSpec((None, None, rows, plan.head_pad), lambda i, b, h: (b, h, i, 0)),
@@ -681,24 +792,26 @@ def backward_dq(spec: KernelSpec, q, k, v, do, lse, delta, lists, leaves, seed=N
           pl.BlockSpec((None, None, rows, plan.v_pad), lambda i, b, h: (b, h, i, 0)),
           pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, i)),
           pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, i)),
-      ] + [_whole(x) for x in lists + seeds] + [_whole(x) for x in leaves + zeros],
-      out_specs=[out_spec] + [_whole(x) for x in zeros] if diff else out_spec,
-      out_shape=[out_shape] + [jax.ShapeDtypeStruct(x.shape, f32) for x in zeros] if diff
-      else out_shape,
-      input_output_aliases={first_zero + n: 1 + n for n in range(len(zeros))},
-      name="attnax_flash_dq", **_launch(spec, spec.dq_warps, spec.dq_stages),
-  )(q, k, v, do, lse, delta, *lists, *seeds, *leaves, *zeros)
+      ] + [_whole(x) for x in lists + seeds] + [_whole(x) for x in leaves]),
+      [pl.BlockSpec((None, None, rows, plan.head_pad), lambda i, b, h: (b, h, i, 0))],
+      [jax.ShapeDtypeStruct(q.shape, q.dtype)], len(inputs), leaves,
+      _operands_of(loads, (SCALAR, Q_ROWS, TILE)))
+  dq, *d_ops = pl.pallas_call(
+      lambda *refs: _dq_kernel(*refs, spec=spec, loads=loads), name="attnax_flash_dq",
+      **call, **_launch(spec, spec.dq_warps, spec.dq_stages))(*inputs, *zeros)
+  return dq, tuple(d_ops)
 
 
 def backward_dkv(spec: KernelSpec, q, k, v, do, lse, delta, tlists, leaves, seed=None,
-                 decisions=None):
-  """(dK, dV) on padded inputs: one program per kv tile and kv head, looping over its group."""
+                 decisions=None, loads=()):
+  """``(dK, dV, cotangents)`` on padded inputs: one program per kv tile and kv head, looping
+  over its group; the cotangents those of the operands with KV_COLS ``loads``, in order."""
   plan = spec.plan
   seeds = _seed_operands(plan, seed) + _decision_operands(plan, decisions)
   g = plan.groups
   rows = spec.dkv_rows
-  return pl.pallas_call(
-      lambda *refs: _dkv_kernel(*refs, spec=spec),
+  inputs = (q, k, v, do, lse, delta, *tlists, *seeds, *leaves)
+  call, zeros = _accumulated(dict(
       grid=(plan.kv_pad // rows, plan.batch, plan.kv_heads),
       in_specs=[
           pl.BlockSpec((None, g, plan.q_pad, plan.head_pad), lambda j, b, h: (b, h, 0, 0)),
@@ -707,15 +820,15 @@ def backward_dkv(spec: KernelSpec, q, k, v, do, lse, delta, tlists, leaves, seed
           pl.BlockSpec((None, g, plan.q_pad, plan.v_pad), lambda j, b, h: (b, h, 0, 0)),
           pl.BlockSpec((None, g, plan.q_pad), lambda j, b, h: (b, h, 0)),
           pl.BlockSpec((None, g, plan.q_pad), lambda j, b, h: (b, h, 0)),
-      ] + [_whole(x) for x in tlists + seeds] + [_whole(x) for x in leaves],
-      out_specs=[
-          pl.BlockSpec((None, None, rows, plan.head_pad), lambda j, b, h: (b, h, j, 0)),
-          pl.BlockSpec((None, None, rows, plan.v_pad), lambda j, b, h: (b, h, j, 0)),
-      ],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      name="attnax_flash_dkv",
-      **_launch(spec, spec.dkv_warps, spec.dkv_stages),
-  )(q, k, v, do, lse, delta, *tlists, *seeds, *leaves)
+      ] + [_whole(x) for x in tlists + seeds] + [_whole(x) for x in leaves]),
+      [pl.BlockSpec((None, None, rows, plan.head_pad), lambda j, b, h: (b, h, j, 0)),
+       pl.BlockSpec((None, None, rows, plan.v_pad), lambda j, b, h: (b, h, j, 0))],
+      [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      len(inputs), leaves, _operands_of(loads, (KV_COLS,)))
+  dk, dv, *d_ops = pl.pallas_call(
+      lambda *refs: _dkv_kernel(*refs, spec=spec, loads=loads), name="attnax_flash_dkv",
+      **call, **_launch(spec, spec.dkv_warps, spec.dkv_stages))(*inputs, *zeros)
+  return dk, dv, tuple(d_ops)
 
 
 def backward(spec: KernelSpec, q, k, v, do, lse, delta, lists, tlists, leaves, seed=None,
@@ -723,8 +836,14 @@ def backward(spec: KernelSpec, q, k, v, do, lse, delta, lists, tlists, leaves, s
   """``(dq, dk, dv, d_ops)`` on padded inputs. ``delta`` is ``rowsum(out * dout) - dlse`` (f32);
   ``seed`` the forward's dropout seed when the plan drops; ``decisions`` a threshold forward's
   recorded tiles (int8 ``(B, Hq, nq, nk)``), which both passes skip. ``d_ops``: f32 flat
-  cotangents of ``leaves[i]`` for ``i`` in ``diff``, accumulated by the dQ pass."""
-  dq = backward_dq(spec, q, k, v, do, lse, delta, lists, leaves, seed, decisions, diff)
-  dq, d_ops = (dq[0], tuple(dq[1:])) if diff else (dq, ())
-  dk, dv = backward_dkv(spec, q, k, v, do, lse, delta, tlists, leaves, seed, decisions)
+  cotangents of ``leaves[i]`` for ``i`` in ``diff`` (zeros where the score mod never reads one),
+  summed from the dQ pass and the dK/dV pass (each takes the loads it owns: ``_load_kind``)."""
+  loads = score_loads(spec.plan, leaves, diff, spec.dq_rows, spec.dq_cols) if diff else ()
+  dq, dq_ops = backward_dq(spec, q, k, v, do, lse, delta, lists, leaves, seed, decisions, loads)
+  dk, dv, dkv_ops = backward_dkv(spec, q, k, v, do, lse, delta, tlists, leaves, seed, decisions,
+                                 loads)
+  got = dict(zip(_operands_of(loads, (SCALAR, Q_ROWS, TILE)), dq_ops))
+  for i, d in zip(_operands_of(loads, (KV_COLS,)), dkv_ops):
+    got[i] = got[i] + d if i in got else d
+  d_ops = tuple(got.get(i, jnp.zeros(leaves[i].shape, f32)) for i in diff)
   return dq, dk, dv, d_ops

@@ -134,3 +134,24 @@ def test_mod_array_gradient_modules_verify(verified_modules):
 
   errors, lowered = verified_modules(fn, q, k, v, bias, slopes, alpha)
   assert lowered >= 3 and not errors, errors
+
+
+def test_score_loads_place_each_cotangent_where_it_is_cheapest():
+  # bias (q, kv) tiles: atomics per tile; slopes[h]: one sum per program; alpha[b, h, q]: rows
+  # summed by the dQ kernel; delta[b, h // g, k]: columns summed by the dK/dV kernel.
+  from attnax.kernels import operands as ops_lib
+  from attnax.kernels import score_mods as sm
+  from attnax.kernels.pallas import triton as tk
+  bias, slopes = jnp.zeros((1, 4, 64, 64)), jnp.zeros((4,))
+  alpha, delta = jnp.zeros((1, 4, 64)), jnp.zeros((1, 2, 64))
+  mod = ak.compose_score_mods(ak.additive_bias_mod(bias), ak.alibi_mod(slopes=slopes),
+                              ak.gated_mod(alpha, delta))
+  score_fn, mask_fn = sm.resolve_mods(mod, None, batch=1, heads=4, q_len=64, kv_len=64)
+  mods, values = ops_lib.collect(score_fn, mask_fn)
+  plan = types.SimpleNamespace(mods=mods)
+  leaves = ops_lib.ModOperands.kernel_operands(values)
+  kinds = {}
+  for index, kind, _ in tk.score_loads(plan, leaves, tuple(range(len(values))), 32, 16):
+    kinds.setdefault(tuple(values[index].shape), set()).add(kind)
+  assert kinds == {(1, 4, 64, 64): {tk.TILE}, (4,): {tk.SCALAR}, (1, 4, 64): {tk.Q_ROWS},
+                   (1, 2, 64): {tk.KV_COLS}}, kinds
