@@ -680,27 +680,3 @@ def tile_visits(q: jax.Array, k: jax.Array, v: jax.Array, *, score_mod: Any = No
                                jnp.zeros_like(lse))
   return {"forward": fwd, "dq": dq, "dkv": dkv,
           "nonempty": jnp.sum(bm.tiles != EMPTY, dtype=jnp.int32)}
-
-
-def operand_cotangents_over(q, k, v, out, lse, dout, dlse, *, mods: ops_lib.ModOperands,
-                            values: tuple, diff: tuple, scale: float, block_mask: BlockMask | None,
-                            block_q: int, block_k: int, dropout_rate: float = 0.0,
-                            dropout_seed: Any = None, decisions: Any = None) -> tuple:
-  """The mods' operand cotangents alone, over the tiles of ``block_mask`` (None: every tile).
-
-  The pure-JAX pass a Pallas backward runs for the float arrays the mods carry (bias tables,
-  slopes), on the same schedule and the same tile maths as :func:`flash_attention`'s backward
-  (with the forward's dropout mask, when it dropped; without the tiles a threshold forward
-  skipped, when ``decisions``, its int8 ``(B, Hq, nq, nk)`` codes, are given). Returns f32
-  cotangents of ``values[i]`` for ``i`` in ``diff``.
-  """
-  bsz, hq, sq, _ = q.shape
-  hkv, sk = k.shape[1], k.shape[2]
-  bm, state = _plan(None, block_mask, batch=bsz, hq=hq, hkv=hkv, sq=sq, sk=sk,
-                    block_q=min(block_q, sq), block_k=min(block_k, sk))
-  cfg = _Config(scale=scale, block_q=bm.block_q, block_k=bm.block_k, q_len=sq, kv_len=sk,
-                groups=hq // hkv, nb=bm.tiles.shape[0], nh=bm.tiles.shape[1],
-                dropout_rate=dropout_rate)
-  skip = None if decisions is None else decisions == tiles.TILE_SKIPPED
-  return flash_backward(cfg, mods, values, diff, bm, state, q, k, v, out, lse, dout, dlse,
-                        with_qkv=False, seed=dropout_seed, skip=skip)[3]

@@ -29,8 +29,9 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ModOperands", "RefArray", "LoadTape", "TapedRefArray", "collect", "eval_jaxpr", "is_array", "has_functions",
-           "split_static", "join_static", "primal_values", "differentiated", "marked",
+__all__ = ["ModOperands", "RefArray", "LoadTape", "TapedRefArray", "collect", "eval_jaxpr",
+           "is_array", "has_functions", "split_static", "join_static", "primal_values",
+           "differentiated", "marked",
            "cotangent_or_none", "operand_cotangents"]
 
 

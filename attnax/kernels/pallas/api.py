@@ -229,7 +229,7 @@ def _attention_vjp(lowering: Lowering, spec: tk.KernelSpec):
   """The custom_vjp of one (lowering, spec): ``f(q, k, v, operands, schedule) -> (out, lse)``.
 
   ``symbolic_zeros=True`` tells the forward rule which float operands are differentiated; only
-  those get the operand pass in the backward. A threshold plan's ``f`` returns
+  those get cotangents in the backward kernels. A threshold plan's ``f`` returns
   ``(out, lse, decisions)``; the decisions (no gradient) go to the backward in the schedule.
   """
   float_mask = spec.plan.mods.float_mask

@@ -116,17 +116,15 @@ class FlashPlan:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PlanArrays:
-  """The plan's arrays: schedule lists (flat int32), mod operands, and the BlockMask itself.
+  """The plan's arrays: schedule lists (flat int32) and mod operands.
 
-  ``block_mask`` is None for a dense plan; it feeds the pure-JAX pass that computes the mods'
-  operand cotangents over the same tiles. ``dropout_seed`` is dropout's uint32 ``(2,)`` seed
+  ``dropout_seed`` is dropout's uint32 ``(2,)`` seed
   (None without dropout); kernels take it as one more whole-array operand. ``decisions`` are a
   threshold forward's recorded tile decisions (int8 ``(B, Hq, nq, nk)``), set for the backward.
   """
   lists: tuple
   tlists: tuple
   operands: tuple
-  block_mask: Any
   dropout_seed: Any = None
   decisions: Any = None
 
@@ -222,7 +220,6 @@ def build_plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_m
       unit_grad=_unit_grad(score_fn), dropout_rate=float(dropout_rate),
       softmax_threshold=None if softmax_threshold is None else float(softmax_threshold),
       threshold_rule=threshold_rule)
-  arrays = PlanArrays(lists, tlists, operands, None if dense else block_mask,
-                      dropout_seed if dropout_rate else None)
+  arrays = PlanArrays(lists, tlists, operands, dropout_seed if dropout_rate else None)
   return (plan, arrays, pad_to(q, (b, hq, q_pad, d_pad)), pad_to(k, (b, hkv, kv_pad, d_pad)),
           pad_to(v, (b, hkv, kv_pad, dv_pad)))

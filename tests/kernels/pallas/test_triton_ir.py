@@ -155,3 +155,21 @@ def test_score_loads_place_each_cotangent_where_it_is_cheapest():
     kinds.setdefault(tuple(values[index].shape), set()).add(kind)
   assert kinds == {(1, 4, 64, 64): {tk.TILE}, (4,): {tk.SCALAR}, (1, 4, 64): {tk.Q_ROWS},
                    (1, 2, 64): {tk.KV_COLS}}, kinds
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_paged_modules_verify(verified_modules, quantized):
+  # The paged decode kernel (Triton) and its int8 variant; page 16, 8 pages a sequence, GQA 4/2.
+  dtype = jnp.int8 if quantized else jnp.bfloat16
+  q = jax.ShapeDtypeStruct((2, 4, 1, 64), jnp.bfloat16)
+  pages = jax.ShapeDtypeStruct((2, 32, 16, 64), dtype)
+  tables = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+  lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+  scales = jax.ShapeDtypeStruct((2, 32, 16), f32)
+
+  def fn(q, k_pages, v_pages, tables, lengths, k_scales, v_scales):
+    extra = dict(k_scales=k_scales, v_scales=v_scales) if quantized else {}
+    return ak.paged_attention(q, k_pages, v_pages, tables, lengths, backend="pallas", **extra)
+
+  errors, lowered = verified_modules(fn, q, pages, pages, tables, lengths, scales, scales)
+  assert lowered >= 1 and not errors, errors
