@@ -77,14 +77,17 @@ def test_lse_grad():
   check_lse_grad(KERNEL)
 
 
+@pytest.mark.slow   # the conformance suite runs this check on every kernel by default
 def test_empty_rows():
   check_empty_rows(KERNEL)
 
 
+@pytest.mark.slow   # the conformance suite runs this check on every kernel by default
 def test_jit_vmap_grad():
   check_jit_vmap(KERNEL)
 
 
+@pytest.mark.slow   # the conformance suite runs this check on every kernel by default
 def test_closure_lambda():
   check_closure_lambda(KERNEL)
 

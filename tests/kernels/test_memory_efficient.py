@@ -287,10 +287,12 @@ def test_scale_and_value_dim():
   assert rel_err(out, ref) < tol(jnp.float32)
 
 
+@pytest.mark.slow   # the conformance suite runs this check on every kernel by default
 def test_empty_rows():
   check_empty_rows(KERNEL)
 
 
+@pytest.mark.slow   # the conformance suite runs this check on every kernel by default
 def test_jit_vmap_grad():
   check_jit_vmap(KERNEL)
 
