@@ -392,7 +392,9 @@ def gated_mod(alpha: Any, delta: Any, *, is_logsigmoid_gate: bool = True,
   Args:
     alpha: the query gates, float ``(B, Hq, Sq)``.
     delta: the key gates, float ``(B, Hkv, Sk)`` (one per kv head: query head ``h`` reads
-      ``delta[:, h // (Hq // Hkv)]``).
+      ``delta[:, h // (Hq // Hkv)]``). The mod sees only its own arrays, so any head count
+      ``Hd`` that divides ``Hq`` is accepted, with query head ``h`` reading ``delta[:, h // (Hq //
+      Hd)]``: ``Hd = Hq`` gives every query head its own key gates.
     is_logsigmoid_gate: add ``log(sigmoid(x))`` (True) or ``x`` (False).
     is_adapt_gate: scale the threshold of row ``i`` by ``(i + offset + 1) / Sk`` when ``mask_mod``
       is causal (``causal_mod``, ``sliding_window_mod``, ``local_window_mod(left, 0)``); no effect

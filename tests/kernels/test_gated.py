@@ -206,6 +206,27 @@ def test_gqa_delta_per_kv_head():
   assert rel_err(out, ref) < tol(jnp.float32)
 
 
+def test_delta_with_one_gate_row_per_query_head():
+  # A delta with Hq heads under GQA (the mod cannot see Hkv): query head h reads delta[:, h],
+  # in the Pallas kernel as in the float64 reference, gradients included.
+  q, k, v, alpha, _ = inputs(6)
+  delta = rand(7, (B, HQ, SK))
+  ct = rand(8, (B, HQ, SQ, D))
+  loss = lambda kernel: lambda q, a, d: jnp.sum(
+      KERNELS[kernel](q, k, v, score_mod=gated_mod(a, d)) * ct)
+  got = jax.jit(jax.grad(loss("pallas_interpret"), argnums=(0, 1, 2)))(q, alpha, delta)
+  with jax.enable_x64(True):
+    up = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    # The reference as multi-head attention over K/V repeated per query head (the same function).
+    kr, vr = (up(jnp.repeat(x, HQ // HKV, 1)) for x in (k, v))
+    ref_loss = lambda q, a, d: jnp.sum(_reference(
+        q, kr, vr, a, d, scale=None, gate_scale=1.0, logsigmoid=True, gate_threshold=None,
+        adapt=False, causal_offset=None, return_lse=False) * up(ct))
+    want = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2)))(up(q), up(alpha), up(delta))
+  for g, w in zip(got, want):
+    assert rel_err(g, w) < tol(jnp.float32, grad=True)
+
+
 # ----------------------------------------------------------------------------- tile skipping
 
 
