@@ -5,6 +5,8 @@
 
 - jax-ml/jax ``tests/nn_test.py``, ``NNFunctionsTest``: ``testDotProductAttention``,
   ``testDotProductAttentionMask``, ``testDotProductAttentionBiasGradient``;
+- jax-ml/jax ``tests/pallas/gpu_ops_test.py``, ``FusedAttentionTest``:
+  ``test_fused_attention_fwd`` and ``test_fused_attention_bwd`` (segment ids as a mask);
 - google/flax ``tests/nnx/nn/attention_test.py``: ``TestMultiHeadAttention`` and
   ``TestLinenConsistency.test_nnx_attention_equivalence``;
 - google/flax ``tests/linen/linen_attention_test.py``: ``AttentionTest``;
@@ -716,3 +718,67 @@ def test_tokamax_attention(impl, variant):
     run(q, k, v, impl_fn=partial_impl, test_vjp=False)
   else:
     raise AssertionError(variant)
+
+
+# ============================================================ jax tests/pallas/gpu_ops_test.py
+
+# FusedAttentionTest samples jtu.sample_product over batch (1, 2) x seq (128, 384) x heads (1, 2,
+# 8; bwd 1, 2) x head_dim (32, 64, 128) x block sizes x causal x use_fwd x use_segment_ids; these
+# are fixed draws of it (block sizes are the kernel's own business here: attnax's are BLOCK).
+PALLAS_OPS = {
+    "b1-s128-n1-d32-causal-seg": (1, 128, 1, 32, True, True),
+    "b2-s128-n2-d64-full": (2, 128, 2, 64, False, False),
+    "b1-s384-n2-d32-causal": (1, 384, 2, 32, True, False),
+    "b2-s128-n8-d128-seg": (2, 128, 8, 128, False, True),
+}
+
+
+def _pallas_ops_inputs(batch, seq, heads, head_dim, use_segment_ids):
+  """The source's f16 (B, S, H, D) inputs and its two-segment ids (halves 0 and 1)."""
+  q, k, v = (rand(seed, (batch, seq, heads, head_dim), f16) for seed in (41, 42, 43))
+  seg = None
+  if use_segment_ids:
+    seg = jnp.concatenate([jnp.zeros((batch, seq // 2), jnp.int32),
+                           jnp.ones((batch, seq // 2), jnp.int32)], axis=-1)
+  return q, k, v, seg
+
+
+def _segment_mask(seg):
+  """Segment ids as the drop-in's boolean mask (B, 1, S, S): what mha's segment_ids mean."""
+  return None if seg is None else seg[:, None, :, None] == seg[:, None, None, :]
+
+
+@pytest.mark.parametrize("impl,variant", cases(PALLAS_OPS,
+                                               fast={"pallas-b1-s128-n1-d32-causal-seg"}))
+def test_jax_pallas_fused_attention_fwd(impl, variant):
+  """gpu_ops_test.py FusedAttentionTest.test_fused_attention_fwd: out (and through jax.vjp, its
+  use_fwd=True form) against attention.mha_reference with the same segment ids and causal flag,
+  sm_scale 1 (mha's default), atol 0.05."""
+  from jax.experimental.pallas.ops.gpu import attention as jax_attention
+  batch, seq, heads, head_dim, causal, use_seg = PALLAS_OPS[variant]
+  q, k, v, seg = _pallas_ops_inputs(batch, seq, heads, head_dim, use_seg)
+  fn = lambda q, k, v: sdpa(impl)(q, k, v, mask=_segment_mask(seg), scale=1.0, is_causal=causal)
+  out = jit(fn)(q, k, v)
+  out_fwd = jit(lambda q, k, v: jax.vjp(fn, q, k, v)[0])(q, k, v)
+  ref = jax_attention.mha_reference(*(x.astype(f32) for x in (q, k, v)), seg, causal=causal)
+  assert out.dtype == f16
+  for what, o in (("out", out), ("vjp out", out_fwd)):
+    assert_close(o, ref, atol=0.05, rtol=0, impl=impl, v=v, what=what)
+
+
+@pytest.mark.parametrize("impl,variant", cases(
+    {k: c for k, c in PALLAS_OPS.items() if c[2] <= 2}, fast={"flash-b2-s128-n2-d64-full"}))
+def test_jax_pallas_fused_attention_bwd(impl, variant):
+  """gpu_ops_test.py FusedAttentionTest.test_fused_attention_bwd: dQ, dK, dV of out.sum()
+  against those of attention.mha_reference (heads 1 and 2, as the source), atol 5e-2."""
+  from jax.experimental.pallas.ops.gpu import attention as jax_attention
+  batch, seq, heads, head_dim, causal, use_seg = PALLAS_OPS[variant]
+  q, k, v, seg = _pallas_ops_inputs(batch, seq, heads, head_dim, use_seg)
+  f = lambda q, k, v: sdpa(impl)(q, k, v, mask=_segment_mask(seg), scale=1.0,
+                                 is_causal=causal).astype(f32).sum()
+  f_ref = lambda q, k, v: jax_attention.mha_reference(q, k, v, seg, causal=causal).sum()
+  got = jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.grad(f_ref, argnums=(0, 1, 2)))(*(x.astype(f32) for x in (q, k, v)))
+  for what, g, w in zip(("dQ", "dK", "dV"), got, want):
+    assert g.dtype == f16
+    assert_close(g, w, atol=5e-2, rtol=0, impl=impl, what=what)

@@ -100,7 +100,7 @@ class LoadTape:
   A ref load has no transpose rule, so a kernel cannot take ``jax.vjp`` of a mod through its
   loads. Instead it runs the mod once recording every load (:class:`TapedRefArray`), then runs it
   again under ``jax.vjp`` with the recorded values replayed as inputs: the cotangent of each load
-  is what the kernel adds back (atomically) into the array's gradient at the load's flat indices.
+  is what the kernel adds back into the array's gradient at the load's flat indices.
   """
 
   def __init__(self):
