@@ -2,8 +2,8 @@
 
 Rows that see no key (JAX's mean of V, padded queries 0), the residual (no gradient, key dtype),
 each argument as a mod with exact tiles (so block kernels skip), kernel selection and bad inputs.
-The peers' test cases, on every kernel, are in ``tests/test_nn_compat.py`` (``-m slow``); the
-reference kernel runs here by default, the others under ``-m slow``.
+The peers' test cases, on every kernel, are in ``tests/test_nn_compat.py`` (a few by default,
+all under ``-m slow``); the reference kernel runs here by default, the others under ``-m slow``.
 """
 
 from __future__ import annotations
