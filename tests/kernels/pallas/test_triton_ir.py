@@ -48,7 +48,8 @@ def verified_modules(monkeypatch):
   def lower(fn, *avals):
     seen.clear()
     jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
-        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*avals)
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"),
+        jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*avals)
     return [e for e in seen if e is not None], len(seen)
 
   return lower
@@ -173,3 +174,22 @@ def test_paged_modules_verify(verified_modules, quantized):
 
   errors, lowered = verified_modules(fn, q, pages, pages, tables, lengths, scales, scales)
   assert lowered >= 1 and not errors, errors
+
+
+def test_mosaic_plan_with_a_differentiated_bias_takes_the_triton_backward(verified_modules):
+  # The Mosaic backward has no operand cotangents: the Mosaic forward, then the Triton dQ and
+  # dK/dV kernels (with the bias's atomic adds), all lowered for an sm90 on a CPU.
+  bf = jnp.bfloat16
+  q = k = v = jax.ShapeDtypeStruct((1, 2, 256, 128), bf)
+  bias = jax.ShapeDtypeStruct((1, 2, 256, 256), f32)
+
+  def fn(q, k, v, bias):
+    attn = lambda q, k, v, bias: ak.pallas_flash_attention(
+        q, k, v, score_mod=ak.additive_bias_mod(bias), backend="mosaic")
+    out, pull = jax.vjp(attn, q, k, v, bias)
+    return (out,) + pull(jnp.ones_like(out))
+
+  # Two Triton modules (dQ, dK/dV): the forward is Mosaic's (a Triton forward would make three).
+  errors, lowered = verified_modules(fn, q, k, v, bias)
+  assert lowered == 2 and not errors, (lowered, errors)
+  assert jax.eval_shape(fn, q, k, v, bias)[-1].shape == (1, 2, 256, 256)
