@@ -154,11 +154,13 @@ def test_grads(row, variant):
 
 
 @pytest.mark.parametrize("row,variant", rows(
-    "mod_array_grads", ("bias_heads_docs", "bias_rows", "alibi_slopes"),
+    "mod_array_grads", ("bias_heads_docs", "bias_rows", "alibi_slopes", "temperature_closure"),
     needs=("softmax", "grad", "mods")))
 def test_mod_array_grads(row, variant):
-  """d/d(bias) through additive_bias_mod ((1, H, Sq, Sk) with document ids, (B, 1, 1, Sk)) and
-  d/d(slopes) through alibi_mod(slopes=...), with q/k/v; integer ids get a float0 cotangent."""
+  """d/d(bias) through additive_bias_mod ((1, H, Sq, Sk) with document ids, (B, 1, 1, Sk)),
+  d/d(slopes) through alibi_mod(slopes=...) and d/d(temperature) of a closure scaling each query's
+  scores (``s * t[b, h, i]``: a per-row operand, as a gate's alpha), with q/k/v; integer ids get a
+  float0 cotangent. Together: a table, a column vector, a scalar per head and a row vector."""
   q, k, v = inputs(row, 4)
   sq, sk = q.shape[2], k.shape[2]
   ct = rand(5, (B, HQ, sq, D))
@@ -169,10 +171,13 @@ def test_mod_array_grads(row, variant):
   elif variant == "bias_rows":
     array, ids = rand(8, (B, 1, 1, sk)), None
     make = lambda bias, ids: additive_bias_mod(bias)
-  else:
+  elif variant == "alibi_slopes":
     array, ids = 0.5 * rand(9, (HQ,)), None
     make = lambda slopes, ids: compose_score_mods(alibi_mod(slopes=slopes),
                                                   causal_mod(offset=sk - sq))
+  else:
+    array, ids = 1.0 + 0.3 * rand(11, (B, HQ, sq)), None
+    make = lambda temp, ids: (lambda s, b, h, i, j: s * temp[b, h, i])
 
   def loss(fn, q, k, v, array, ids):
     return jnp.sum(fn(q, k, v, score_mod=make(array, ids)).astype(f32) * ct)
@@ -180,7 +185,7 @@ def test_mod_array_grads(row, variant):
   argnums = (0, 1, 2, 3) if ids is None else (0, 1, 2, 3, 4)
   got, want = grads(row, ("mod_array_grads", variant), loss, (q, k, v, array, ids), argnums,
                     allow_int=True)
-  name = "slopes" if variant == "alibi_slopes" else "bias"
+  name = {"alibi_slopes": "slopes", "temperature_closure": "temperature"}.get(variant, "bias")
   assert_grads(row, got[:4], want[:4], ("q", "k", "v", name), tol(f32, grad=True))
   if ids is not None:
     for d_ids in got[4]:
