@@ -2,8 +2,9 @@
 """Plots of bench_attention.py results: TFLOP/s against sequence length, one figure per mask kind.
 
 Reads one or more JSON files written by ``bench_attention.py --out PATH`` (``PATH.json``); a later
-file's cell replaces an earlier one's for the same (case, kernel, mode), so the JSON of several
-device calls (``--cases main``, then ``--cases masks``...) merge into one set of figures. Needs only
+file's cell replaces an earlier one's for the same (case, kernel, mode) unless it did not run, so
+the JSON of several device calls (``--cases main``, then ``--cases masks``...) merge into one set
+of figures. Needs only
 matplotlib (no JAX, no GPU):
 
   python benchmarks/plot_bench.py /tmp/run1/bench.json /tmp/run2/bench.json --out docs/_static/bench
@@ -64,7 +65,9 @@ def case_meta_from_name(name: str) -> dict[str, Any]:
 
 
 def load(paths: Iterable[str]) -> list[dict[str, Any]]:
-  """The timed cells of all files (later files win), each with ``seq``, ``mask``, ``head_dim``."""
+  """The timed cells of all files (later files win, except that a cell which did not run --
+  ``n/a`` -- never hides an earlier file's measurement), each with ``seq``, ``mask``,
+  ``head_dim``."""
   cells: dict[tuple[str, str, str], dict[str, Any]] = {}
   for path in paths:
     with open(path) as f:
@@ -76,7 +79,10 @@ def load(paths: Iterable[str]) -> list[dict[str, Any]]:
       rec = dict(case_meta_from_name(r["case"]))
       rec.update({k: v for k, v in cases.get(r["case"], {}).items() if v is not None})
       rec.update({k: v for k, v in r.items() if v is not None})
-      cells[(r["case"], r["kernel"], r["mode"])] = rec
+      key = (r["case"], r["kernel"], r["mode"])
+      if "na" in rec and key in cells and "na" not in cells[key]:
+        continue
+      cells[key] = rec
   return list(cells.values())
 
 
@@ -141,14 +147,20 @@ def _figure(panels, title: str, xlabel: str, path: str, style, kind: str, log2_x
 
 
 def _device(paths) -> str:
+  """The device and the run dates (one per file: merged files are separate runs)."""
+  devices, dates = [], []
   for path in paths:
     try:
       with open(path) as f:
         meta = json.load(f).get("meta", {})
-      return f"{meta.get('device', '?')}, {meta.get('date', '?')}"
     except Exception:  # noqa: BLE001
       continue
-  return "?"
+    devices.append(meta.get("device", "?"))
+    dates.append(str(meta.get("date", "?")))
+  if not devices:
+    return "?"
+  runs = dates[0] if len(dates) == 1 else f"{len(dates)} runs, {dates[0]} .. {dates[-1]}"
+  return f"{', '.join(dict.fromkeys(devices))}, {runs}"
 
 
 def plot(paths: list[str], out_dir: str) -> list[str]:
