@@ -3,8 +3,12 @@
 
   python benchmarks/quick_mod_grads.py     # gated 32k (alpha, delta grads) and bias 4k (dbias)
 
+The bias rows also time the Triton lowering with TritonConfig.mod_loads "clamp" and "masked"
+(is the bias backward's cost the clamped gather? see BENCHMARKS.md, mod-array gradients).
+
 Prints fwd+bwd median ms of each row as soon as it is measured (bench_attention.time_fn).
 """
+import dataclasses
 import os
 import sys
 
@@ -14,6 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import attnax.kernels as ak  # noqa: E402
+from attnax.kernels.pallas import default_config  # noqa: E402
 
 
 def fwd_bwd(fn, *args, argnums=None):
@@ -48,6 +53,16 @@ def main():
       t1 = fwd_bwd(mod, q, k, v, bias, argnums=(0, 1, 2, 3))
       t0 = t2
     print(f"{name}: differentiated fwd+bwd {t1 * 1e3:.3f} ms = {t1 / t0:.2f}x", flush=True)
+    if name.startswith("bias"):
+      # The Triton lowering with the mods' arrays read clamped (default) or by masked loads.
+      for loads in ("clamp", "masked"):
+        cfg = dataclasses.replace(default_config(128, interpret=False), mod_loads=loads)
+        tri = lambda q, k, v, bb, cfg=cfg: ak.pallas_flash_attention(
+            q, k, v, score_mod=ak.additive_bias_mod(bb), backend="triton", config=cfg)
+        t_und = fwd_bwd(lambda q, k, v: tri(q, k, v, bias), q, k, v)
+        t_dif = fwd_bwd(tri, q, k, v, bias)
+        print(f"{name}: triton mod_loads={loads}: bias fwd+bwd {t_und * 1e3:.3f} ms, "
+              f"+dbias {t_dif * 1e3:.3f} ms", flush=True)
 
 
 if __name__ == "__main__":

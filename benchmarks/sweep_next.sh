@@ -28,7 +28,7 @@ if has tests; then
 fi
 if has quick; then
   stamp quick
-  timeout 120 python3 benchmarks/quick_mod_grads.py 2>&1 | quiet | grep "ms" | tail -8
+  timeout 170 python3 benchmarks/quick_mod_grads.py 2>&1 | quiet | grep "ms" | tail -12
 fi
 if has cells1; then stamp cells1; bench alibi8k,s16k-causal 230; fi
 if has cells2; then stamp cells2; bench s4k-d256,aether-32k-clustered 500; fi

@@ -60,10 +60,13 @@ class RefArray:
   position (past the true sequence end) reads a valid element (its score is masked or discarded).
   """
 
-  def __init__(self, ref, shape, dtype):
+  def __init__(self, ref, shape, dtype, masked_load=None):
     self.ref, self.shape, self.dtype = ref, tuple(shape), jnp.dtype(dtype)
     self.ndim = len(self.shape)
     self.size = math.prod(self.shape)
+    # ``masked_load(ref, flat, in_range)``: a lowering's load that reads 0 outside the array, so
+    # that the flat index needs no clamp (a clamp hides the index's contiguity from Triton).
+    self.masked_load = masked_load
 
   def flat_index(self, idx: Sequence[Any]) -> Any:
     flat, stride = None, 1
@@ -72,10 +75,16 @@ class RefArray:
       term = i if stride == 1 else i * stride
       flat = term if flat is None else flat + term
       stride *= self.shape[d]
-    return jnp.clip(flat, 0, self.size - 1)
+    return flat if self.masked_load is not None else jnp.clip(flat, 0, self.size - 1)
+
+  def read(self, flat: Any) -> Any:
+    """The raw values at ``flat`` (clamped or masked, as :meth:`flat_index` left them)."""
+    if self.masked_load is None:
+      return self.ref[flat]
+    return self.masked_load(self.ref, flat, (flat >= 0) & (flat < self.size))
 
   def load(self, flat: Any) -> Any:
-    val = self.ref[flat]
+    val = self.read(flat)
     return val != 0 if self.dtype == jnp.bool_ else val
 
   def __getitem__(self, idx):
@@ -124,15 +133,15 @@ class LoadTape:
 class TapedRefArray(RefArray):
   """A :class:`RefArray` whose loads go through a :class:`LoadTape` (operand ``index``)."""
 
-  def __init__(self, ref, shape, dtype, index: int, tape: LoadTape):
-    super().__init__(ref, shape, dtype)
+  def __init__(self, ref, shape, dtype, index: int, tape: LoadTape, masked_load=None):
+    super().__init__(ref, shape, dtype, masked_load)
     self.index, self.tape = index, tape
 
   def load(self, flat: Any) -> Any:
     if self.tape.replaying:
       val = self.tape.next_value()
     else:
-      val = self.ref[flat]
+      val = self.read(flat)
       self.tape.loads.append((self.index, flat, val))
     return val != 0 if self.dtype == jnp.bool_ else val
 
@@ -403,14 +412,15 @@ class ModOperands:
     wrap = lambda f: None if f is None else _Closure(f, self.cells, cell_vals)
     return wrap(score_fn), wrap(mask_fn)
 
-  def rebuild_from_refs(self, refs: Sequence[Any], tape: LoadTape | None = None
-                        ) -> tuple[Any, Any]:
+  def rebuild_from_refs(self, refs: Sequence[Any], tape: LoadTape | None = None,
+                        masked_load=None) -> tuple[Any, Any]:
     """The mods inside a kernel: :class:`RefArray` views of its 1-D operand refs (the layout of
-    :meth:`kernel_operands`); with ``tape``, views whose loads it records and replays."""
+    :meth:`kernel_operands`); with ``tape``, views whose loads it records and replays; with
+    ``masked_load`` (see :class:`RefArray`), unclamped indices read through it."""
     if tape is None:
-      return self.rebuild([RefArray(r, shape, dtype)
+      return self.rebuild([RefArray(r, shape, dtype, masked_load)
                            for r, (shape, dtype) in zip(refs, self.meta)])
-    return self.rebuild([TapedRefArray(r, shape, dtype, n, tape)
+    return self.rebuild([TapedRefArray(r, shape, dtype, n, tape, masked_load)
                          for n, (r, (shape, dtype)) in enumerate(zip(refs, self.meta))])
 
   @staticmethod

@@ -87,6 +87,9 @@ class TritonConfig:
   dkv_num_warps: int = 4
   dkv_num_stages: int = 2
   dkv_transposed: bool = True   # dK/dV pass on the transposed (keys x queries) tile
+  # How kernels read the mods' arrays: "clamp" (indices clamped into the array) or "masked" (a
+  # masked load, no clamp, so Triton sees the index's contiguity: an experiment, unmeasured).
+  mod_loads: str = "clamp"
 
 
 def _cfg(fwd, dq, dkv, block=128):
@@ -137,6 +140,7 @@ class KernelSpec:
   dkv_stages: int
   dkv_transposed: bool
   interpret: bool
+  masked_loads: bool = False   # TritonConfig.mod_loads == "masked"
 
   @staticmethod
   def resolve(plan: FlashPlan, cfg: TritonConfig, *, interpret: bool, num_warps=None,
@@ -150,6 +154,8 @@ class KernelSpec:
     for name, val in (("num_warps", num_warps), ("num_stages", num_stages)):
       if val is not None:
         _checks.check_positive_int(name, val)
+    if cfg.mod_loads not in ("clamp", "masked"):
+      raise ValueError(f"config.mod_loads must be 'clamp' or 'masked', got {cfg.mod_loads!r}")
     warps = lambda w: num_warps if num_warps is not None else w
     # A mod reading a table by (q, kv) position (a bias) gathers one tile of it per step, which the
     # software pipeliner stages in shared memory like K and V: cap the stages so that it fits
@@ -176,7 +182,8 @@ class KernelSpec:
         dq_warps=warps(cfg.dq_num_warps), dq_stages=stages(cfg.dq_num_stages, cap_bwd),
         dkv_rows=fine(cfg.dkv_rows, bk, "dkv_rows"), dkv_cols=fine(cfg.dkv_cols, bq, "dkv_cols"),
         dkv_warps=warps(cfg.dkv_num_warps), dkv_stages=stages(cfg.dkv_num_stages, cap_bwd),
-        dkv_transposed=cfg.dkv_transposed, interpret=interpret)
+        dkv_transposed=cfg.dkv_transposed, interpret=interpret,
+        masked_loads=cfg.mod_loads == "masked")
 
 
 def _table_itemsize(plan: FlashPlan) -> int:
@@ -200,6 +207,15 @@ def not_supported_reasons(q: Any, k: Any, v: Any, *, interpret: bool) -> list[st
 
 
 # ----------------------------------------------------------------------------- shared tile maths
+
+
+def _masked_load(ref, flat, in_range):
+  return plgpu.load(ref.at[flat], mask=in_range, other=0)
+
+
+def _mod_load(spec: KernelSpec):
+  """The mods' array reads: clamped indices (None) or masked loads (``mod_loads="masked"``)."""
+  return _masked_load if spec.masked_loads else None
 
 
 def _scores(q, k, spec: KernelSpec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked: bool,
@@ -409,7 +425,7 @@ def _fwd_program(q_ref, leaf_refs, spec: KernelSpec, rows: int) -> _FwdProgram:
   """The forward kernels' shared prologue: program ids, mods, the q tile, initial state."""
   plan = spec.plan
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs)
+  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs, None, _mod_load(spec))
   q_start = i * rows
   q = q_ref[...]
   q_idx = q_start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
@@ -601,7 +617,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec, loa
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.dq_rows, spec.dq_cols
   tape = ops_lib.LoadTape() if ops_here else None
-  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs, tape)
+  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs, tape, _mod_load(spec))
   q_start = i * rows
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
@@ -670,7 +686,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec, lo
   j, b, hk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.dkv_rows, spec.dkv_cols
   tape = ops_lib.LoadTape() if ops_here else None
-  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs, tape)
+  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs, tape, _mod_load(spec))
   # A KV_COLS load's indices lie along the tile's key axis: rows of the transposed tile.
   summed, zero_sums = _summed(loads, (KV_COLS,), lambda shape: (
       (rows, 1) if spec.dkv_transposed else (1, rows)))

@@ -18,6 +18,7 @@ import pytest
 
 import attnax.kernels as ak
 from attnax.kernels import _checks
+from attnax.kernels.pallas import TritonConfig
 
 f32 = jnp.float32
 
@@ -113,7 +114,8 @@ def test_gated_modules_verify(verified_modules):
   assert lowered >= 3 and not errors, errors
 
 
-def test_mod_array_gradient_modules_verify(verified_modules):
+@pytest.mark.parametrize("mod_loads", ["clamp", "masked"])
+def test_mod_array_gradient_modules_verify(verified_modules, mod_loads):
   # The dQ kernel's atomic adds of the bias table's (rows, cols), the slopes' scalar and the
   # gates' row and column cotangents, ragged (210 = 1.6 tiles of 128); with a closure mask beside
   # them (the pair is traced on placeholders: no load may be a tracer of that inner trace, which
@@ -129,7 +131,8 @@ def test_mod_array_gradient_modules_verify(verified_modules):
       mod = ak.compose_score_mods(ak.causal_mod(), ak.additive_bias_mod(bias),
                                   ak.alibi_mod(slopes=slopes), ak.gated_mod(alpha, alpha))
       return ak.pallas_flash_attention(q, k, v, score_mod=mod, backend="triton",
-                                       mask_mod=lambda b, h, i, j: ids[i] == ids[j])
+                                       mask_mod=lambda b, h, i, j: ids[i] == ids[j],
+                                       config=TritonConfig(mod_loads=mod_loads))
     out, pull = jax.vjp(attn, q, k, v, bias, slopes, alpha)
     return (out,) + pull(jnp.ones_like(out))
 
