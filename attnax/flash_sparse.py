@@ -257,18 +257,6 @@ def flash_gated_attn_func(query: Any, key: Any, value: Any, alpha: Any, delta: A
 # ----------------------------------------------------------------------------- varlen (T, H, D)
 
 
-def _seqused(fn: str, name: str, x: Any, n: int) -> jax.Array | None:
-  if x is None:
-    return None
-  x = jnp.asarray(x)
-  if x.shape != (n,) or not jnp.issubdtype(x.dtype, jnp.integer):
-    raise ValueError(f"{fn}: {name} must be integer lengths, one per sequence, of shape "
-                     f"(batch,) = ({n},), got {x.dtype}{tuple(x.shape)}")
-  if not isinstance(x, jax.core.Tracer) and np.any(np.asarray(x) < 0):
-    raise ValueError(f"{fn}: {name} must be >= 0, got {np.asarray(x).tolist()}")
-  return x.astype(jnp.int32)
-
-
 def varlen_key_ranges(cu_seqlens_q: Any, cu_seqlens_k: Any, *, total_q: int, total_k: int,
                       seqused_q: Any = None, seqused_k: Any = None, is_causal: bool = False,
                       window_size: tuple = (None, None), fn: str = "varlen_key_ranges"):
@@ -289,8 +277,8 @@ def varlen_key_ranges(cu_seqlens_q: Any, cu_seqlens_k: Any, *, total_q: int, tot
     raise ValueError(f"{fn}: cu_seqlens_q {tuple(cu_q.shape)} and cu_seqlens_k "
                      f"{tuple(cu_k.shape)} must describe the same number of sequences")
   n = cu_q.shape[0] - 1
-  used_q = _seqused(fn, "seqused_q", seqused_q, n)
-  used_k = _seqused(fn, "seqused_k", seqused_k, n)
+  used_q = _checks.check_lengths(seqused_q, n, "seqused_q", fn)
+  used_k = _checks.check_lengths(seqused_k, n, "seqused_k", fn)
   alloc_q, alloc_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
   for name, used, alloc in (("seqused_q", used_q, alloc_q), ("seqused_k", used_k, alloc_k)):
     if used is not None and not isinstance(used, jax.core.Tracer) and not isinstance(

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnax.attention import _kernel_name, accepts_keyword, is_attention_fn
+from attnax.kernels import _checks
 from attnax.kernels import score_mods as sm
 from attnax.kernels.aether import aether_attention
 from attnax.kernels.flash import flash_attention
@@ -115,16 +116,6 @@ def check_broadcast(x: Any, target: tuple[int, ...], name: str, fn: str,
     raise ValueError(f"{fn}: {name} of shape {shape} is not broadcastable to {axes} = "
                      f"{tuple(target)} (each axis must be 1 or the inputs' size)")
   return x
-
-
-def _lengths(x: Any, batch: int, name: str, fn: str) -> jax.Array | None:
-  if x is None:
-    return None
-  x = jnp.asarray(x)
-  if x.shape != (batch,) or not jnp.issubdtype(x.dtype, jnp.integer):
-    raise ValueError(f"{fn}: {name} must be integer lengths of shape (B,) = ({batch},), got "
-                     f"{x.dtype}{tuple(x.shape)}")
-  return x.astype(jnp.int32)
 
 
 def _window(size: Any, fn: str) -> tuple[Any, Any] | None:
@@ -249,8 +240,9 @@ def to_mods(shape: tuple[int, int, int, int], *, bias: Any = None, mask: Any = N
   window = _window(local_window_size, fn)
   if window is not None:
     mask_parts.append(sm.local_window_mod(*window).mask_mod)
-  q_lengths = _lengths(query_seq_lengths, b, "query_seq_lengths", fn)
-  kv_lengths = _lengths(key_value_seq_lengths, b, "key_value_seq_lengths", fn)
+  q_lengths = _checks.check_lengths(query_seq_lengths, b, "query_seq_lengths", fn)
+  kv_lengths = _checks.check_lengths(key_value_seq_lengths, b, "key_value_seq_lengths",
+                                      fn)
   if q_lengths is not None:
     mask_parts.append(sm.QueryLengthMask(q_lengths))
   if kv_lengths is not None:

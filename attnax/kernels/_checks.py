@@ -215,3 +215,17 @@ def gpu_reasons(what: str, *, hint: str = "", min_cc: float = 8.0,
   except ValueError:
     pass
   return []
+
+
+def check_lengths(x: Any, batch: int, name: str, fn: str) -> jax.Array | None:
+  """Per-sequence lengths: None, or an integer ``(batch,)`` array (int32), >= 0 when concrete; a
+  ValueError naming ``fn`` and ``name`` otherwise."""
+  if x is None:
+    return None
+  x = jnp.asarray(x)
+  if x.shape != (batch,) or not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{fn}: {name} must be integer lengths, one per sequence, of shape (B,) = "
+                     f"({batch},), got {x.dtype}{tuple(x.shape)}")
+  if not isinstance(x, jax.core.Tracer) and np.any(np.asarray(x) < 0):
+    raise ValueError(f"{fn}: {name} must be >= 0, got {np.asarray(x).tolist()}")
+  return x.astype(jnp.int32)

@@ -299,10 +299,8 @@ def _scores_with_pullback(q, k, spec: KernelSpec, score_fn, mask_fn, tape, b, h,
     return tiles.tile_scores(x, score_fn=score_fn, mask_fn=None, apply_mask=False, **ids)[0]
 
   tape.record()
-  s_mod = score_part(s_raw)
+  score_part(s_raw)   # only its loads are used (the arithmetic is dead code; the vjp redoes it)
   recorded = list(tape.loads)
-  s, visible = tiles.tile_scores(s_mod, score_fn=None, mask_fn=mask_fn, kv_len=kv_len,
-                                 apply_mask=masked, **ids)
   wanted = {index for index, _, _ in loads}
   picked = [n for n, (index, _, _) in enumerate(recorded) if index in wanted]
   if len(picked) != len(loads):
@@ -317,8 +315,11 @@ def _scores_with_pullback(q, k, spec: KernelSpec, score_fn, mask_fn, tape, b, h,
     tape.record()
     return out
 
+  s_mod, pull = jax.vjp(replayed, s_raw, [recorded[n][2] for n in picked])
+  s, visible = tiles.tile_scores(s_mod, score_fn=None, mask_fn=mask_fn, kv_len=kv_len,
+                                 apply_mask=masked, **ids)
+
   def pullback(ds):
-    _, pull = jax.vjp(replayed, s_raw, [recorded[n][2] for n in picked])
     d_raw, d_loads = pull(ds)
     return d_raw, [(recorded[n][1], d) for n, d in zip(picked, d_loads)]
 
