@@ -343,16 +343,18 @@ def test_block_mask_per_kv_head_and_vmap():
     assert rel_err(outs[i], ref) < tol(f32)
 
 
-def test_masked_mod_loads_match_the_reference():
-  # TritonConfig(mod_loads="masked"): the mods' arrays read by masked loads without the clamp
-  # (ragged 50 = padded rows and columns read past the tables' ends): out, LSE and q/k/v grads.
+@pytest.mark.parametrize("mod_loads", ["masked", "clamp"])
+def test_mod_loads_match_the_reference(mod_loads):
+  # TritonConfig(mod_loads=...): the mods' arrays read by masked loads without the clamp (the
+  # default) or by clamped indices (ragged 50 = padded rows and columns read past the tables'
+  # ends): out, LSE and q/k/v grads.
   q, k, v = random_qkv(31, batch=2, q_heads=4, kv_heads=2, q_len=50, kv_len=50, head_dim=16)
   rng = np.random.default_rng(32)
   bias = jnp.asarray(rng.standard_normal((2, 1, 50, 50)), f32)
   mod = compose_score_mods(additive_bias_mod(bias), alibi_mod(num_heads=4),
                            document_mask_mod(jnp.asarray(np.arange(50) // 20)))
   kw = dict(score_mod=mod, backend="interpret", config=TritonConfig(block_q=32, block_k=32,
-                                                                    mod_loads="masked"))
+                                                                    mod_loads=mod_loads))
   out, lse = run(q, k, v, **kw)
   ref, ref_lse = reference_attention(q, k, v, score_mod=mod, return_lse=True)
   assert_close(out, lse, ref, ref_lse, f32)
