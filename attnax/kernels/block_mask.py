@@ -98,7 +98,7 @@ class BlockMask:
     return t[:, :, :self.q_len, :self.kv_len]
 
 
-def _evaluate_tiles(mask_mod, batch, heads, block_q, block_k, q_len, kv_len):
+def evaluate_tiles(mask_mod, batch, heads, block_q, block_k, q_len, kv_len):
   """Exact (any, all) per tile of an arbitrary mask mod, one q block at a time."""
   nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
   kv_pad = nk * block_k
@@ -120,16 +120,16 @@ def _evaluate_tiles(mask_mod, batch, heads, block_q, block_k, q_len, kv_len):
   return jnp.moveaxis(any_, 0, 2), jnp.moveaxis(all_, 0, 2)
 
 
-def _visibility(mask_mod, batch, heads, block_q, block_k, q_len, kv_len):
+def visibility(mask_mod, batch, heads, block_q, block_k, q_len, kv_len):
   if isinstance(mask_mod, sm.AndMask):
-    parts = [_visibility(m, batch, heads, block_q, block_k, q_len, kv_len)
+    parts = [visibility(m, batch, heads, block_q, block_k, q_len, kv_len)
              for m in mask_mod.masks]
     any_, all_ = parts[0]
     for a, f in parts[1:]:
       any_, all_ = any_ & a, all_ & f   # `any` of a conjunction: an over-approximation, allowed
     return any_, all_
   if isinstance(mask_mod, sm.OrMask):
-    parts = [_visibility(m, batch, heads, block_q, block_k, q_len, kv_len)
+    parts = [visibility(m, batch, heads, block_q, block_k, q_len, kv_len)
              for m in mask_mod.masks]
     any_, all_ = parts[0]
     for a, f in parts[1:]:
@@ -137,7 +137,7 @@ def _visibility(mask_mod, batch, heads, block_q, block_k, q_len, kv_len):
     return any_, all_
   if hasattr(mask_mod, "tile_visibility"):
     return mask_mod.tile_visibility(block_q, block_k, q_len, kv_len)
-  return _evaluate_tiles(mask_mod, batch, heads, block_q, block_k, q_len, kv_len)
+  return evaluate_tiles(mask_mod, batch, heads, block_q, block_k, q_len, kv_len)
 
 
 def create_block_mask(mask_mod: Any, *, q_len: int, kv_len: int, block_q: int = 128,
@@ -158,7 +158,7 @@ def create_block_mask(mask_mod: Any, *, q_len: int, kv_len: int, block_q: int = 
   if mask_mod is None:
     any_, all_ = jnp.ones((1, 1, nq, nk), bool), jnp.ones((1, 1, nq, nk), bool)
   else:
-    any_, all_ = _visibility(mask_mod, batch, heads, block_q, block_k, q_len, kv_len)
+    any_, all_ = visibility(mask_mod, batch, heads, block_q, block_k, q_len, kv_len)
   lead = tuple(max(a, b) for a, b in zip(jnp.shape(any_)[:2], jnp.shape(all_)[:2]))
   any_ = jnp.broadcast_to(any_, lead + (nq, nk))
   all_ = jnp.broadcast_to(all_, lead + (nq, nk))

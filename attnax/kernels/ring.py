@@ -38,10 +38,14 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from attnax.kernels import _checks, merge, tiles
+from attnax.kernels import block_mask as bm_lib
 from attnax.kernels import operands as ops_lib
 from attnax.kernels import score_mods as sm
 from attnax.kernels.gqa import fold_group as _flat
 from attnax.kernels.gqa import pack_gqa, unpack_gqa
+from attnax.kernels.pallas import api as pallas_api
+from attnax.kernels.pallas.api import backward_entry as pallas_backward_entry
+from attnax.kernels.pallas.api import pallas_flash_attention
 from attnax.kernels.tiles import low_precision as _low
 
 __all__ = [
@@ -212,6 +216,8 @@ class _Ring:
   spec: _ModSpec
   axis_name: Any = None
   batch_axis: Any = None
+  kernel: str = "jax"          # each step: "jax" (attend_packed) or "pallas" (the flash kernels)
+  pallas_backend: str = "auto"
 
   @property
   def mesh_axes(self) -> tuple:
@@ -393,6 +399,125 @@ def _step_bwd(q5, k, v, do5, delta5, lse5, q_shard, kv_shard, cfg: _Ring, floats
           dfl)
 
 
+# ----------------------------------------------------------------------------- Pallas steps
+#
+# The same steps on the Pallas flash kernels (unpacked (B, H, L, D) layout: the kernels handle GQA
+# themselves). The mods see absolute positions through a traced offset vector
+# (score_mods.shift_mods), so one compiled kernel serves every step; the plan's BlockMask comes
+# from the shifted mask (closed-form tile rules for band, document and length masks), so a step
+# below a causal diagonal runs FULL tiles without the mask, and a pair the mask hides entirely is
+# not launched (lax.cond, where the mask's tile rules decide it cheaply).
+
+
+def _pallas_mods(cfg: _Ring, floats, others, b_off, q_abs, kv_abs, batch: int, heads: int):
+  """The step's shifted ``(score, mask)``, the offset vector, and where the user's operands sit
+  among the plan's operands (the offsets are operands too)."""
+  offsets = jnp.stack([jnp.asarray(x, jnp.int32) for x in (b_off, q_abs, kv_abs)])
+  score, mask = sm.shift_mods(*cfg.spec.rebuild(floats, others), offsets, batch=batch,
+                              heads=heads)
+  leaves = [x for x in jax.tree_util.tree_leaves((score, mask)) if ops_lib.is_array(x)]
+  where = tuple(i for i, x in enumerate(leaves) if x is not offsets)
+  if len(where) != len(floats) + len(others):
+    raise AssertionError("ring_attention: the shifted mods' operands do not line up with the "
+                         "mods' arrays")
+  return score, mask, where
+
+
+def _skippable(mask, q_len: int, kv_len: int) -> Any:
+  """Scalar bool: does the shifted mask show any pair? None when only elementwise evaluation
+  could say (the kernel's BlockMask still skips the hidden tiles)."""
+  def closed_form(m):
+    if isinstance(m, (sm.AndMask, sm.OrMask)):
+      return all(closed_form(x) for x in m.masks)
+    return isinstance(m, sm.ShiftedMask) and m._local(q_len, kv_len) is not None
+  if mask is None or not closed_form(mask):
+    return None
+  any_, _ = bm_lib.visibility(mask, 1, 1, q_len, kv_len, q_len, kv_len)
+  return jnp.any(any_)
+
+
+def _pallas_segment_fwd(q, k, v, q_abs, kv_abs, cfg: _Ring, floats, others, b_off):
+  """Local queries ``(B, Hq, Lq, D)`` at ``q_abs + i`` against keys at ``kv_abs + j``:
+  f32 ``(out, lse)``."""
+  score, mask, _ = _pallas_mods(cfg, floats, others, b_off, q_abs, kv_abs, *q.shape[:2])
+  acc = _acc(q)
+
+  def compute():
+    out, lse = pallas_flash_attention(q, k, v, score_mod=score, mask_mod=mask, scale=cfg.scale,
+                                      return_lse=True, backend=cfg.pallas_backend)
+    return out.astype(acc), lse.astype(acc)
+
+  visible = _skippable(mask, q.shape[2], k.shape[2])
+  if visible is None:
+    return compute()
+  empty = lambda: (jnp.zeros(q.shape[:3] + (v.shape[-1],), acc),
+                   jnp.full(q.shape[:3], -jnp.inf, acc))
+  return lax.cond(visible, compute, empty)
+
+
+def _pallas_segment_bwd(q, k, v, out, lse, dout, dlse, q_abs, kv_abs, cfg: _Ring, floats,
+                        others, b_off):
+  """The segment's share of ``(dq, dk, dv, d_floats)`` given the final ``out``/``lse``."""
+  score, mask, where = _pallas_mods(cfg, floats, others, b_off, q_abs, kv_abs, *q.shape[:2])
+  float_mask = cfg.spec.mods.float_mask
+  acc = _acc(q)
+
+  def compute():
+    dq, dk, dv, d_ops = pallas_backward_entry(
+        q, k, v, out, lse, dout, dlse, mod_grads=bool(floats), score_mod=score, mask_mod=mask,
+        scale=cfg.scale, block_q=None, block_k=None, block_mask=None, softcap=None,
+        cu_seqlens_q=None, cu_seqlens_k=None, backend=cfg.pallas_backend, num_warps=None,
+        num_stages=None, config=None)
+    d_floats = tuple(d_ops[i].astype(_acc(f)) for i, f in zip(
+        (w for w, fl in zip(where, float_mask) if fl), floats))
+    return dq.astype(acc), dk.astype(acc), dv.astype(acc), d_floats
+
+  visible = _skippable(mask, q.shape[2], k.shape[2])
+  if visible is None:
+    return compute()
+  zeros = lambda: (jnp.zeros(q.shape, acc), jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc),
+                   tuple(jnp.zeros(f.shape, _acc(f)) for f in floats))
+  return lax.cond(visible, compute, zeros)
+
+
+def _pallas_step_fwd(q, k, v, q_shard, kv_shard, cfg: _Ring, floats, others, b_off=0):
+  """:func:`_step_fwd` on the Pallas kernels (``q`` unpacked, ``(B, Hq, Lq, D)``)."""
+  outs, lses = [], []
+  for qs, ql, qa in cfg.segments(q_shard, q.shape[2]):
+    acc = None
+    for ks, kl, ka in cfg.segments(kv_shard, k.shape[2]):
+      part = _pallas_segment_fwd(q[:, :, qs:qs + ql], k[:, :, ks:ks + kl], v[:, :, ks:ks + kl],
+                                 qa, ka, cfg, floats, others, b_off)
+      acc = part if acc is None else merge.merge_two(*acc, *part)
+    outs.append(acc[0])
+    lses.append(acc[1])
+  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+
+
+def _pallas_step_bwd(q, k, v, out, lse, dout, dlse, q_shard, kv_shard, cfg: _Ring, floats,
+                     others, b_off=0):
+  """:func:`_step_bwd` on the Pallas kernels: ``(dq, dk, dv, d_floats)``, f32, unpacked."""
+  q_segs = cfg.segments(q_shard, q.shape[2])
+  kv_segs = cfg.segments(kv_shard, k.shape[2])
+  dq = [0.0] * len(q_segs)
+  dk = [0.0] * len(kv_segs)
+  dv = [0.0] * len(kv_segs)
+  dfl = tuple(jnp.zeros(f.shape, _acc(f)) for f in floats)
+  for a, (qs, ql, qa) in enumerate(q_segs):
+    qsl = slice(qs, qs + ql)
+    for c, (ks, kl, ka) in enumerate(kv_segs):
+      ksl = slice(ks, ks + kl)
+      g = _pallas_segment_bwd(q[:, :, qsl], k[:, :, ksl], v[:, :, ksl], out[:, :, qsl],
+                              lse[:, :, qsl], dout[:, :, qsl], dlse[:, :, qsl], qa, ka, cfg,
+                              floats, others, b_off)
+      dq[a] = dq[a] + g[0]
+      dk[c] = dk[c] + g[1]
+      dv[c] = dv[c] + g[2]
+      dfl = jax.tree.map(jnp.add, dfl, g[3])
+  return (jnp.concatenate(dq, axis=2), jnp.concatenate(dk, axis=2), jnp.concatenate(dv, axis=2),
+          dfl)
+
+
 # ----------------------------------------------------------------------------- the ring
 
 
@@ -408,9 +533,13 @@ def _ring_fwd_local(q, k, v, floats, others, *, cfg: _Ring):
   n, axis = cfg.num_shards, cfg.axis_name
   r = lax.axis_index(axis)
   perm = [(j, (j + 1) % n) for j in range(n)]
-  q5 = pack_gqa(q, k.shape[1])
   b_off = _batch_offset(cfg, q.shape[0])
-  step = lambda k, v, t: _step_fwd(q5, k, v, r, (r - t) % n, cfg, floats, others, b_off)
+  if cfg.kernel == "pallas":
+    qx, unpack = q, lambda x: x
+    step = lambda k, v, t: _pallas_step_fwd(q, k, v, r, (r - t) % n, cfg, floats, others, b_off)
+  else:
+    qx, unpack = pack_gqa(q, k.shape[1]), unpack_gqa
+    step = lambda k, v, t: _step_fwd(qx, k, v, r, (r - t) % n, cfg, floats, others, b_off)
 
   def body(t, carry):
     out, lse, k, v = carry
@@ -418,11 +547,11 @@ def _ring_fwd_local(q, k, v, floats, others, *, cfg: _Ring):
     out, lse = merge.merge_two(out, lse, *step(k, v, t))
     return out, lse, k_next, v_next
 
-  init = (jnp.zeros(q5.shape[:-1] + (v.shape[-1],), _acc(q5)),
-          jnp.full(q5.shape[:-1], -jnp.inf, _acc(q5)))
+  init = (jnp.zeros(qx.shape[:-1] + (v.shape[-1],), _acc(qx)),
+          jnp.full(qx.shape[:-1], -jnp.inf, _acc(qx)))
   out, lse, k, v = lax.fori_loop(0, n - 1, body, init + (k, v))
   out, lse = merge.merge_two(out, lse, *step(k, v, n - 1))
-  return unpack_gqa(out).astype(q.dtype), unpack_gqa(lse)
+  return unpack(out).astype(q.dtype), unpack(lse)
 
 
 def _ring_bwd_local(q, k, v, out, lse, dout, dlse, floats, others, *, cfg: _Ring):
@@ -430,13 +559,19 @@ def _ring_bwd_local(q, k, v, out, lse, dout, dlse, floats, others, *, cfg: _Ring
   n, axis = cfg.num_shards, cfg.axis_name
   r = lax.axis_index(axis)
   perm = [(j, (j + 1) % n) for j in range(n)]
-  hkv = k.shape[1]
-  q5, do5 = pack_gqa(q, hkv), pack_gqa(dout, hkv)
-  delta = tiles.backward_delta(out, dout, lse, dlse)
-  delta5, lse5 = pack_gqa(delta, hkv), pack_gqa(lse, hkv)
   b_off = _batch_offset(cfg, q.shape[0])
-  step = lambda k, v, t: _step_bwd(q5, k, v, do5, delta5, lse5, r, (r - t) % n, cfg, floats,
-                                   others, b_off)
+  if cfg.kernel == "pallas":
+    qx, unpack = q, lambda x: x
+    step = lambda k, v, t: _pallas_step_bwd(q, k, v, out, lse, dout, dlse, r, (r - t) % n, cfg,
+                                            floats, others, b_off)
+  else:
+    hkv = k.shape[1]
+    qx, unpack = pack_gqa(q, hkv), unpack_gqa
+    do5 = pack_gqa(dout, hkv)
+    delta5 = pack_gqa(tiles.backward_delta(out, dout, lse, dlse), hkv)
+    lse5 = pack_gqa(lse, hkv)
+    step = lambda k, v, t: _step_bwd(qx, k, v, do5, delta5, lse5, r, (r - t) % n, cfg, floats,
+                                     others, b_off)
 
   def body(t, carry):
     dq, k, v, dk, dv, dfl = carry
@@ -446,7 +581,7 @@ def _ring_bwd_local(q, k, v, out, lse, dout, dlse, floats, others, *, cfg: _Ring
     dv = lax.ppermute(dv + g[2], axis, perm)
     return dq + g[0], k_next, v_next, dk, dv, jax.tree.map(jnp.add, dfl, g[3])
 
-  init = (jnp.zeros(q5.shape, _acc(q5)), k, v, jnp.zeros(k.shape, _acc(k)),
+  init = (jnp.zeros(qx.shape, _acc(qx)), k, v, jnp.zeros(k.shape, _acc(k)),
           jnp.zeros(v.shape, _acc(v)), tuple(jnp.zeros(f.shape, _acc(f)) for f in floats))
   dq, k, v, dk, dv, dfl = lax.fori_loop(0, n - 1, body, init)
   g = step(k, v, n - 1)
@@ -456,7 +591,7 @@ def _ring_bwd_local(q, k, v, out, lse, dout, dlse, floats, others, *, cfg: _Ring
   # The mods' arrays are replicated: their cotangent sums over every device that used them.
   dfl = lax.psum(jax.tree.map(jnp.add, dfl, g[3]), cfg.mesh_axes)
   dfl = tuple(d.astype(f.dtype) for d, f in zip(dfl, floats))
-  return unpack_gqa(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dfl
+  return unpack(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dfl
 
 
 def _ring_call(q, k, v, floats, others, cfg: _Ring, mesh: Mesh):
@@ -488,8 +623,29 @@ def _ring_call(q, k, v, floats, others, cfg: _Ring, mesh: Mesh):
   return ring(q, k, v, floats, others)
 
 
+STEP_KERNELS = ("auto", "jax", "pallas")
+
+
+def _step_kernel(step_kernel: str, q, k, v, spec: _ModSpec, kernel: str) -> str:
+  """``"pallas"`` or ``"jax"``: the kernel each ring step runs (``"auto"``: Pallas on a GPU when
+  it can run these inputs, else the pure-JAX step)."""
+  if step_kernel not in STEP_KERNELS:
+    raise ValueError(f"{kernel}: step_kernel must be one of {STEP_KERNELS}, got {step_kernel!r}")
+  if step_kernel == "jax":
+    return "jax"
+  reasons = pallas_api.not_supported_reasons(
+      "triton" if step_kernel == "auto" else "interpret", q, k, v)
+  if spec.mods.cells:
+    reasons.append("the mods close over arrays (plain functions); the Pallas step moves the "
+                   "positions of pytree mods (every attnax mod) only")
+  if step_kernel == "pallas" and reasons:
+    raise ValueError(f"{kernel}: step_kernel='pallas' cannot run these inputs: "
+                     + "; ".join(reasons))
+  return "jax" if reasons else "pallas"
+
+
 def _prepare(q, k, v, *, kernel, num_shards, causal, zigzag, score_mod, mask_mod, scale, block_q,
-             axis_name=None, batch_axis=None):
+             axis_name=None, batch_axis=None, step_kernel="jax"):
   b, hq, _, sq, sk, d, _ = _checks.check_qkv(q, k, v, kernel=kernel, allow_f64=True)
   _checks.check_block("block_q", block_q)
   unit = 2 * num_shards if zigzag else num_shards
@@ -505,14 +661,16 @@ def _prepare(q, k, v, *, kernel, num_shards, causal, zigzag, score_mod, mask_mod
     mask_fn = sm.and_masks(sm.CausalMask(0), mask_fn)
   floats, others, spec = _split_mods((score_fn, mask_fn))
   cfg = _Ring(num_shards=num_shards, zigzag=bool(zigzag), scale=_checks.default_scale(scale, d),
-              block_q=block_q, spec=spec, axis_name=axis_name, batch_axis=batch_axis)
+              block_q=block_q, spec=spec, axis_name=axis_name, batch_axis=batch_axis,
+              kernel=_step_kernel(step_kernel, q, k, v, spec, kernel))
   return cfg, floats, others
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis_name: Any,
                    causal: bool = False, zigzag: bool = False, score_mod: Any = None,
                    mask_mod: Any = None, scale: float | None = None, return_lse: bool = False,
-                   block_q: int = 512, batch_axis: Any = None) -> Any:
+                   block_q: int = 512, batch_axis: Any = None,
+                   step_kernel: str = "auto") -> Any:
   """Sequence-parallel (ring) attention over the mesh axis ``axis_name``.
 
   ``q``, ``k``, ``v`` are global arrays whose sequence axis is split evenly over the ``n`` devices
@@ -538,9 +696,17 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis
     scale: default ``D ** -0.5``.
     return_lse: also return the lse ``(B, Hq, Sq)`` (sharded like ``out``; differentiable; f32,
       f64 for float64 inputs, which run in float64 throughout).
-    block_q: query block of each step's local attention (scores held: ``block_q * Sk / n``).
+    block_q: query block of the pure-JAX step's local attention (scores held:
+      ``block_q * Sk / n``).
     batch_axis: optional second mesh axis that splits the batch (data parallel); mods still see
       global batch rows.
+    step_kernel: what each ring step runs: ``"pallas"`` (:func:`pallas_flash_attention`'s forward
+      with its LSE, and its backward kernels with ``dlse`` and the final LSE, the mods moved to the
+      step's absolute positions and its BlockMask built from them: a causal step below the
+      diagonal runs FULL tiles, one above it is not launched), ``"jax"`` (the pure-JAX step,
+      :func:`attend_packed`), or ``"auto"`` (Pallas on a GPU when it supports the inputs and
+      mods, else JAX). ``"pallas"`` on a CPU runs the Pallas interpreter (tests). Mods that are
+      plain functions closing over arrays run on the JAX step.
 
   Returns:
     ``out`` ``(B, Hq, Sq, Dv)`` in q's dtype (sharded over ``axis_name``), or ``(out, lse)``.
@@ -561,7 +727,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis
   cfg, floats, others = _prepare(q, k, v, kernel="ring_attention", num_shards=n, causal=causal,
                                  zigzag=zigzag, score_mod=score_mod, mask_mod=mask_mod,
                                  scale=scale, block_q=block_q, axis_name=axis_name,
-                                 batch_axis=batch_axis)
+                                 batch_axis=batch_axis, step_kernel=step_kernel)
   out, lse = _ring_call(q, k, v, floats, others, cfg, mesh)
   return (out, lse) if return_lse else out
 

@@ -647,6 +647,85 @@ def mask_mod_to_boolean_mask(mask_mod: Any, batch: int, heads: int, q_len: int,
 # ----------------------------------------------------------------------------- kernel plumbing
 
 
+# ----------------------------------------------------------------------------- shifted positions
+#
+# A kernel that computes one block of a larger attention (a ring step: local queries against the
+# K/V shard a device holds) sees local indices; the mods must see the block's absolute ones. The
+# shift is a traced int32 vector ``offsets = (batch row, query position, key position)`` carried as
+# a mod array, so one compiled kernel serves every step.
+
+
+@_pytree(data=("score_mod", "offsets"))
+class ShiftedScoreMod:
+  """``score_mod`` evaluated at ``(b + offsets[0], h, q_idx + offsets[1], kv_idx + offsets[2])``."""
+  score_mod: Any
+  offsets: jax.Array
+
+  def __call__(self, s, b, h, q_idx, kv_idx):
+    o = self.offsets
+    return self.score_mod(s, b + o[0], h, q_idx + o[1], kv_idx + o[2])
+
+
+def _rows(arr: jax.Array, start: Any, size: int) -> jax.Array:
+  """Rows ``start .. start + size`` of a ``(B', ...)`` array whose batch axis may broadcast."""
+  return arr if arr.shape[0] == 1 else jax.lax.dynamic_slice_in_dim(arr, start, size, 0)
+
+
+@_pytree(data=("mask_mod", "offsets"), meta=("batch", "heads"))
+class ShiftedMask:
+  """``mask_mod`` at shifted indices, as :class:`ShiftedScoreMod`; one leaf mask (not And/Or).
+
+  Its tiles come from the leaf's own rule moved by the offsets (band masks: a new diagonal
+  offset; document ids and lengths: the local slice), exact and cheap; any other mask is
+  evaluated elementwise (``batch``/``heads``: the local block's sizes, for that evaluation).
+  """
+  mask_mod: Any
+  offsets: jax.Array
+  batch: int = 1
+  heads: int = 1
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    o = self.offsets
+    return self.mask_mod(b + o[0], h, q_idx + o[1], kv_idx + o[2])
+
+  def _local(self, q_len: int, kv_len: int) -> Any:
+    """The same mask on local indices where its rule shifts in closed form, else None."""
+    m, (b0, q0, k0) = self.mask_mod, (self.offsets[0], self.offsets[1], self.offsets[2])
+    if isinstance(m, (CausalMask, SlidingWindowMask, LocalWindowMask)):
+      return dataclasses.replace(m, offset=m.offset + q0 - k0)
+    if isinstance(m, DocumentMask):
+      cut = lambda ids, start, n: jax.lax.dynamic_slice_in_dim(_rows(ids, b0, self.batch),
+                                                               start, n, 1)
+      return DocumentMask(cut(m.q_doc_ids, q0, q_len), cut(m.kv_doc_ids, k0, kv_len))
+    if isinstance(m, PaddingLengthMask):
+      return PaddingLengthMask(_rows(m.lengths, b0, self.batch) - k0)
+    if isinstance(m, QueryLengthMask):
+      return QueryLengthMask(_rows(m.lengths, b0, self.batch) - q0)
+    return None
+
+  def tile_visibility(self, block_q, block_k, q_len, kv_len):
+    local = self._local(q_len, kv_len)
+    if local is not None:
+      return local.tile_visibility(block_q, block_k, q_len, kv_len)
+    from attnax.kernels import block_mask   # noqa: PLC0415 (block_mask imports this module)
+    return block_mask.evaluate_tiles(self, self.batch, self.heads, block_q, block_k, q_len,
+                                     kv_len)
+
+
+def shift_mods(score_mod: Any, mask_mod: Any, offsets: jax.Array, *, batch: int,
+               heads: int) -> tuple[Any, Any]:
+  """``(score_mod, mask_mod)`` seen at positions moved by ``offsets`` (int32 ``(3,)``: batch row,
+  query position, key position); conjunctions and disjunctions are shifted part by part, so each
+  part keeps its tile rule. ``batch``/``heads``: the local block's sizes."""
+  def mask(m):
+    if m is None:
+      return None
+    if isinstance(m, (AndMask, OrMask)):
+      return type(m)(tuple(mask(x) for x in m.masks))
+    return ShiftedMask(m, offsets, batch, heads)
+  return (None if score_mod is None else ShiftedScoreMod(score_mod, offsets)), mask(mask_mod)
+
+
 def index_grid(batch: int, heads: int, q_len: int, kv_len: int, q_offset=0, kv_offset=0):
   """int32 index arrays ``(B,1,1,1)``, ``(1,H,1,1)``, ``(1,1,Sq,1)``, ``(1,1,1,Sk)``."""
   i32 = jnp.int32

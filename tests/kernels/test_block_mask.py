@@ -438,3 +438,26 @@ def test_long_sequence_never_materialises_the_mask(kind):
   np.testing.assert_array_equal(np.asarray(bm.kv_counts)[0, 0], (want == PARTIAL).sum(1))
   np.testing.assert_array_equal(np.asarray(bm.full_kv_counts)[0, 0], (want == FULL).sum(1))
   np.testing.assert_array_equal(np.asarray(bm.full_q_counts)[0, 0], (want == FULL).sum(0))
+
+
+@pytest.mark.parametrize("offsets", [(0, 40, 8), (1, 8, 40), (0, 24, 24)])
+def test_shifted_masks_tile_rules_are_exact(offsets):
+  """shift_mods: each leaf's tile rule moved by traced offsets (a ring step's absolute
+  positions) classifies every tile as the elementwise evaluation of the shifted mask does."""
+  rng = np.random.default_rng(sum(offsets))
+  ids = jnp.asarray(np.sort(rng.integers(0, 5, (2, 96)), axis=1), jnp.int32)
+  lengths = jnp.asarray([50, 70], jnp.int32)
+  masks = [sm.CausalMask(), sm.SlidingWindowMask(12), sm.LocalWindowMask(5, 3),
+           sm.DocumentMask(ids, ids), sm.PaddingLengthMask(lengths), sm.QueryLengthMask(lengths),
+           sm.and_masks(sm.CausalMask(), sm.DocumentMask(ids, ids)),
+           sm.or_masks(sm.SlidingWindowMask(4), sm.PaddingLengthMask(lengths))]
+  off = jnp.asarray(offsets, jnp.int32)
+  b0, q0, k0 = offsets
+  for mask in masks:
+    _, shifted = sm.shift_mods(None, mask, off, batch=1, heads=1)
+    got = create_block_mask(shifted, q_len=40, kv_len=48, block_q=16, block_k=16)
+    # The same positions as a plain function (no tile rule: evaluated elementwise).
+    plain = lambda b, h, i, j, m=mask: m(b + b0, h, i + q0, j + k0)
+    want = create_block_mask(plain, q_len=40, kv_len=48, block_q=16, block_k=16)
+    np.testing.assert_array_equal(np.broadcast_to(got.tiles, want.tiles.shape), want.tiles,
+                                  err_msg=repr(mask))

@@ -241,7 +241,7 @@ def _eligible(mask_fn, batch, q_heads, block_q, block_k, q_len, kv_len) -> jax.A
   nq, nb = -(-q_len // block_q), -(-kv_len // block_k)
   if mask_fn is None:
     return jnp.ones((1, 1, nq, nb), bool)
-  any_, all_ = bm_lib._visibility(mask_fn, batch, q_heads, block_q, block_k, q_len, kv_len)
+  any_, all_ = bm_lib.visibility(mask_fn, batch, q_heads, block_q, block_k, q_len, kv_len)
   all_ = jnp.asarray(all_, bool) & jnp.asarray(any_, bool)
   lead = tuple(jnp.shape(all_)[:2])
   return jnp.broadcast_to(all_, lead + (nq, nb))

@@ -215,7 +215,7 @@ def _plan(q, k, v, *, score_mod, mask_mod, scale, block_q, block_k, block_mask, 
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-def _backward(lowering, spec, q, k, v, out, lse, dout, dlse, arrays, diff):
+def _backward(lowering, spec, diff, q, k, v, out, lse, dout, dlse, arrays):
   """``(dq, dk, dv, operand cotangents for diff)`` on padded inputs."""
   plan = spec.plan
   delta = tiles.backward_delta(out, dout, lse, dlse)
@@ -256,7 +256,7 @@ def _attention_vjp(lowering: Lowering, spec: tk.KernelSpec):
     dout, dlse = map(ops_lib.cotangent_or_none, cts[:2])
     dout = jnp.zeros_like(out) if dout is None else dout
     arrays = dataclasses.replace(schedule, operands=operands)
-    dq, dk, dv, d_ops = _backward(lowering, spec, q, k, v, out, lse, dout, dlse, arrays, diff)
+    dq, dk, dv, d_ops = _backward(lowering, spec, diff, q, k, v, out, lse, dout, dlse, arrays)
     return dq, dk, dv, ops_lib.operand_cotangents(operands, diff, d_ops), None
 
   attn.defvjp(fwd, bwd, symbolic_zeros=True)
@@ -414,11 +414,23 @@ def pallas_flash_attention_bwd(q, k, v, out, lse, dout, *, dlse=None, score_mod=
   from differentiating :func:`pallas_flash_attention`.)
   """
   rate, seed = _checks.check_dropout(dropout_rate, dropout_rng, kernel="pallas_flash_attention")
-  lowering, spec, arrays, qp, kp, vp = _plan(
-      q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=scale, block_q=block_q,
-      block_k=block_k, block_mask=block_mask, softcap=softcap, cu_seqlens_q=cu_seqlens_q,
-      cu_seqlens_k=cu_seqlens_k, backend=backend, num_warps=num_warps, num_stages=num_stages,
-      config=config, dropout_rate=rate, dropout_seed=seed)
+  return backward_entry(
+      q, k, v, out, lse, dout, dlse, mod_grads=False, score_mod=score_mod, mask_mod=mask_mod,
+      scale=scale, block_q=block_q, block_k=block_k, block_mask=block_mask, softcap=softcap,
+      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, backend=backend,
+      num_warps=num_warps, num_stages=num_stages, config=config, dropout_rate=rate,
+      dropout_seed=seed)[:3]
+
+
+def backward_entry(q, k, v, out, lse, dout, dlse, *, mod_grads: bool, **plan_kwargs):
+  """``(dq, dk, dv, d_operands)`` of the forward that gave ``out``/``lse``, on its plan.
+
+  ``d_operands`` is aligned with the plan's mod operands (the array leaves of ``(score part,
+  mask part)`` in pytree order): with ``mod_grads``, the f32 cotangent of every floating-point
+  one, None for the others; without, all None. A ring step calls it with the final ``out`` and
+  ``lse`` to get its share of every gradient.
+  """
+  lowering, spec, arrays, qp, kp, vp = _plan(q, k, v, **plan_kwargs)
   _checks.check_lse(lse, q)
   want = tuple(q.shape[:3]) + (v.shape[-1],)
   for name, x in (("out", out), ("dout", dout)):
@@ -433,11 +445,14 @@ def pallas_flash_attention_bwd(q, k, v, out, lse, dout, *, dlse=None, score_mod=
   lsep = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, plan.q_pad - plan.q_len)),
                  constant_values=-jnp.inf)
   dlsep = None if dlse is None else pad_to(dlse.astype(jnp.float32), lsep.shape)
-  dq, dk, dv, _ = _backward_jit(lowering, spec, qp, kp, vp, outp, lsep, doutp, dlsep, arrays)
+  diff = tuple(i for i, f in enumerate(plan.mods.float_mask) if f) if mod_grads else ()
+  dq, dk, dv, d_ops = _backward_jit(lowering, spec, diff, qp, kp, vp, outp, lsep, doutp, dlsep,
+                                    arrays)
+  by_index = dict(zip(diff, d_ops))
+  d_operands = tuple(by_index.get(i) for i in range(len(arrays.operands)))
   sk = k.shape[2]
   return (dq[:, :, :plan.q_len, :plan.head_dim], dk[:, :, :sk, :plan.head_dim],
-          dv[:, :, :sk, :plan.v_dim])
+          dv[:, :, :sk, :plan.v_dim], d_operands)
 
 
-_backward_jit = jax.jit(lambda lowering, spec, *a: _backward(lowering, spec, *a, ()),
-                        static_argnums=(0, 1))
+_backward_jit = jax.jit(_backward, static_argnums=(0, 1, 2))

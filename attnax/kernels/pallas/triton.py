@@ -214,8 +214,15 @@ def _masked_load(ref, flat, in_range):
   return plgpu.load(ref.at[flat], mask=in_range, other=0)
 
 
-def _mod_load(spec: KernelSpec):
-  """The mods' array reads: clamped indices (None) or masked loads (``mod_loads="masked"``)."""
+def _mod_load(spec: KernelSpec, backward: bool = False):
+  """The mods' array reads: clamped indices (None) or masked loads (``mod_loads="masked"``).
+
+  A backward kernel whose score mod has a non-unit derivative evaluates the mods under jax.jvp,
+  where Pallas's masked-load rule fails (jax 0.11.2: it flattens the absent ref tangent to no
+  leaf): those read clamped.
+  """
+  if backward and not spec.plan.unit_grad:
+    return None
   return _masked_load if spec.masked_loads else None
 
 
@@ -619,7 +626,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec, loa
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.dq_rows, spec.dq_cols
   tape = ops_lib.LoadTape() if ops_here else None
-  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs, tape, _mod_load(spec))
+  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs, tape, _mod_load(spec, True))
   q_start = i * rows
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
@@ -688,7 +695,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, spec, lo
   j, b, hk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = spec.dkv_rows, spec.dkv_cols
   tape = ops_lib.LoadTape() if ops_here else None
-  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs, tape, _mod_load(spec))
+  score_fn, mask_fn = plan.mods.rebuild_from_refs(leaf_refs, tape, _mod_load(spec, True))
   # A KV_COLS load's indices lie along the tile's key axis: rows of the transposed tile.
   summed, zero_sums = _summed(loads, (KV_COLS,), lambda shape: (
       (rows, 1) if spec.dkv_transposed else (1, rows)))
