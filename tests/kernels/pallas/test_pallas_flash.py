@@ -14,7 +14,7 @@ import pytest
 
 from attnax.kernels import (BlockMask, additive_bias_mod, alibi_mod, causal_mod,
                             compose_score_mods, document_mask_mod, prefix_lm_mod,
-                            sliding_window_mod)
+                            sliding_window_mod, softcap_mod)
 from attnax.kernels import block_mask as bm_lib
 from attnax.kernels.pallas import (TritonConfig, cu_seqlens_to_doc_ids, not_supported_reasons,
                                    pack_sequences, pallas_flash_attention,
@@ -362,3 +362,15 @@ def test_mod_loads_match_the_reference(mod_loads):
   assert_grads(run_grads(q, k, v, ct, **kw), reference_grads(q, k, v, ct, score_mod=mod), f32)
   with pytest.raises(ValueError, match="mod_loads"):
     pallas_flash_attention(q, k, v, backend="interpret", config=TritonConfig(mod_loads="gather"))
+
+
+@pytest.mark.parametrize("mod_loads", ["masked", "clamp"])
+def test_non_unit_derivative_mods_with_arrays_grads(mod_loads):
+  # Soft-cap + ALiBi: the backward kernels evaluate the mods under jax.jvp (their derivative is
+  # not 1) while reading the slopes: with masked loads that once failed to trace.
+  q, k, v = random_qkv(34, batch=1, q_heads=4, kv_heads=2, q_len=40, kv_len=40, head_dim=16)
+  mod = compose_score_mods(softcap_mod(4.0), alibi_mod(num_heads=4))
+  kw = dict(score_mod=mod, backend="interpret", config=TritonConfig(block_q=16, block_k=16,
+                                                                    mod_loads=mod_loads))
+  ct = cotangent(35, q.shape)
+  assert_grads(run_grads(q, k, v, ct, **kw), reference_grads(q, k, v, ct, score_mod=mod), f32)
