@@ -288,3 +288,42 @@ def test_step_kernel_choice(mesh):
     prep(mask_mod=closure, step_kernel="pallas")
   with pytest.raises(ValueError, match="step_kernel"):
     ring_attention(q, k, v, mesh=mesh, axis_name="sp", step_kernel="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("zigzag", [False, True])
+def test_gpu_pallas_steps_on_a_mesh_of_one(zigzag):
+  """On one GPU: the ring's Pallas steps (bf16, D=128, GQA, causal + documents + ALiBi) against
+  the references, with q/k/v and ALiBi-slope gradients."""
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  mesh1 = Mesh(np.array(jax.devices()[:1]), ("sp",))
+  s = 2048
+  q, k, v = random_qkv(12, batch=1, q_heads=8, kv_heads=2, q_len=s, kv_len=s, head_dim=128,
+                       dtype=jnp.bfloat16)
+  docs = jnp.asarray(np.sort(np.random.default_rng(12).integers(0, 3, (1, s))), jnp.int32)
+  ct = jax.random.normal(jax.random.key(120), q.shape).astype(jnp.bfloat16)
+  perm = (lambda x: to_zigzag(x, 1)) if zigzag else (lambda x: x)
+  unperm = (lambda x: from_zigzag(x, 1)) if zigzag else (lambda x: x)
+
+  def loss(q, k, v, alibi, kernel):
+    mod = compose_score_mods(alibi, document_mask_mod(docs))
+    return jnp.sum(kernel(q, k, v, mod).astype(jnp.float32) * ct.astype(jnp.float32))
+
+  ring = lambda q, k, v, mod: unperm(ring_attention(
+      perm(q), perm(k), perm(v), mesh=mesh1, axis_name="sp", causal=True, zigzag=zigzag,
+      score_mod=mod, step_kernel="pallas"))
+  std = lambda q, k, v, mod: standard_attention(
+      q, k, v, score_mod=compose_score_mods(causal_mod(), mod))
+  alibi = alibi_mod(num_heads=8)
+  out = jax.jit(ring)(q, k, v, compose_score_mods(alibi, document_mask_mod(docs)))
+  ref = reference_attention(q, k, v, score_mod=compose_score_mods(
+      causal_mod(), alibi, document_mask_mod(docs)))
+  assert rel_err(out, ref) < tol(jnp.bfloat16)
+  got = jax.jit(jax.grad(functools.partial(loss, kernel=ring), argnums=(0, 1, 2, 3)))(
+      q, k, v, alibi)
+  up = lambda x: jnp.asarray(x, jnp.float32)
+  want = jax.jit(jax.grad(functools.partial(loss, kernel=std), argnums=(0, 1, 2, 3)))(
+      up(q), up(k), up(v), alibi)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert rel_err(g, w) < tol(jnp.bfloat16, grad=True), rel_err(g, w)
