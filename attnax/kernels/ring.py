@@ -21,8 +21,12 @@ holds chunks ``i`` and ``2n-1-i``, so every device has the same visible area; a
 This module also holds the shared tile maths for attention over *packed GQA* blocks on absolute
 positions (:func:`attend_packed`, :func:`attend_packed_bwd`), which the paged kernel reuses: the
 ``G = Hq // Hkv`` query heads that read one kv head are packed into one matrix
-(:mod:`attnax.kernels.gqa`), so K/V are never repeated. The per-step work is :func:`_segment_fwd` / :func:`_segment_bwd`; a Pallas step kernel can
-replace those two functions without touching the ring.
+(:mod:`attnax.kernels.gqa`), so K/V are never repeated.
+
+Each (query chunk, key chunk) pair of a step is one segment kernel: :func:`_segment_fwd` /
+:func:`_segment_bwd` (pure JAX, packed GQA) or, with ``step_kernel="pallas"``,
+:func:`_pallas_segment_fwd` / :func:`_pallas_segment_bwd` (the Pallas flash kernels, with the
+mods moved to the pair's absolute positions); the ring and the step loops are shared.
 """
 
 from __future__ import annotations
@@ -319,13 +323,13 @@ def _segment_fwd(q5, k, v, q_abs, kv_abs, cfg: _Ring, floats, others, b_off=0):
   return _unblocks(out, lq), _unblocks(lse, lq)
 
 
-def _segment_bwd(q5, k, v, do5, delta5, lse5, q_abs, kv_abs, cfg: _Ring, floats, others,
-                 b_off=0):
+def _segment_bwd(q5, k, v, rows, q_abs, kv_abs, cfg: _Ring, floats, others, b_off=0):
   """Gradients of :func:`_segment_fwd` given the final ``lse`` and ``delta``.
 
-  A scan over query blocks carries the f32 dK, dV (and mod-array) accumulators of this key segment.
-  Returns ``(dq5, dk, dv, d_floats)`` f32.
+  ``rows = (do5, delta5, lse5)``. A scan over query blocks carries the f32 dK, dV (and mod-array)
+  accumulators of this key segment. Returns ``(dq5, dk, dv, d_floats)`` f32.
   """
+  do5, delta5, lse5 = rows
   _, mask_fn = cfg.spec.rebuild(floats, others)
   rebuild = lambda fl: cfg.spec.rebuild(fl, others)
   lq, lk = q5.shape[3], k.shape[2]
@@ -357,46 +361,54 @@ def _segment_bwd(q5, k, v, do5, delta5, lse5, q_abs, kv_abs, cfg: _Ring, floats,
   return _unblocks(dq, lq), dk, dv, dfl
 
 
-def _step_fwd(q5, k, v, q_shard, kv_shard, cfg: _Ring, floats, others, b_off=0):
+def _step_fwd(q5, k, v, q_shard, kv_shard, cfg: _Ring, floats, others, b_off=0, *,
+              segment=None, q_axis=3):
   """One ring step: local queries of shard ``q_shard`` against the K/V of shard ``kv_shard``.
 
   Zig-zag shards are two chunks each: the four (q chunk, kv chunk) pairs are separate segments
-  (merged by LSE per q chunk), so a pair the mask hides costs nothing.
+  (merged by LSE per q chunk), so a pair the mask hides costs nothing. ``segment`` is the
+  per-pair kernel (:func:`_segment_fwd` on packed queries, sequence ``q_axis`` 3, by default).
   """
+  segment = segment or _segment_fwd
+  cut = lambda x, start, n, axis: lax.slice_in_dim(x, start, start + n, axis=axis)
   outs, lses = [], []
-  for qs, ql, qa in cfg.segments(q_shard, q5.shape[3]):
+  for qs, ql, qa in cfg.segments(q_shard, q5.shape[q_axis]):
     acc = None
     for ks, kl, ka in cfg.segments(kv_shard, k.shape[2]):
-      part = _segment_fwd(q5[:, :, :, qs:qs + ql], k[:, :, ks:ks + kl], v[:, :, ks:ks + kl],
-                          qa, ka, cfg, floats, others, b_off)
+      part = segment(cut(q5, qs, ql, q_axis), cut(k, ks, kl, 2), cut(v, ks, kl, 2), qa, ka, cfg,
+                     floats, others, b_off)
       acc = part if acc is None else merge.merge_two(*acc, *part)
     outs.append(acc[0])
     lses.append(acc[1])
-  return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+  return jnp.concatenate(outs, axis=q_axis), jnp.concatenate(lses, axis=q_axis)
 
 
-def _step_bwd(q5, k, v, do5, delta5, lse5, q_shard, kv_shard, cfg: _Ring, floats, others,
-              b_off=0):
-  """Gradients of :func:`_step_fwd`: ``(dq5, dk, dv, d_floats)``, f32."""
-  q_segs = cfg.segments(q_shard, q5.shape[3])
+def _step_bwd(q5, k, v, rows, q_shard, kv_shard, cfg: _Ring, floats, others, b_off=0, *,
+              segment=None, q_axis=3):
+  """Gradients of :func:`_step_fwd`: ``(dq5, dk, dv, d_floats)``, f32.
+
+  ``rows``: the per-query arrays the segment kernel takes, cut like the queries (packed
+  ``(do5, delta5, lse5)`` for :func:`_segment_bwd`, the default).
+  """
+  segment = segment or _segment_bwd
+  cut = lambda x, start, n, axis: lax.slice_in_dim(x, start, start + n, axis=axis)
+  q_segs = cfg.segments(q_shard, q5.shape[q_axis])
   kv_segs = cfg.segments(kv_shard, k.shape[2])
   dq = [0.0] * len(q_segs)
   dk = [0.0] * len(kv_segs)
   dv = [0.0] * len(kv_segs)
   dfl = tuple(jnp.zeros(f.shape, _acc(f)) for f in floats)
   for a, (qs, ql, qa) in enumerate(q_segs):
-    qsl = slice(qs, qs + ql)
     for c, (ks, kl, ka) in enumerate(kv_segs):
-      ksl = slice(ks, ks + kl)
-      g = _segment_bwd(q5[:, :, :, qsl], k[:, :, ksl], v[:, :, ksl], do5[:, :, :, qsl],
-                       delta5[:, :, :, qsl], lse5[:, :, :, qsl], qa, ka, cfg, floats, others,
-                       b_off)
+      g = segment(cut(q5, qs, ql, q_axis), cut(k, ks, kl, 2), cut(v, ks, kl, 2),
+                  tuple(cut(x, qs, ql, q_axis) for x in rows), qa, ka, cfg, floats, others,
+                  b_off)
       dq[a] = dq[a] + g[0]
       dk[c] = dk[c] + g[1]
       dv[c] = dv[c] + g[2]
       dfl = jax.tree.map(jnp.add, dfl, g[3])
-  return (jnp.concatenate(dq, axis=3), jnp.concatenate(dk, axis=2), jnp.concatenate(dv, axis=2),
-          dfl)
+  return (jnp.concatenate(dq, axis=q_axis), jnp.concatenate(dk, axis=2),
+          jnp.concatenate(dv, axis=2), dfl)
 
 
 # ----------------------------------------------------------------------------- Pallas steps
@@ -455,9 +467,10 @@ def _pallas_segment_fwd(q, k, v, q_abs, kv_abs, cfg: _Ring, floats, others, b_of
   return lax.cond(visible, compute, empty)
 
 
-def _pallas_segment_bwd(q, k, v, out, lse, dout, dlse, q_abs, kv_abs, cfg: _Ring, floats,
-                        others, b_off):
-  """The segment's share of ``(dq, dk, dv, d_floats)`` given the final ``out``/``lse``."""
+def _pallas_segment_bwd(q, k, v, rows, q_abs, kv_abs, cfg: _Ring, floats, others, b_off):
+  """The segment's share of ``(dq, dk, dv, d_floats)`` given the final ``rows = (out, lse, dout,
+  dlse)``."""
+  out, lse, dout, dlse = rows
   score, mask, where = _pallas_mods(cfg, floats, others, b_off, q_abs, kv_abs, *q.shape[:2])
   float_mask = cfg.spec.mods.float_mask
   acc = _acc(q)
@@ -480,44 +493,6 @@ def _pallas_segment_bwd(q, k, v, out, lse, dout, dlse, q_abs, kv_abs, cfg: _Ring
   return lax.cond(visible, compute, zeros)
 
 
-def _pallas_step_fwd(q, k, v, q_shard, kv_shard, cfg: _Ring, floats, others, b_off=0):
-  """:func:`_step_fwd` on the Pallas kernels (``q`` unpacked, ``(B, Hq, Lq, D)``)."""
-  outs, lses = [], []
-  for qs, ql, qa in cfg.segments(q_shard, q.shape[2]):
-    acc = None
-    for ks, kl, ka in cfg.segments(kv_shard, k.shape[2]):
-      part = _pallas_segment_fwd(q[:, :, qs:qs + ql], k[:, :, ks:ks + kl], v[:, :, ks:ks + kl],
-                                 qa, ka, cfg, floats, others, b_off)
-      acc = part if acc is None else merge.merge_two(*acc, *part)
-    outs.append(acc[0])
-    lses.append(acc[1])
-  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
-
-
-def _pallas_step_bwd(q, k, v, out, lse, dout, dlse, q_shard, kv_shard, cfg: _Ring, floats,
-                     others, b_off=0):
-  """:func:`_step_bwd` on the Pallas kernels: ``(dq, dk, dv, d_floats)``, f32, unpacked."""
-  q_segs = cfg.segments(q_shard, q.shape[2])
-  kv_segs = cfg.segments(kv_shard, k.shape[2])
-  dq = [0.0] * len(q_segs)
-  dk = [0.0] * len(kv_segs)
-  dv = [0.0] * len(kv_segs)
-  dfl = tuple(jnp.zeros(f.shape, _acc(f)) for f in floats)
-  for a, (qs, ql, qa) in enumerate(q_segs):
-    qsl = slice(qs, qs + ql)
-    for c, (ks, kl, ka) in enumerate(kv_segs):
-      ksl = slice(ks, ks + kl)
-      g = _pallas_segment_bwd(q[:, :, qsl], k[:, :, ksl], v[:, :, ksl], out[:, :, qsl],
-                              lse[:, :, qsl], dout[:, :, qsl], dlse[:, :, qsl], qa, ka, cfg,
-                              floats, others, b_off)
-      dq[a] = dq[a] + g[0]
-      dk[c] = dk[c] + g[1]
-      dv[c] = dv[c] + g[2]
-      dfl = jax.tree.map(jnp.add, dfl, g[3])
-  return (jnp.concatenate(dq, axis=2), jnp.concatenate(dk, axis=2), jnp.concatenate(dv, axis=2),
-          dfl)
-
-
 # ----------------------------------------------------------------------------- the ring
 
 
@@ -536,7 +511,8 @@ def _ring_fwd_local(q, k, v, floats, others, *, cfg: _Ring):
   b_off = _batch_offset(cfg, q.shape[0])
   if cfg.kernel == "pallas":
     qx, unpack = q, lambda x: x
-    step = lambda k, v, t: _pallas_step_fwd(q, k, v, r, (r - t) % n, cfg, floats, others, b_off)
+    step = lambda k, v, t: _step_fwd(q, k, v, r, (r - t) % n, cfg, floats, others, b_off,
+                                     segment=_pallas_segment_fwd, q_axis=2)
   else:
     qx, unpack = pack_gqa(q, k.shape[1]), unpack_gqa
     step = lambda k, v, t: _step_fwd(qx, k, v, r, (r - t) % n, cfg, floats, others, b_off)
@@ -562,16 +538,16 @@ def _ring_bwd_local(q, k, v, out, lse, dout, dlse, floats, others, *, cfg: _Ring
   b_off = _batch_offset(cfg, q.shape[0])
   if cfg.kernel == "pallas":
     qx, unpack = q, lambda x: x
-    step = lambda k, v, t: _pallas_step_bwd(q, k, v, out, lse, dout, dlse, r, (r - t) % n, cfg,
-                                            floats, others, b_off)
+    step = lambda k, v, t: _step_bwd(q, k, v, (out, lse, dout, dlse), r, (r - t) % n, cfg,
+                                     floats, others, b_off, segment=_pallas_segment_bwd, q_axis=2)
   else:
     hkv = k.shape[1]
     qx, unpack = pack_gqa(q, hkv), unpack_gqa
     do5 = pack_gqa(dout, hkv)
     delta5 = pack_gqa(tiles.backward_delta(out, dout, lse, dlse), hkv)
     lse5 = pack_gqa(lse, hkv)
-    step = lambda k, v, t: _step_bwd(qx, k, v, do5, delta5, lse5, r, (r - t) % n, cfg, floats,
-                                     others, b_off)
+    step = lambda k, v, t: _step_bwd(qx, k, v, (do5, delta5, lse5), r, (r - t) % n, cfg,
+                                     floats, others, b_off)
 
   def body(t, carry):
     dq, k, v, dk, dv, dfl = carry
