@@ -222,6 +222,7 @@ class _Ring:
   batch_axis: Any = None
   kernel: str = "jax"          # each step: "jax" (attend_packed) or "pallas" (the flash kernels)
   pallas_backend: str = "auto"
+  diff: tuple = ()             # in the backward: which float mod arrays are differentiated
 
   @property
   def mesh_axes(self) -> tuple:
@@ -472,17 +473,17 @@ def _pallas_segment_bwd(q, k, v, rows, q_abs, kv_abs, cfg: _Ring, floats, others
   dlse)``."""
   out, lse, dout, dlse = rows
   score, mask, where = _pallas_mods(cfg, floats, others, b_off, q_abs, kv_abs, *q.shape[:2])
-  float_mask = cfg.spec.mods.float_mask
+  float_where = [w for w, fl in zip(where, cfg.spec.mods.float_mask) if fl]   # plan index per float
   acc = _acc(q)
 
   def compute():
     dq, dk, dv, d_ops = pallas_backward_entry(
-        q, k, v, out, lse, dout, dlse, mod_grads=bool(floats), score_mod=score, mask_mod=mask,
-        scale=cfg.scale, block_q=None, block_k=None, block_mask=None, softcap=None,
-        cu_seqlens_q=None, cu_seqlens_k=None, backend=cfg.pallas_backend, num_warps=None,
-        num_stages=None, config=None)
-    d_floats = tuple(d_ops[i].astype(_acc(f)) for i, f in zip(
-        (w for w, fl in zip(where, float_mask) if fl), floats))
+        q, k, v, out, lse, dout, dlse, diff_operands=tuple(float_where[i] for i in cfg.diff),
+        score_mod=score, mask_mod=mask, scale=cfg.scale, block_q=None, block_k=None,
+        block_mask=None, softcap=None, cu_seqlens_q=None, cu_seqlens_k=None,
+        backend=cfg.pallas_backend, num_warps=None, num_stages=None, config=None)
+    d_floats = tuple(jnp.zeros(f.shape, _acc(f)) if d_ops[w] is None else d_ops[w].astype(_acc(f))
+                     for w, f in zip(float_where, floats))
     return dq.astype(acc), dk.astype(acc), dv.astype(acc), d_floats
 
   visible = _skippable(mask, q.shape[2], k.shape[2])
@@ -577,25 +578,32 @@ def _ring_call(q, k, v, floats, others, cfg: _Ring, mesh: Mesh):
   shard = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
   fwd = shard(functools.partial(_ring_fwd_local, cfg=cfg),
               in_specs=(seq, seq, seq, P(), P()), out_specs=(seq, seq_lse))
-  bwd = shard(functools.partial(_ring_bwd_local, cfg=cfg),
-              in_specs=(seq, seq, seq, seq, seq_lse, seq, seq_lse, P(), P()),
-              out_specs=(seq, seq, seq, P()))
-
   @jax.custom_vjp
   def ring(q, k, v, floats, others):
     return fwd(q, k, v, floats, others)
 
   def ring_fwd(q, k, v, floats, others):
+    # symbolic_zeros: the forward rule sees which float mod arrays are differentiated; only those
+    # get cotangents (an ALiBi table held constant costs the backward nothing).
+    q, k, v, others = ops_lib.primal_values((q, k, v, others))
+    floats, marks = ops_lib.differentiated(floats, [True] * len(floats))
     out, lse = fwd(q, k, v, floats, others)
-    return (out, lse), (q, k, v, floats, others, out, lse)
+    return (out, lse), (q, k, v, floats, others, out, lse, marks)
 
   def ring_bwd(res, cts):
-    q, k, v, floats, others, out, lse = res
-    dout, dlse = cts
+    q, k, v, floats, others, out, lse, marks = res
+    diff = ops_lib.marked(marks)
+    dout, dlse = map(ops_lib.cotangent_or_none, cts)
+    dout = jnp.zeros_like(out) if dout is None else dout
+    dlse = jnp.zeros_like(lse) if dlse is None else dlse
+    bwd = shard(functools.partial(_ring_bwd_local, cfg=dataclasses.replace(cfg, diff=diff)),
+                in_specs=(seq, seq, seq, seq, seq_lse, seq, seq_lse, P(), P()),
+                out_specs=(seq, seq, seq, P()))
     dq, dk, dv, dfl = bwd(q, k, v, out, lse, dout, dlse, floats, others)
-    return dq, dk, dv, dfl, tuple(None for _ in others)
+    return (dq, dk, dv, tuple(d if i in diff else None for i, d in enumerate(dfl)),
+            tuple(None for _ in others))
 
-  ring.defvjp(ring_fwd, ring_bwd)
+  ring.defvjp(ring_fwd, ring_bwd, symbolic_zeros=True)
   return ring(q, k, v, floats, others)
 
 

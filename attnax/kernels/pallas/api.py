@@ -415,19 +415,20 @@ def pallas_flash_attention_bwd(q, k, v, out, lse, dout, *, dlse=None, score_mod=
   """
   rate, seed = _checks.check_dropout(dropout_rate, dropout_rng, kernel="pallas_flash_attention")
   return backward_entry(
-      q, k, v, out, lse, dout, dlse, mod_grads=False, score_mod=score_mod, mask_mod=mask_mod,
+      q, k, v, out, lse, dout, dlse, score_mod=score_mod, mask_mod=mask_mod,
       scale=scale, block_q=block_q, block_k=block_k, block_mask=block_mask, softcap=softcap,
       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, backend=backend,
       num_warps=num_warps, num_stages=num_stages, config=config, dropout_rate=rate,
       dropout_seed=seed)[:3]
 
 
-def backward_entry(q, k, v, out, lse, dout, dlse, *, mod_grads: bool, **plan_kwargs):
+def backward_entry(q, k, v, out, lse, dout, dlse, *, diff_operands: tuple[int, ...] = (),
+                   **plan_kwargs):
   """``(dq, dk, dv, d_operands)`` of the forward that gave ``out``/``lse``, on its plan.
 
   ``d_operands`` is aligned with the plan's mod operands (the array leaves of ``(score part,
-  mask part)`` in pytree order): with ``mod_grads``, the f32 cotangent of every floating-point
-  one, None for the others; without, all None. A ring step calls it with the final ``out`` and
+  mask part)`` in pytree order): the f32 cotangent of each floating-point operand whose index is
+  in ``diff_operands``, None for the others. A ring step calls it with the final ``out`` and
   ``lse`` to get its share of every gradient.
   """
   lowering, spec, arrays, qp, kp, vp = _plan(q, k, v, **plan_kwargs)
@@ -445,7 +446,11 @@ def backward_entry(q, k, v, out, lse, dout, dlse, *, mod_grads: bool, **plan_kwa
   lsep = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, plan.q_pad - plan.q_len)),
                  constant_values=-jnp.inf)
   dlsep = None if dlse is None else pad_to(dlse.astype(jnp.float32), lsep.shape)
-  diff = tuple(i for i, f in enumerate(plan.mods.float_mask) if f) if mod_grads else ()
+  diff = tuple(sorted(set(diff_operands)))
+  bad = [i for i in diff if not (0 <= i < len(arrays.operands)) or not plan.mods.float_mask[i]]
+  if bad:
+    raise ValueError(f"backward_entry: diff_operands {bad} are not floating-point mod operands "
+                     f"(the plan has {len(arrays.operands)})")
   dq, dk, dv, d_ops = _backward_jit(lowering, spec, diff, qp, kp, vp, outp, lsep, doutp, dlsep,
                                     arrays)
   by_index = dict(zip(diff, d_ops))
