@@ -34,6 +34,12 @@ def step_kernel(request):
   return request.param
 
 
+@pytest.fixture(params=["jax", pytest.param("pallas", marks=pytest.mark.slow)])
+def step_kernel_slow_pallas(request):
+  """As ``step_kernel``, with the (slower on a CPU) Pallas variant among the slow tests."""
+  return request.param
+
+
 def _docs(seed, batch=2, length=S):
   rng = np.random.RandomState(seed)
   return jnp.asarray(np.sort(rng.randint(0, 4, (batch, length)), axis=1), jnp.int32)
@@ -134,7 +140,8 @@ def test_grads_through_lse_and_of_mod_arrays(mesh, step_kernel):
     assert rel_err(g, w) < tol(jnp.float32, grad=True)
 
 
-def test_fully_masked_rows_are_zero_without_nans(mesh, step_kernel):
+def test_fully_masked_rows_are_zero_without_nans(mesh, step_kernel_slow_pallas):
+  step_kernel = step_kernel_slow_pallas
   q, k, v = random_qkv(5, q_len=S, kv_len=S)
   mask = lambda b, h, i, j: (i % 5 != 0) & (j <= i)          # rows 0, 5, 10, ... see nothing
   f = functools.partial(ring_natural, mesh=mesh, zigzag=True, mask_mod=mask, return_lse=True,
@@ -329,9 +336,10 @@ def test_gpu_pallas_steps_on_a_mesh_of_one(zigzag):
     assert rel_err(g, w) < tol(jnp.bfloat16, grad=True), rel_err(g, w)
 
 
-def test_grads_with_constant_mod_arrays(mesh, step_kernel):
+def test_grads_with_constant_mod_arrays(mesh, step_kernel_slow_pallas):
   """ALiBi slopes held constant (not differentiated): q/k/v grads are exact and the ring's
   backward computes no slope cotangent (symbolic zeros)."""
+  step_kernel = step_kernel_slow_pallas
   q, k, v = random_qkv(13, q_len=S, kv_len=S)
   ct = jax.random.normal(jax.random.key(130), q.shape)
   mod = alibi_mod(num_heads=4)
