@@ -5,7 +5,9 @@
 #   run(command="bash benchmarks/sweep_next.sh", carry=[".whl"], timeout_s=600)        # call 1
 #   run(command="PARTS=cells2 bash benchmarks/sweep_next.sh", carry=[".whl"], ...)      # call 2
 # PARTS (default "tests quick cells1"): tests, quick, cells1 (ALiBi 8k, 16k causal), cells2
-# (D=256, AETHER 32k). Logs under $OUT.
+# (D=256, AETHER 32k), ring (the ring's GPU tests and bench_ring.py on every visible GPU),
+# threshold (bench_threshold at softmax_threshold=1e-3). Logs under $OUT.
+#   run(command="PARTS='ring threshold' bash benchmarks/sweep_next.sh", carry=[".whl"], ...)
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/attnax_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -32,4 +34,17 @@ if has quick; then
 fi
 if has cells1; then stamp cells1; bench alibi8k,s16k-causal 230; fi
 if has cells2; then stamp cells2; bench s4k-d256,aether-32k-clustered 500; fi
+if has ring; then
+  stamp ring
+  timeout 130 python3 -m pytest -m gpu -v -p no:cacheprovider -o addopts="" tests/kernels/test_ring.py \
+    > "$OUT/ring_tests.log" 2>&1
+  echo "ring tests rc=$?"; quiet < "$OUT/ring_tests.log" | grep -E "PASSED|FAILED|passed|failed" | tail -6
+  timeout 200 python3 benchmarks/bench_ring.py --seqs 32768,131072 --out "$OUT/ring" 2>&1 | quiet | tail -16
+fi
+if has threshold; then
+  stamp threshold
+  timeout 150 python3 benchmarks/bench_threshold.py --budget-s 0.2 --thresholds 1e-3 \
+    --epsilons 1e-2,1e-3 --out "$OUT/threshold" > "$OUT/threshold.log" 2>&1
+  echo "threshold rc=$?"; grep "^|" "$OUT/threshold.log" | tail -14
+fi
 stamp done

@@ -79,7 +79,7 @@ class RefArray:
 
   def read(self, flat: Any) -> Any:
     """The raw values at ``flat`` (clamped or masked, as :meth:`flat_index` left them)."""
-    if self.masked_load is None or isinstance(flat, int):
+    if self.masked_load is None:
       return self.ref[flat]
     return self.masked_load(self.ref, flat, (flat >= 0) & (flat < self.size))
 
@@ -94,11 +94,6 @@ class RefArray:
       raise ValueError(f"indexing a mod array of shape {self.shape} with {len(idx)} indices")
     if self.ndim == 0:
       return self.value()
-    if all(isinstance(i, (int, np.integer)) for i in idx):
-      # Constant indices (``offsets[1]``): a static flat index, clamped here and read plainly (a
-      # masked load of a constant index fails under jax.jvp in Pallas's load rule, jax 0.11.2).
-      flat = int(np.ravel_multi_index(tuple(int(i) for i in idx), self.shape, mode="clip"))
-      return self.load(flat)
     return self.load(self.flat_index(idx))
 
   def value(self) -> Any:

@@ -265,6 +265,12 @@ def from_zigzag(x: jax.Array, num_shards: int, axis: int = 2) -> jax.Array:
 # ----------------------------------------------------------------------------- one ring step
 
 
+def _no_keys(q: jax.Array, dv: int) -> tuple[jax.Array, jax.Array]:
+  """The partial ``(out, lse)`` of queries ``q`` (``(..., L, D)``) that see no key: 0 and -inf, the
+  identity of :func:`~attnax.kernels.merge.merge_two`."""
+  return (jnp.zeros(q.shape[:-1] + (dv,), _acc(q)), jnp.full(q.shape[:-1], -jnp.inf, _acc(q)))
+
+
 def _pad_axis3(x: jax.Array, total: int, value: float = 0.0) -> jax.Array:
   extra = total - x.shape[3]
   if extra == 0:
@@ -316,9 +322,7 @@ def _segment_fwd(q5, k, v, q_abs, kv_abs, cfg: _Ring, floats, others, b_off=0):
                                     mask_fn=mask_fn)
     if mask_fn is None:
       return compute()
-    empty = lambda: (jnp.zeros(qi.shape[:-1] + (dv,), _acc(qi)),
-                     jnp.full(qi.shape[:-1], -jnp.inf, _acc(qi)))
-    return lax.cond(pos.any_visible(mask_fn), compute, empty)
+    return lax.cond(pos.any_visible(mask_fn), compute, lambda: _no_keys(qi, dv))
 
   out, lse = lax.map(one, (qb, jnp.arange(nb, dtype=jnp.int32)))
   return _unblocks(out, lq), _unblocks(lse, lq)
@@ -436,36 +440,32 @@ def _pallas_mods(cfg: _Ring, floats, others, b_off, q_abs, kv_abs, batch: int, h
   return score, mask, where
 
 
-def _skippable(mask, q_len: int, kv_len: int) -> Any:
-  """Scalar bool: does the shifted mask show any pair? None when only elementwise evaluation
-  could say (the kernel's BlockMask still skips the hidden tiles)."""
+def _unless_hidden(mask, q_len: int, kv_len: int, compute, hidden):
+  """``compute()``, or ``hidden()`` when the shifted mask shows no (query, key) pair of the
+  segment; decided by ``lax.cond`` where the mask's tile rules say it in closed form, else
+  ``compute()`` always (its BlockMask still skips the hidden tiles)."""
   def closed_form(m):
     if isinstance(m, (sm.AndMask, sm.OrMask)):
       return all(closed_form(x) for x in m.masks)
-    return isinstance(m, sm.ShiftedMask) and m._local(q_len, kv_len) is not None
+    return isinstance(m, sm.ShiftedMask) and m.local_mask(q_len, kv_len) is not None
   if mask is None or not closed_form(mask):
-    return None
-  any_, _ = bm_lib.visibility(mask, 1, 1, q_len, kv_len, q_len, kv_len)
-  return jnp.any(any_)
+    return compute()
+  any_, _ = bm_lib.visibility(mask, 1, 1, q_len, kv_len, q_len, kv_len)   # one tile: the segment
+  return lax.cond(jnp.any(any_), compute, hidden)
 
 
 def _pallas_segment_fwd(q, k, v, q_abs, kv_abs, cfg: _Ring, floats, others, b_off):
   """Local queries ``(B, Hq, Lq, D)`` at ``q_abs + i`` against keys at ``kv_abs + j``:
   f32 ``(out, lse)``."""
   score, mask, _ = _pallas_mods(cfg, floats, others, b_off, q_abs, kv_abs, *q.shape[:2])
-  acc = _acc(q)
 
   def compute():
     out, lse = pallas_flash_attention(q, k, v, score_mod=score, mask_mod=mask, scale=cfg.scale,
                                       return_lse=True, backend=cfg.pallas_backend)
-    return out.astype(acc), lse.astype(acc)
+    return out.astype(_acc(q)), lse.astype(_acc(q))
 
-  visible = _skippable(mask, q.shape[2], k.shape[2])
-  if visible is None:
-    return compute()
-  empty = lambda: (jnp.zeros(q.shape[:3] + (v.shape[-1],), acc),
-                   jnp.full(q.shape[:3], -jnp.inf, acc))
-  return lax.cond(visible, compute, empty)
+  return _unless_hidden(mask, q.shape[2], k.shape[2], compute,
+                        lambda: _no_keys(q, v.shape[-1]))
 
 
 def _pallas_segment_bwd(q, k, v, rows, q_abs, kv_abs, cfg: _Ring, floats, others, b_off):
@@ -479,19 +479,14 @@ def _pallas_segment_bwd(q, k, v, rows, q_abs, kv_abs, cfg: _Ring, floats, others
   def compute():
     dq, dk, dv, d_ops = pallas_backward_entry(
         q, k, v, out, lse, dout, dlse, diff_operands=tuple(float_where[i] for i in cfg.diff),
-        score_mod=score, mask_mod=mask, scale=cfg.scale, block_q=None, block_k=None,
-        block_mask=None, softcap=None, cu_seqlens_q=None, cu_seqlens_k=None,
-        backend=cfg.pallas_backend, num_warps=None, num_stages=None, config=None)
+        score_mod=score, mask_mod=mask, scale=cfg.scale, backend=cfg.pallas_backend)
     d_floats = tuple(jnp.zeros(f.shape, _acc(f)) if d_ops[w] is None else d_ops[w].astype(_acc(f))
                      for w, f in zip(float_where, floats))
     return dq.astype(acc), dk.astype(acc), dv.astype(acc), d_floats
 
-  visible = _skippable(mask, q.shape[2], k.shape[2])
-  if visible is None:
-    return compute()
   zeros = lambda: (jnp.zeros(q.shape, acc), jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc),
                    tuple(jnp.zeros(f.shape, _acc(f)) for f in floats))
-  return lax.cond(visible, compute, zeros)
+  return _unless_hidden(mask, q.shape[2], k.shape[2], compute, zeros)
 
 
 # ----------------------------------------------------------------------------- the ring
@@ -524,9 +519,7 @@ def _ring_fwd_local(q, k, v, floats, others, *, cfg: _Ring):
     out, lse = merge.merge_two(out, lse, *step(k, v, t))
     return out, lse, k_next, v_next
 
-  init = (jnp.zeros(qx.shape[:-1] + (v.shape[-1],), _acc(qx)),
-          jnp.full(qx.shape[:-1], -jnp.inf, _acc(qx)))
-  out, lse, k, v = lax.fori_loop(0, n - 1, body, init + (k, v))
+  out, lse, k, v = lax.fori_loop(0, n - 1, body, _no_keys(qx, v.shape[-1]) + (k, v))
   out, lse = merge.merge_two(out, lse, *step(k, v, n - 1))
   return unpack(out).astype(q.dtype), unpack(lse)
 
@@ -754,9 +747,7 @@ def ring_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, num_sh
     one = lambda qr, r, s: _step_fwd(qr, ks[s], vs[s], r, s, cfg, floats, others)
     return merge.merge_two(*carry, *jax.vmap(one)(qs, shards, src))
 
-  init = (jnp.zeros(qs.shape[:-1] + (v.shape[-1],), _acc(qs)),
-          jnp.full(qs.shape[:-1], -jnp.inf, _acc(qs)))
-  out, lse = lax.fori_loop(0, n, step, init)
+  out, lse = lax.fori_loop(0, n, step, _no_keys(qs, v.shape[-1]))
   out = unpack_gqa(jnp.concatenate(list(out), axis=3)).astype(q.dtype)
   lse = unpack_gqa(jnp.concatenate(list(lse), axis=3))
   return (out, lse) if return_lse else out

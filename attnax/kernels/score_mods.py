@@ -688,7 +688,7 @@ class ShiftedMask:
     o = self.offsets
     return self.mask_mod(b + o[0], h, q_idx + o[1], kv_idx + o[2])
 
-  def _local(self, q_len: int, kv_len: int) -> Any:
+  def local_mask(self, q_len: int, kv_len: int) -> Any:
     """The same mask on local indices where its rule shifts in closed form, else None."""
     m, (b0, q0, k0) = self.mask_mod, (self.offsets[0], self.offsets[1], self.offsets[2])
     if isinstance(m, (CausalMask, SlidingWindowMask, LocalWindowMask)):
@@ -704,7 +704,7 @@ class ShiftedMask:
     return None
 
   def tile_visibility(self, block_q, block_k, q_len, kv_len):
-    local = self._local(q_len, kv_len)
+    local = self.local_mask(q_len, kv_len)
     if local is not None:
       return local.tile_visibility(block_q, block_k, q_len, kv_len)
     from attnax.kernels import block_mask   # noqa: PLC0415 (block_mask imports this module)

@@ -337,8 +337,8 @@ def test_gpu_pallas_steps_on_a_mesh_of_one(zigzag):
 
 
 def test_grads_with_constant_mod_arrays(mesh, step_kernel_slow_pallas):
-  """ALiBi slopes held constant (not differentiated): q/k/v grads are exact and the ring's
-  backward computes no slope cotangent (symbolic zeros)."""
+  """ALiBi slopes held constant (not differentiated, so the ring's symbolic-zeros backward asks
+  for no slope cotangent): the q/k/v gradients are still exact."""
   step_kernel = step_kernel_slow_pallas
   q, k, v = random_qkv(13, q_len=S, kv_len=S)
   ct = jax.random.normal(jax.random.key(130), q.shape)

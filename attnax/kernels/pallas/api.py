@@ -422,6 +422,12 @@ def pallas_flash_attention_bwd(q, k, v, out, lse, dout, *, dlse=None, score_mod=
       dropout_seed=seed)[:3]
 
 
+# _plan's options at their pallas_flash_attention defaults (what backward_entry's caller omits).
+_PLAN_DEFAULTS = dict(score_mod=None, mask_mod=None, scale=None, block_q=None, block_k=None,
+                      block_mask=None, softcap=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                      backend="auto", num_warps=None, num_stages=None, config=None)
+
+
 def backward_entry(q, k, v, out, lse, dout, dlse, *, diff_operands: tuple[int, ...] = (),
                    **plan_kwargs):
   """``(dq, dk, dv, d_operands)`` of the forward that gave ``out``/``lse``, on its plan.
@@ -431,7 +437,7 @@ def backward_entry(q, k, v, out, lse, dout, dlse, *, diff_operands: tuple[int, .
   in ``diff_operands``, None for the others. A ring step calls it with the final ``out`` and
   ``lse`` to get its share of every gradient.
   """
-  lowering, spec, arrays, qp, kp, vp = _plan(q, k, v, **plan_kwargs)
+  lowering, spec, arrays, qp, kp, vp = _plan(q, k, v, **{**_PLAN_DEFAULTS, **plan_kwargs})
   _checks.check_lse(lse, q)
   want = tuple(q.shape[:3]) + (v.shape[-1],)
   for name, x in (("out", out), ("dout", dout)):
