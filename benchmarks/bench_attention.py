@@ -397,14 +397,16 @@ def build_attnax(name: str, **options):
   return build
 
 
-def build_mosaic(bwd: str):
-  """The Mosaic lowering with its tuned config and the backward on ``bwd`` (mosaic | triton)."""
+def build_mosaic(bwd: str, deterministic: bool = False):
+  """The Mosaic lowering with its tuned config and the backward on ``bwd`` (mosaic | triton);
+  ``deterministic``: the Mosaic backward's dQ pass instead of dQ by reductions in the dK/dV kernel."""
   def build(case, inp, on_gpu):
     from attnax.kernels.pallas import mosaic_gpu as mg
     kern = _attnax("pallas_flash_attention")
     mod = _attnax_mod(case, inp)
     cfg = mg.default_config(case.head_dim, masked=mod is not None)   # as backend="mosaic" picks
-    kw = dict(backend="mosaic", config=dataclasses.replace(cfg, bwd=bwd))
+    kw = dict(backend="mosaic",
+              config=dataclasses.replace(cfg, bwd=bwd, deterministic=deterministic))
     if mod is not None:
       kw["score_mod"] = mod
     return lambda q, k, v: kern(q, k, v, **kw)
@@ -712,6 +714,9 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
            'attnax.kernels.pallas_flash_attention(backend="mosaic")', gpu_only=True),
     Kernel("attnax-mosaic-tbwd", "bhsd", build_mosaic("triton"),
            'pallas_flash_attention(backend="mosaic"), the Triton backward (MosaicConfig.bwd)',
+           gpu_only=True),
+    Kernel("attnax-mosaic-det", "bhsd", build_mosaic("mosaic", deterministic=True),
+           'pallas_flash_attention(backend="mosaic"), deterministic backward (a dQ pass)',
            gpu_only=True),
     Kernel("attnax-triton", "bhsd", build_attnax("pallas_flash_attention", backend="triton"),
            'attnax.kernels.pallas_flash_attention(backend="triton")', gpu_only=True),

@@ -86,7 +86,10 @@ class MosaicConfig:
   else Triton). ``bwd_num_stages`` is the depth of the Mosaic backward's streamed rings;
   ``bwd_dq_block_k`` (64 or 128) the width of the K/V chunks the dQ kernel streams (its S and dP
   tiles); ``backward`` configures the Triton backward (``None``: its default for the head dim
-  and dtype).
+  and dtype). ``deterministic``: the Mosaic backward computes dQ in the dK/dV kernel and adds
+  each tile's part into an f32 buffer by TMA reductions (FlashAttention-3's form: 5 matmuls per
+  tile), whose order, and so dQ's last bits, vary from run to run; ``True`` runs dQ in a pass of
+  its own over the plan's lists instead (7 matmuls per tile, bitwise reproducible).
   """
   block_q: int = 128
   block_k: int = 128
@@ -95,6 +98,7 @@ class MosaicConfig:
   bwd: str = "auto"
   bwd_num_stages: int = 3
   bwd_dq_block_k: int = 64
+  deterministic: bool = False
 
 
 # Built-in defaults by padded head dim (block_q, block_k, num_stages), sized so that Q, the K/V ring
@@ -331,6 +335,7 @@ class MosaicSpec:
   mosaic_backward: bool = False
   bwd_stages: int = 3
   bwd_dq_cols: int = 64   # width of the dQ kernel's K/V chunks
+  fused_dq: bool = True   # dQ by TMA reductions in the dK/dV kernel (else a dQ pass)
 
 
 def plan_reasons(plan: FlashPlan, cfg: MosaicConfig) -> list[str]:
@@ -374,9 +379,22 @@ def kernel_spec(plan: FlashPlan, cfg: MosaicConfig, num_stages: int | None = Non
   if cfg.bwd == "mosaic" and why_not:
     raise ValueError("pallas_flash_attention: the Mosaic backward (MosaicConfig.bwd='mosaic') "
                      "cannot run this plan:\n  - " + "\n  - ".join(why_not))
+  fused = not cfg.deterministic
+  bwd_stages = min(cfg.bwd_num_stages, _fused_bwd_stages(plan)) if fused else cfg.bwd_num_stages
   return MosaicSpec(plan=plan, rows=rows, num_stages=stages, roles=roles, backward=bwd,
-                    mosaic_backward=not why_not, bwd_stages=cfg.bwd_num_stages,
-                    bwd_dq_cols=cfg.bwd_dq_block_k)
+                    mosaic_backward=not why_not, bwd_stages=bwd_stages,
+                    bwd_dq_cols=cfg.bwd_dq_block_k, fused_dq=fused)
+
+
+_SMEM_BYTES = 227 * 1024 - 2048   # Hopper's opt-in shared memory, less barriers and alignment
+
+
+def _fused_bwd_stages(plan: FlashPlan) -> int:
+  """The deepest Q/dO ring the fused backward's shared memory holds beside its fixed buffers
+  (each warpgroup's K and V chunks, its dS^T and its f32 dQ staging)."""
+  c, d, wgs = BWD_CHUNK, max(plan.head_pad, MIN_HEAD_DIM), COMPUTE_WGS
+  fixed = wgs * c * (2 * d * 2 + c * 2 + d * 4)
+  return max(2, (_SMEM_BYTES - fixed) // (2 * c * d * 2))
 
 
 # ----------------------------------------------------------------------------- tile maths
@@ -756,9 +774,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: MosaicSpec,
                 scoped):
   plan = spec.plan
-  tlist_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:-2]
+  fused = spec.fused_dq
+  n_ops = len(plan.mods.meta)
+  tlist_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:NUM_LISTS + n_ops]
+  dq_ref = refs[-3] if fused else None   # f32 accumulator, aliased in and out
   dk_ref, dv_ref = refs[-2:]
-  (k_smems, v_smems, q_smems, do_smems), (kv_ready, q_ready, do_ready, free) = scoped
+  (k_smems, v_smems, q_smems, do_smems, *dq_scratch), (kv_ready, q_ready, do_ready, free) = scoped
   c, stages, groups = BWD_CHUNK, spec.bwd_stages, plan.groups
   chunks = jnp.int32(plan.block_q // c)
   hk, j, b = lax.axis_index("kv_heads"), lax.axis_index("kv_tiles"), lax.axis_index("batch")
@@ -818,13 +839,36 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
         if dmod is not None:
           dst = dst * dmod
 
-        def accumulate(refs):
-          dv_ref, dk_ref = refs
-          plgpu.wgmma(dv_ref, pt.astype(dtype), do_smems.at[slot])
-          plgpu.wgmma(dk_ref, dst.astype(dtype), q_smems.at[slot])
+        if not fused:
+          def accumulate(refs):
+            dv_ref, dk_ref = refs
+            plgpu.wgmma(dv_ref, pt.astype(dtype), do_smems.at[slot])
+            plgpu.wgmma(dk_ref, dst.astype(dtype), q_smems.at[slot])
 
-        dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+          dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+          plgpu.barrier_arrive(free.at[slot])
+          return dk, dv
+
+        # FlashAttention-3's form: this warpgroup's part of the chunk's dQ, dS K over its keys,
+        # is a third wgmma; dS^T goes through shared memory (wgmma reads it transposed) and the
+        # f32 result is added into dq_ref by a TMA reduction.
+        ds_smem, dq_smem = dq_scratch[0].at[wg], dq_scratch[1].at[wg]
+        ds_smem[...] = dst.astype(dtype)
+        plgpu.commit_smem()
+
+        def accumulate(refs):
+          dv_ref, dk_ref, dq_acc = refs
+          plgpu.wgmma(dv_ref, pt.astype(dtype), do_smems.at[slot])
+          plgpu.wgmma(dk_ref, ds_smem, q_smems.at[slot])
+          plgpu.wgmma(dq_acc, ds_smem.transpose((1, 0)), k_smem)
+
+        dv, dk, dq = pl.run_state(accumulate)(
+            (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(zeros)))
         plgpu.barrier_arrive(free.at[slot])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last step's reduction has read it
+        dq_smem[...] = dq
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[q_cols], reduction_op="add")
         return dk, dv
 
       acc = lax.fori_loop(0, n_full, lambda t, a: step(t, a, False), (dk, dv))
@@ -886,16 +930,30 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays):
   ready = lambda n: plgpu.Barrier(num_barriers=n)
   release = plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)
 
-  dq = _bwd_call(
-      _dq_kernel, spec, (own(q.dtype), own(do.dtype), ring(k.dtype, spec.bwd_dq_cols),
-                         ring(v.dtype, spec.bwd_dq_cols)),
-      (ready(2 * wgs), ready(stages), ready(stages), release, release),
-      jax.ShapeDtypeStruct(q.shape, q.dtype), (plan.q_heads, plan.nq, plan.batch),
-      ("heads", "q_tiles", "batch"))(q, k, v, do, lse, delta, *arrays.lists, *ops)
-  dk, dv = _bwd_call(
-      _dkv_kernel, spec, (own(k.dtype), own(v.dtype), ring(q.dtype), ring(do.dtype)),
-      (ready(2 * wgs), ready(stages), ready(stages), release),
-      (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-      (plan.kv_heads, plan.nk, plan.batch), ("kv_heads", "kv_tiles", "batch"))(
-          q, k, v, do, lse, delta, *arrays.tlists, *ops)
+  dkv_scratch = (own(k.dtype), own(v.dtype), ring(q.dtype), ring(do.dtype))
+  dkv = functools.partial(
+      _bwd_call, _dkv_kernel, spec, barriers=(ready(2 * wgs), ready(stages), ready(stages),
+                                              release),
+      out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+      grid=(plan.kv_heads, plan.nk, plan.batch), grid_names=("kv_heads", "kv_tiles", "batch"))
+  inputs = (q, k, v, do, lse, delta, *arrays.tlists, *ops)
+  if spec.fused_dq:
+    # dS^T per warpgroup (bf16) and its f32 part of dQ, staged for the TMA reduction.
+    call = dkv(scratch=dkv_scratch + (_smem((wgs, c, c), q.dtype), _smem((wgs, c, d), f32)))
+
+    def run(refs):   # the kernel adds into dq_ref in place (an aliased operand)
+      dq_ref, dk_ref, dv_ref = refs
+      dk_ref[...], dv_ref[...] = call(*inputs, dq_ref)
+
+    dq, dk, dv = pl.run_state(run)((jnp.zeros(q.shape, f32), jnp.zeros(k.shape, k.dtype),
+                                    jnp.zeros(v.shape, v.dtype)))
+    dq = (dq * plan.scale if plan.unit_grad else dq).astype(q.dtype)
+  else:
+    dq = _bwd_call(
+        _dq_kernel, spec, (own(q.dtype), own(do.dtype), ring(k.dtype, spec.bwd_dq_cols),
+                           ring(v.dtype, spec.bwd_dq_cols)),
+        (ready(2 * wgs), ready(stages), ready(stages), release, release),
+        jax.ShapeDtypeStruct(q.shape, q.dtype), (plan.q_heads, plan.nq, plan.batch),
+        ("heads", "q_tiles", "batch"))(q, k, v, do, lse, delta, *arrays.lists, *ops)
+    dk, dv = dkv(scratch=dkv_scratch)(*inputs)
   return dq[..., :plan.head_pad], dk[..., :plan.head_pad], dv[..., :plan.v_pad]

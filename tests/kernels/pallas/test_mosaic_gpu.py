@@ -100,13 +100,32 @@ def test_lowers_for_sm90(case):
   assert out.shape == (1, 4, plan.q_pad, plan.v_pad) and lse.shape == (1, 4, plan.q_pad)
   if not spec.mosaic_backward:
     return
-  # The backward's two kernels (dQ over the lists, dK/dV over the transposed lists).
-  bwd = jax.jit(lambda q, k, v, do, lse, delta, a: mg.backward(spec, q, k, v, do, lse, delta, a))
+  # The backward: the fused dK/dV kernel with dQ by TMA reductions (the default), and the
+  # deterministic form (a dQ pass over the lists, dK/dV over the transposed lists).
   rows = jnp.zeros(qp.shape[:3], jnp.float32)
-  exported = jax.export.export(bwd, platforms=["cuda"], disabled_checks=[
-      jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(qp, kp, vp, qp, rows, rows,
-                                                                     arrays)
-  assert [a.shape for a in exported.out_avals] == [qp.shape, kp.shape, vp.shape]
+  for deterministic in (False, True):
+    spec = mg.kernel_spec(plan, dataclasses.replace(cfg, deterministic=deterministic))
+    assert spec.fused_dq is not deterministic
+    bwd = jax.jit(lambda q, k, v, do, lse, delta, a, spec=spec: mg.backward(
+        spec, q, k, v, do, lse, delta, a))
+    exported = jax.export.export(bwd, platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(qp, kp, vp, qp, rows, rows,
+                                                                       arrays)
+    assert [a.shape for a in exported.out_avals] == [qp.shape, kp.shape, vp.shape]
+    # One Mosaic kernel (fused) or two, and only the fused one reduces into global memory.
+    mlir = exported.mlir_module()
+    assert mlir.count("custom_call @mosaic_gpu") == (2 if deterministic else 1)
+    assert ("cp.reduce.async.bulk" in mlir) is not deterministic
+
+
+def test_fused_backward_fits_shared_memory():
+  """The fused backward's Q/dO ring is as deep as shared memory allows beside its fixed buffers
+  (each warpgroup's K/V chunks, dS^T and f32 dQ staging): 2 stages at D=128, more at D=64."""
+  for d, want in ((128, 2), (64, 9)):
+    cfg, plan, *_ = _plan(*_zeros(d=d), score_mod=causal_mod())
+    cfg = dataclasses.replace(cfg, bwd_num_stages=12)
+    assert mg.kernel_spec(plan, cfg).bwd_stages == want
+    assert mg.kernel_spec(plan, dataclasses.replace(cfg, deterministic=True)).bwd_stages == 12
 
 
 def test_backward_reasons():
@@ -180,6 +199,28 @@ def test_mosaic_backward_matches_triton_backward(case):
   for name, g, w in zip("qkv", grads["mosaic"], grads["triton"]):
     assert not np.isnan(np.asarray(g, np.float32)).any(), name
     assert rel_err(g, w) < tol(dtype), (name, rel_err(g, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["causal_gqa", "docs_alibi_softcap", "d64_dense"])
+def test_fused_backward_matches_deterministic_backward(case):
+  """dQ by TMA reductions in the dK/dV kernel (the default) against the deterministic dQ pass:
+  the same gradients to accumulation-order rounding; the deterministic form bitwise repeatable."""
+  b, hq, hkv, sq, sk, d, dtype, kw = GPU_CASES[case]
+  q, k, v = random_qkv(hash(case) % 1000 + 2, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq,
+                       kv_len=sk, head_dim=d, dtype=dtype)
+  cfg = mg.default_config(d, dtype, masked="dense" not in case)
+  ct = jax.random.normal(jax.random.key(9), q.shape[:3] + v.shape[-1:], jnp.float32).astype(dtype)
+  grads = {}
+  for det in (False, True, True):
+    grads.setdefault(det, []).append(kernel_grads(
+        pallas_flash_attention, q, k, v, ct, backend="mosaic",
+        config=dataclasses.replace(cfg, deterministic=det), **kw()))
+  for name, g, w in zip("qkv", grads[False][0], grads[True][0]):
+    assert not np.isnan(np.asarray(g, np.float32)).any(), name
+    assert rel_err(g, w) < tol(dtype), (name, rel_err(g, w))
+  for g, w in zip(*grads[True]):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
 
 
 @pytest.mark.gpu

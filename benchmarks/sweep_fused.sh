@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The fused Mosaic backward (dQ by TMA reductions in the dK/dV kernel) against the deterministic
+# two-pass form, cuDNN, tokamax and FlexAttention, fwd+bwd, one process per table.
+#   run(command="bash benchmarks/sweep_fused.sh", carry=[".whl"], timeout_s=600)
+# PARTS (default "tests main"): tests (pytest -m gpu of the Mosaic lowering), main (s4k, s4k-causal,
+# s16k-causal), masks (window32k, docs32k, alibi8k), more (s4k-d64, aether-32k-clustered).
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-/tmp/attnax_out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+PARTS=${PARTS:-tests main}
+T0=$(date +%s)
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+stamp() { echo "== $1 at $(( $(date +%s) - T0 ))s"; }
+quiet() { grep -v "^WARNING\|^I0000\|^W0000" | cut -c1-300; }
+bench() {   # cases budget tag
+  SWEEP_BUDGET_S=$2 bash benchmarks/gpu_sweep.sh bench --cases "$1" \
+    --kernels cudnn,tokamax-mosaic,flex,attnax-mosaic,attnax-mosaic-det --modes fwd+bwd \
+    --budget-s 0.3 --out "$OUT/$3" 2>&1 | grep "^|\|^###\|done\|rror" | tail -40
+}
+if has tests; then
+  stamp tests
+  timeout ${TESTS_S:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" \
+    tests/kernels/pallas/test_mosaic_gpu.py > "$OUT/tests.log" 2>&1
+  echo "tests rc=$?"; quiet < "$OUT/tests.log" | grep -i "passed\|failed\|error\|assert" | tail -12
+fi
+if has main; then stamp main; bench s4k,s4k-causal,s16k-causal ${MAIN_S:-330} main; fi
+if has masks; then stamp masks; bench window32k,docs32k,alibi8k ${MASKS_S:-330} masks; fi
+if has more; then stamp more; bench s4k-d64,aether-32k-clustered ${MORE_S:-330} more; fi
+stamp done
