@@ -389,11 +389,20 @@ def kernel_spec(plan: FlashPlan, cfg: MosaicConfig, num_stages: int | None = Non
 _SMEM_BYTES = 227 * 1024 - 2048   # Hopper's opt-in shared memory, less barriers and alignment
 
 
+def _dq_split(plan: FlashPlan) -> int | None:
+  """The columns of dQ each warpgroup of the fused backward computes when they split the head
+  dim (a whole number of 64-column shared-memory tiles of K), else ``None``."""
+  cols = max(plan.head_pad, MIN_HEAD_DIM) // COMPUTE_WGS
+  return cols if cols % 64 == 0 else None
+
+
 def _fused_bwd_stages(plan: FlashPlan) -> int:
   """The deepest Q/dO ring the fused backward's shared memory holds beside its fixed buffers
-  (each warpgroup's K and V chunks, its dS^T and its f32 dQ staging)."""
+  (each warpgroup's K and V chunks, its dS^T (two with the head-dim split) and its f32 dQ
+  staging)."""
   c, d, wgs = BWD_CHUNK, max(plan.head_pad, MIN_HEAD_DIM), COMPUTE_WGS
-  fixed = wgs * c * (2 * d * 2 + c * 2 + d * 4)
+  split = _dq_split(plan)
+  fixed = wgs * c * (2 * d * 2 + (2 if split else 1) * c * 2 + (split or d) * 4)
   return max(2, (_SMEM_BYTES - fixed) // (2 * c * d * 2))
 
 
@@ -779,7 +788,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
   tlist_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:NUM_LISTS + n_ops]
   dq_ref = refs[-3] if fused else None   # f32 accumulator, aliased in and out
   dk_ref, dv_ref = refs[-2:]
-  (k_smems, v_smems, q_smems, do_smems, *dq_scratch), (kv_ready, q_ready, do_ready, free) = scoped
+  (k_smems, v_smems, q_smems, do_smems, *dq_scratch), (kv_ready, q_ready, do_ready, free,
+                                                         *ds_ready) = scoped
+  dq_split = _dq_split(plan) if fused else None
+  ds_ready = ds_ready[0] if dq_split else None
   c, stages, groups = BWD_CHUNK, spec.bwd_stages, plan.groups
   chunks = jnp.int32(plan.block_q // c)
   hk, j, b = lax.axis_index("kv_heads"), lax.axis_index("kv_tiles"), lax.axis_index("batch")
@@ -849,26 +861,40 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
           plgpu.barrier_arrive(free.at[slot])
           return dk, dv
 
-        # FlashAttention-3's form: this warpgroup's part of the chunk's dQ, dS K over its keys,
-        # is a third wgmma; dS^T goes through shared memory (wgmma reads it transposed) and the
-        # f32 result is added into dq_ref by a TMA reduction.
-        ds_smem, dq_smem = dq_scratch[0].at[wg], dq_scratch[1].at[wg]
+        # FlashAttention-3's form: dQ = dS K is a third wgmma; dS^T goes through shared memory
+        # (wgmma reads it transposed) and the f32 result is added into dq_ref by a TMA reduction.
+        # With a head-dim split each warpgroup computes its half of dQ's columns over both
+        # warpgroups' keys (one reduction per element; the dS^T buffers are double-buffered and
+        # a barrier per buffer says both are written); otherwise each adds its own keys' part.
+        ds_buf, dq_smem = dq_scratch[0], dq_scratch[1].at[wg]
+        parity = lax.rem(n + t, 2)
+        ds_smem = ds_buf.at[parity, wg] if dq_split else ds_buf.at[wg]
         ds_smem[...] = dst.astype(dtype)
         plgpu.commit_smem()
+        if dq_split:
+          plgpu.barrier_arrive(ds_ready.at[parity])
+        cols = pl.ds(wg * dq_split, dq_split) if dq_split else None
 
         def accumulate(refs):
           dv_ref, dk_ref, dq_acc = refs
           plgpu.wgmma(dv_ref, pt.astype(dtype), do_smems.at[slot])
           plgpu.wgmma(dk_ref, ds_smem, q_smems.at[slot])
-          plgpu.wgmma(dq_acc, ds_smem.transpose((1, 0)), k_smem)
+          if not dq_split:
+            plgpu.wgmma(dq_acc, ds_smem.transpose((1, 0)), k_smem)
+            return
+          plgpu.barrier_wait(ds_ready.at[parity])
+          for w in range(COMPUTE_WGS):
+            plgpu.wgmma(dq_acc, ds_buf.at[parity, w].transpose((1, 0)), k_smems.at[w, :, cols])
 
+        dq_zeros = plgpu.layout_cast(jnp.zeros(dq_smem.shape, f32), _WGMMA)
         dv, dk, dq = pl.run_state(accumulate)(
-            (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(zeros)))
+            (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq_zeros)))
         plgpu.barrier_arrive(free.at[slot])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last step's reduction has read it
         dq_smem[...] = dq
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[q_cols], reduction_op="add")
+        dq_rows = q_cols + ((cols,) if dq_split else ())
+        plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[dq_rows], reduction_op="add")
         return dk, dv
 
       acc = lax.fori_loop(0, n_full, lambda t, a: step(t, a, False), (dk, dv))
@@ -931,15 +957,20 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays):
   release = plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)
 
   dkv_scratch = (own(k.dtype), own(v.dtype), ring(q.dtype), ring(do.dtype))
+  dkv_barriers = (ready(2 * wgs), ready(stages), ready(stages), release)
   dkv = functools.partial(
-      _bwd_call, _dkv_kernel, spec, barriers=(ready(2 * wgs), ready(stages), ready(stages),
-                                              release),
+      _bwd_call, _dkv_kernel, spec,
       out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
       grid=(plan.kv_heads, plan.nk, plan.batch), grid_names=("kv_heads", "kv_tiles", "batch"))
   inputs = (q, k, v, do, lse, delta, *arrays.tlists, *ops)
   if spec.fused_dq:
-    # dS^T per warpgroup (bf16) and its f32 part of dQ, staged for the TMA reduction.
-    call = dkv(scratch=dkv_scratch + (_smem((wgs, c, c), q.dtype), _smem((wgs, c, d), f32)))
+    # dS^T per warpgroup (bf16; per step parity with the head-dim split) and its f32 part of
+    # dQ, staged for the TMA reduction.
+    split = _dq_split(plan)
+    ds = _smem((2, wgs, c, c) if split else (wgs, c, c), q.dtype)
+    call = dkv(scratch=dkv_scratch + (ds, _smem((wgs, c, split or d), f32)),
+               barriers=dkv_barriers + ((plgpu.Barrier(num_arrivals=wgs, num_barriers=2),)
+                                        if split else ()))
 
     def run(refs):   # the kernel adds into dq_ref in place (an aliased operand)
       dq_ref, dk_ref, dv_ref = refs
@@ -955,5 +986,5 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays):
         (ready(2 * wgs), ready(stages), ready(stages), release, release),
         jax.ShapeDtypeStruct(q.shape, q.dtype), (plan.q_heads, plan.nq, plan.batch),
         ("heads", "q_tiles", "batch"))(q, k, v, do, lse, delta, *arrays.lists, *ops)
-    dk, dv = dkv(scratch=dkv_scratch)(*inputs)
+    dk, dv = dkv(scratch=dkv_scratch, barriers=dkv_barriers)(*inputs)
   return dq[..., :plan.head_pad], dk[..., :plan.head_pad], dv[..., :plan.v_pad]
