@@ -397,9 +397,10 @@ def build_attnax(name: str, **options):
   return build
 
 
-def build_mosaic(bwd: str, deterministic: bool = False):
+def build_mosaic(bwd: str, deterministic: bool = True):
   """The Mosaic lowering with its tuned config and the backward on ``bwd`` (mosaic | triton);
-  ``deterministic``: the Mosaic backward's dQ pass instead of dQ by reductions in the dK/dV kernel."""
+  ``deterministic=False``: the Mosaic backward's dQ by reductions in the dK/dV kernel instead of
+  its dQ pass."""
   def build(case, inp, on_gpu):
     from attnax.kernels.pallas import mosaic_gpu as mg
     kern = _attnax("pallas_flash_attention")
@@ -715,8 +716,9 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("attnax-mosaic-tbwd", "bhsd", build_mosaic("triton"),
            'pallas_flash_attention(backend="mosaic"), the Triton backward (MosaicConfig.bwd)',
            gpu_only=True),
-    Kernel("attnax-mosaic-det", "bhsd", build_mosaic("mosaic", deterministic=True),
-           'pallas_flash_attention(backend="mosaic"), deterministic backward (a dQ pass)',
+    Kernel("attnax-mosaic-fused", "bhsd", build_mosaic("mosaic", deterministic=False),
+           'pallas_flash_attention(backend="mosaic"), MosaicConfig(deterministic=False): dQ by '
+           'TMA reductions in the dK/dV kernel',
            gpu_only=True),
     Kernel("attnax-triton", "bhsd", build_attnax("pallas_flash_attention", backend="triton"),
            'attnax.kernels.pallas_flash_attention(backend="triton")', gpu_only=True),

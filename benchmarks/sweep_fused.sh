@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The fused Mosaic backward (dQ by TMA reductions in the dK/dV kernel) against the deterministic
-# two-pass form, cuDNN, tokamax and FlexAttention, fwd+bwd, one process per table.
+# The Mosaic backward's two forms: the default two-pass (a dQ pass, then dK/dV) and the fused
+# (MosaicConfig(deterministic=False): dQ by TMA reductions in the dK/dV kernel), against cuDNN,
+# tokamax and FlexAttention, fwd+bwd, one process per table.
 #   run(command="bash benchmarks/sweep_fused.sh", carry=[".whl"], timeout_s=600)
 # PARTS (default "tests main"): tests (pytest -m gpu of the Mosaic lowering), main (s4k, s4k-causal,
 # s16k-causal), masks (window32k, docs32k, alibi8k), more (s4k-d64, aether-32k-clustered).
@@ -14,7 +15,7 @@ stamp() { echo "== $1 at $(( $(date +%s) - T0 ))s"; }
 quiet() { grep -v "^WARNING\|^I0000\|^W0000" | cut -c1-300; }
 bench() {   # cases budget tag
   SWEEP_BUDGET_S=$2 bash benchmarks/gpu_sweep.sh bench --cases "$1" \
-    --kernels cudnn,tokamax-mosaic,flex,attnax-mosaic,attnax-mosaic-det --modes fwd+bwd \
+    --kernels cudnn,tokamax-mosaic,flex,attnax-mosaic,attnax-mosaic-fused --modes fwd+bwd \
     --budget-s 0.3 --out "$OUT/$3" 2>&1 | grep "^|\|^###\|done\|rror" | tail -40
 }
 if has tests; then

@@ -47,7 +47,11 @@ class Kernel:
     softmax: it computes softmax attention (False: only the bad-input checks apply).
     grad: it has a backward (q/k/v, LSE and mod-array gradients are checked).
     lse: it returns the log-sum-exp with ``return_lse=True``.
-    mods: it accepts arbitrary score/mask mods (prebuilt, pytrees, closures over arrays).
+    mods: it accepts arbitrary score/mask mods (prebuilt, pytrees; closures: see ``closures``).
+    closures: it accepts mods that close over arrays (plain functions, not pytrees); rows without
+      it must refuse them with a ValueError naming the closure (checked by test_bad_inputs). The
+      Mosaic GPU kernel reads a mod's arrays as per-tile loads and cannot gather from a captured
+      array (``backend="auto"`` then runs Triton).
     gqa: ``Hq > Hkv`` (grouped-query attention).
     ragged: sequence lengths that are not multiples of its blocks.
     sq_ne_sk: ``Sq != Sk``.
@@ -59,6 +63,14 @@ class Kernel:
       ``standard_attention`` drops with the same key (tests/kernels/test_dropout.py).
     seq_multiple: sequence lengths must be multiples of this (the ring: its shard count); the
       suite rounds its lengths up for the row.
+    seq_scale: the suite's sequence lengths (and the positions of its tile-structured masks) are
+      multiplied by this for the row: a kernel whose tiles are larger than the suite's blocks of
+      16 still sees several tiles, ragged tails and ``Sq != Sk`` (Mosaic GPU: 128 x 128 tiles,
+      which it refuses to shrink for short sequences).
+    dtype: the dtype the row runs the suite's float32 checks in, at that dtype's tolerances
+      (``None``: as written). The Mosaic GPU kernel takes only bf16/f16 inputs.
+    head_dim: the row's head dim (``None``: the suite's). The Mosaic GPU kernel refuses head dims
+      <= 32 (padding them to its 64-column tiles would waste the matmuls).
     bottom_right_causal: the kernel always applies ``causal_mod(offset=Sk - Sq)`` (queries at the
       end of the sequence, as paged decoding); the reference adds that mask.
     certified_epsilon: AETHER's epsilon: the tolerance override of DESIGN.md section 6.
@@ -74,6 +86,7 @@ class Kernel:
   grad: bool = True
   lse: bool = True
   mods: bool = True
+  closures: bool = True
   gqa: bool = True
   ragged: bool = True
   sq_ne_sk: bool = True
@@ -81,6 +94,9 @@ class Kernel:
   f64: bool = False
   dropout: bool = False
   seq_multiple: int = 1
+  seq_scale: int = 1
+  dtype: Any = None
+  head_dim: int | None = None
   bottom_right_causal: bool = False
   certified_epsilon: float = 0.0
   fast: frozenset | None = None
@@ -96,8 +112,13 @@ class Kernel:
     return self.name
 
   def lengths(self, sq: int, sk: int) -> tuple[int, int]:
-    up = lambda n: -(-n // self.seq_multiple) * self.seq_multiple
+    """The suite's lengths ``(sq, sk)`` as the row runs them: scaled, rounded up to multiples."""
+    up = lambda n: -(-(n * self.seq_scale) // self.seq_multiple) * self.seq_multiple
     return up(sq), up(sk)
+
+  def input_dtype(self, dtype: Any) -> Any:
+    """The dtype the row runs a check written for ``dtype`` in (its own instead of float32)."""
+    return self.dtype if self.dtype is not None and jnp.dtype(dtype) == jnp.float32 else dtype
 
   def is_slow(self, check: str, variant: str | None = None) -> bool:
     ids = {check} if variant is None else {check, f"{check}[{variant}]"}
@@ -283,6 +304,10 @@ KERNELS = (
            block_sparse=True, certified_epsilon=AETHER_EPSILON, gpu=True),
     Kernel("paged_gpu", functools.partial(paged_adapter, backend="pallas"),
            bottom_right_causal=True, gpu=True),
+    # Mosaic GPU (sm90): bf16/f16 only, head dims > 32, its default 128 x 128 tiles (8 x the
+    # suite's lengths: 296 x 360, ragged); no dropout in its forward, no closures over arrays.
+    Kernel("mosaic_gpu", adapter(pallas_flash_attention, backend="mosaic"), block_sparse=True,
+           closures=False, gpu=True, dtype=jnp.bfloat16, seq_scale=8, head_dim=64),
 )
 
 
@@ -356,8 +381,9 @@ def in_float64(fn: Callable[..., Any], *args: Any, key: Any = None) -> Any:
 
 def reference_key(row: "Kernel", *parts: Any) -> tuple:
   """A cache key for a reference: the check's own ``parts`` (check, variant, seed, shapes ...)
-  plus the row's semantics."""
-  return parts + (row.bottom_right_causal,)
+  plus the row's semantics and input dtype (a bf16 row's inputs are rounded, so its reference
+  differs from a float32 row's)."""
+  return parts + (row.bottom_right_causal, row.dtype)
 
 
 # ----------------------------------------------------------------------------- comparisons

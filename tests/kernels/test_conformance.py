@@ -3,7 +3,9 @@
 Each check runs every row against the float64 reference (``standard_attention`` in float64, with
 the row's fixed semantics, e.g. paged decoding's bottom-right causal mask) on fresh random inputs:
 GQA (Hq=4, Hkv=2), ragged lengths (Sq=37, Sk=45 against blocks of 16), Sq != Sk and one Sq = Sk
-case, f32 and bf16. Checks:
+case, f32 and bf16. A row may run them at scaled lengths, in its own dtype and head dim
+(``Kernel.seq_scale``, ``dtype``, ``head_dim``: the Mosaic GPU row, bf16 only, 128 x 128 tiles);
+cotangents, mod arrays and tolerances follow its inputs. Checks:
 
 - ``forward``: out and LSE.
 - ``grads``: q/k/v gradients, with a cotangent on out, and on out and LSE (with mods).
@@ -13,7 +15,8 @@ case, f32 and bf16. Checks:
   vmap and grad w.r.t. the closed-over table.
 - ``prebuilt_mods``: every factory of ``attnax.kernels.score_mods`` and a composition.
 - ``empty_rows``: rows that see no key: out 0, lse -inf, zero (finite) gradients.
-- ``bad_inputs``: ValueError at trace time naming the argument and the shapes.
+- ``bad_inputs``: ValueError at trace time naming the argument and the shapes (and naming float64,
+  or the closure, for rows without ``f64`` / ``closures``).
 - ``certified_bound``: AETHER's certificate on data it prunes.
 
 Compile time dominates on CPU: every check compiles the kernel once (one ``jax.jit``), the shapes
@@ -44,9 +47,11 @@ SQUARE = 40
 
 
 def inputs(row: Kernel, seed: int, sq: int = SQ, sk: int = SK, dtype=f32, batch: int = B):
+  """Fresh q, k, v for a check written for lengths ``sq``, ``sk`` and ``dtype``, as the row runs
+  it (its lengths, dtype and head dim)."""
   sq, sk = row.lengths(sq, sk)
   return random_qkv(seed, batch=batch, q_heads=HQ, kv_heads=HKV, q_len=sq, kv_len=sk,
-                    head_dim=D, dtype=dtype)
+                    head_dim=row.head_dim or D, dtype=row.input_dtype(dtype))
 
 
 def doc_ids(seed: int, length: int, batch: int | None = B, ndocs: int = 3) -> jax.Array:
@@ -86,7 +91,9 @@ def reference(row: Kernel, key, q, k, v, *, score_mod=None, mask_mod=None, **kw)
                     q, k, v, dyn, key=reference_key(row, *key, q.shape, k.shape, q.dtype))
 
 
-def check_forward(row: Kernel, out, lse, ref, ref_lse, v, dtype=f32):
+def check_forward(row: Kernel, out, lse, ref, ref_lse, v):
+  """out (in the inputs' dtype) and LSE (f32) against the reference, at the inputs' tolerance."""
+  dtype = v.dtype
   assert out.shape == ref.shape and out.dtype == dtype, (out.shape, out.dtype)
   assert_out(row, out, ref, v, tol(dtype))
   if row.lse:
@@ -119,7 +126,7 @@ def test_forward(row, variant):
   q, k, v = inputs(row, 0, sq, sk, dtype)
   out, lse = run(row, q, k, v, scale=scale)
   ref, ref_lse = reference(row, ("forward", variant), q, k, v, scale=scale)
-  check_forward(row, out, lse, ref, ref_lse, v, dtype)
+  check_forward(row, out, lse, ref, ref_lse, v)
 
 
 # ----------------------------------------------------------------------------- q/k/v gradients
@@ -132,13 +139,13 @@ def test_grads(row, variant):
   scores (a score mod whose derivative is not 1)."""
   q, k, v = inputs(row, 1)
   sq, sk = q.shape[2], k.shape[2]
-  ct = rand(2, out_shape := (B, HQ, sq, D))
+  ct = rand(2, q.shape)     # out's shape
   if variant == "out":
     def loss(fn, q, k, v):
       return jnp.sum(fn(q, k, v).astype(f32) * ct)
   else:
     assert row.lse
-    ct_lse = rand(3, out_shape[:3])
+    ct_lse = rand(3, q.shape[:3])
     mod = compose_score_mods(sm.softcap_mod(2.0), alibi_mod(num_heads=HQ),
                              causal_mod(offset=sk - sq))
 
@@ -146,8 +153,8 @@ def test_grads(row, variant):
       out, lse = fn(q, k, v, score_mod=mod, return_lse=True)
       return jnp.sum(out.astype(f32) * ct) + jnp.sum(lse * ct_lse)
   got, want = grads(row, ("grads", variant), loss, (q, k, v), (0, 1, 2))
-  assert all(g.dtype == f32 for g in got)
-  assert_grads(row, got, want, "qkv", tol(f32, grad=True))
+  assert all(g.dtype == q.dtype for g in got)
+  assert_grads(row, got, want, "qkv", tol(q.dtype, grad=True))
 
 
 # ----------------------------------------------------------------------------- mod-array gradients
@@ -163,7 +170,7 @@ def test_mod_array_grads(row, variant):
   float0 cotangent. Together: a table, a column vector, a scalar per head and a row vector."""
   q, k, v = inputs(row, 4)
   sq, sk = q.shape[2], k.shape[2]
-  ct = rand(5, (B, HQ, sq, D))
+  ct = rand(5, q.shape)
   if variant == "bias_heads_docs":
     array = rand(6, (1, HQ, sq, sk))
     ids = (doc_ids(7, sq), doc_ids(7, sk))     # the same draw: the q ids' documents have keys
@@ -176,6 +183,8 @@ def test_mod_array_grads(row, variant):
     make = lambda slopes, ids: compose_score_mods(alibi_mod(slopes=slopes),
                                                   causal_mod(offset=sk - sq))
   else:
+    if not row.closures:
+      pytest.skip(f"{row.name} lacks closures")
     array, ids = 1.0 + 0.3 * rand(11, (B, HQ, sq)), None
     make = lambda temp, ids: (lambda s, b, h, i, j: s * temp[b, h, i])
 
@@ -186,7 +195,7 @@ def test_mod_array_grads(row, variant):
   got, want = grads(row, ("mod_array_grads", variant), loss, (q, k, v, array, ids), argnums,
                     allow_int=True)
   name = {"alibi_slopes": "slopes", "temperature_closure": "temperature"}.get(variant, "bias")
-  assert_grads(row, got[:4], want[:4], ("q", "k", "v", name), tol(f32, grad=True))
+  assert_grads(row, got[:4], want[:4], ("q", "k", "v", name), tol(q.dtype, grad=True))
   if ids is not None:
     for d_ids in got[4]:
       assert d_ids.dtype == jax.dtypes.float0, f"{row.name}: cotangent of int ids is {d_ids.dtype}"
@@ -202,7 +211,7 @@ def closure_mods(ids, bias):
 
 
 @pytest.mark.parametrize("row,variant", rows("closures", ("eager", "jit", "vmap", "grad"),
-                                             needs=("softmax", "mods")))
+                                             needs=("softmax", "mods", "closures")))
 def test_closures(row, variant):
   q, k, v = inputs(row, 10)
   sq, sk = q.shape[2], k.shape[2]
@@ -236,19 +245,19 @@ def test_closures(row, variant):
   else:
     if not row.grad:
       pytest.skip(f"{row.name} has no backward")
-    ct = rand(13, (B, HQ, sq, D))
+    ct = rand(13, q.shape)
 
     def loss(fn, bias, q, k, v, ids):
       return jnp.sum(attend(fn, q, k, v, ids, bias).astype(f32) * ct)
 
     got, want = grads(row, ("closures", variant), loss, (bias, q, k, v, ids), (0, 1))
-    assert_grads(row, got, want, ("bias (closed over)", "q"), tol(f32, grad=True))
+    assert_grads(row, got, want, ("bias (closed over)", "q"), tol(q.dtype, grad=True))
 
 
 # ----------------------------------------------------------------------------- prebuilt mods
 
 
-def prebuilt_mod(name: str, sq: int, sk: int):
+def prebuilt_mod(name: str, sq: int, sk: int, seq_scale: int = 1):
   return {
       "causal": lambda: causal_mod(),
       "causal_offset": lambda: causal_mod(offset=sk - sq),
@@ -263,7 +272,7 @@ def prebuilt_mod(name: str, sq: int, sk: int):
           sm.padding_mask_mod(jnp.asarray(np.random.default_rng(27).random((B, sk)) < 0.7))),
       # jax.nn.dot_product_attention's mask= and local_window_size=: a (B, 1, Sq, Sk) boolean
       # array with whole empty and full tiles, and a two-sided band (Sk - Sq aligns it).
-      "array_mask": lambda: sm.array_mask_mod(_structured_mask(28, (B, 1, sq, sk))),
+      "array_mask": lambda: sm.array_mask_mod(_structured_mask(28, (B, 1, sq, sk), seq_scale)),
       "local_window": lambda: sm.local_window_mod(5, 3, offset=sk - sq),
       # Arrays whose query axis (or every axis) is 1: bias (B, H, 1, Sk), (1, 1, Sq, 1),
       # (1, 1, 1, 1) and a (1, H, 1, Sk) mask (AETHER's per-row bias bound once crashed on them).
@@ -278,12 +287,14 @@ def prebuilt_mod(name: str, sq: int, sk: int):
   }[name]()
 
 
-def _structured_mask(seed: int, shape) -> jax.Array:
+def _structured_mask(seed: int, shape, seq_scale: int = 1) -> jax.Array:
   """A random boolean (B, 1, Sq, Sk) mask (70% kept) with an empty kv range in batch row 0 and a
-  kept 16 x 16 square: with the suite's blocks of 16, some tiles are empty and some full."""
+  kept 16 x 16 square (both scaled by the row's ``seq_scale``): with the suite's blocks of 16
+  (or a scaled row's tiles), some tiles are empty and some full."""
+  t = 16 * seq_scale
   mask = np.random.default_rng(seed).random(shape) < 0.7
-  mask[0, :, :, 32:] = False
-  mask[:, :, 16:32, :16] = True
+  mask[0, :, :, 2 * t:] = False
+  mask[:, :, t:2 * t, :t] = True
   return jnp.asarray(mask)
 
 
@@ -294,7 +305,7 @@ PREBUILT = ("causal", "causal_offset", "sliding_window", "prefix_lm", "document"
 @pytest.mark.parametrize("row,variant", rows("prebuilt_mods", PREBUILT, needs=("softmax", "mods")))
 def test_prebuilt_mods(row, variant):
   q, k, v = inputs(row, 20)
-  mod = prebuilt_mod(variant, q.shape[2], k.shape[2])
+  mod = prebuilt_mod(variant, q.shape[2], k.shape[2], row.seq_scale)
   out, lse = run(row, q, k, v, score_mod=mod)
   ref, ref_lse = reference(row, ("prebuilt_mods", variant), q, k, v, score_mod=mod)
   check_forward(row, out, lse, ref, ref_lse, v)
@@ -302,7 +313,8 @@ def test_prebuilt_mods(row, variant):
 
 # ----------------------------------------------------------------------------- empty rows
 
-EMPTY = 20      # causal_mod(offset=-20): queries 0..19 see no key (a whole 16-row tile and more)
+EMPTY = 20      # causal_mod(offset=-20): queries 0..19 see no key (a whole 16-row tile and more;
+                # a row with seq_scale s: 20 s queries)
 
 
 @pytest.mark.parametrize("row,variant", rows("empty_rows", ("forward", "grads"),
@@ -311,9 +323,9 @@ def test_empty_rows(row, variant):
   """``forward``: out 0 and lse -inf on the empty rows, the rest as the reference; ``grads``:
   finite gradients equal to the reference's, dq 0 on the empty rows (cotangents on out and LSE)."""
   q, k, v = inputs(row, 21)
-  sq = q.shape[2]
-  mod = causal_mod(offset=-EMPTY)
-  ct, ct_lse = rand(22, (B, HQ, sq, D)), rand(23, (B, HQ, sq))
+  empty = EMPTY * row.seq_scale
+  mod = causal_mod(offset=-empty)
+  ct, ct_lse = rand(22, q.shape), rand(23, q.shape[:3])
 
   def outputs(fn, q, k, v):
     if not row.lse:
@@ -331,26 +343,28 @@ def test_empty_rows(row, variant):
     out, lse = jit(functools.partial(outputs, row.fn))(q, k, v)
     ref, ref_lse = in_float64(functools.partial(outputs, reference_kernel(row)), q, k, v,
                               key=reference_key(row, "empty_rows", row.lse, q.shape, k.shape))
-    assert np.isneginf(ref_lse[:, :, :EMPTY]).all() and np.isfinite(ref_lse[:, :, EMPTY:]).all()
+    assert np.isneginf(ref_lse[:, :, :empty]).all() and np.isfinite(ref_lse[:, :, empty:]).all()
     out64 = np.asarray(out, np.float64)
     assert not np.isnan(out64).any(), f"{row.name}: NaN in out"
-    assert np.all(out64[:, :, :EMPTY] == 0), f"{row.name}: empty rows' output is not 0"
+    assert np.all(out64[:, :, :empty] == 0), f"{row.name}: empty rows' output is not 0"
     check_forward(row, out, lse, ref, ref_lse, v)
   else:
     if not row.grad:
       pytest.skip(f"{row.name} has no backward")
     got, want = grads(row, ("empty_rows", row.lse), loss, (q, k, v), (0, 1, 2))
-    assert_grads(row, got, want, "qkv", tol(f32, grad=True))
-    assert np.all(np.asarray(got[0])[:, :, :EMPTY] == 0), f"{row.name}: dq of empty rows is not 0"
+    assert_grads(row, got, want, "qkv", tol(q.dtype, grad=True))
+    assert np.all(np.asarray(got[0])[:, :, :empty] == 0), f"{row.name}: dq of empty rows is not 0"
 
 
 # ----------------------------------------------------------------------------- bad inputs
 
 
-def bad_cases():
+def bad_cases(row: Kernel):
   """name -> (args, kwargs, words the message must contain (regexes), arrays whose shapes it
-  must name). Small square inputs: 16 positions are two pages and two ring shards."""
-  q, k, v = random_qkv(24, batch=1, q_heads=HQ, kv_heads=HKV, q_len=16, kv_len=16, head_dim=D)
+  must name). Small square inputs in the row's dtype and head dim: 16 positions (times the
+  row's seq_scale) are two pages and two ring shards."""
+  q, k, v = inputs(row, 24, 16, 16, batch=1)
+  other_dtype = f32 if q.dtype == bf16 else bf16
   q2, q3, k8, v8 = jnp.concatenate([q, q]), q[:, :3], k[..., :8], v[..., :8]
   v_short = v[:, :, :8]
   i32 = lambda x: x.astype(jnp.int32)
@@ -362,7 +376,7 @@ def bad_cases():
       "kv_length": ((q, k, v_short), {}, (r"\bv(_pages)?\b",), (v_short,)),
       "head_dim": ((q, k8, v8), {}, ("head_dim",), (q, k8)),
       "dtype": ((i32(q), i32(k), i32(v)), {}, ("dtype", "int32"), (q,)),
-      "mixed_dtype": ((q, k.astype(bf16), v), {}, ("dtype",), (q,)),
+      "mixed_dtype": ((q, k.astype(other_dtype), v), {}, ("dtype",), (q,)),
       "score_mod_signature": ((q, k, v), dict(score_mod=lambda s, b: s), ("score_mod",), ()),
       "mask_mod_signature": ((q, k, v), dict(mask_mod=lambda b, h, i: True), ("mask_mod",), ()),
       "short_doc_ids": ((q, k, v), dict(score_mod=document_mask_mod(jnp.zeros(10, jnp.int32))),
@@ -380,7 +394,7 @@ def test_bad_inputs(row, variant):
   """Every bad input raises ValueError while tracing (jax.eval_shape: nothing runs), and the
   message names the argument and the shapes. Failures are collected so one run lists them all."""
   problems = []
-  for name, (args, kw, words, named) in bad_cases().items():
+  for name, (args, kw, words, named) in bad_cases(row).items():
     if name in MOD_CASES and not row.mods:
       continue
     try:
@@ -397,8 +411,7 @@ def test_bad_inputs(row, variant):
       problems.append(f"{name}: no error")
   # float64 inputs: only rows that declare f64 accept them.
   with jax.enable_x64(True):
-    rng = np.random.default_rng(25)
-    q, k, v = (jnp.asarray(rng.standard_normal((1, h, 16, D))) for h in (HQ, HKV, HKV))
+    q, k, v = (jnp.asarray(x, jnp.float64) for x in inputs(row, 25, 16, 16, batch=1))
     try:
       out = jax.eval_shape(lambda q, k, v: row.fn(q, k, v), q, k, v)
       if not row.f64:
@@ -408,6 +421,16 @@ def test_bad_inputs(row, variant):
         problems.append(f"float64: rejected: {str(e)[:200]!r}")
       elif "float64" not in str(e):
         problems.append(f"float64: message lacks 'float64': {str(e)[:200]!r}")
+  # Mods closing over arrays, at the row's own shapes: only rows that declare closures accept them.
+  if row.mods and not row.closures:
+    q, k, v = inputs(row, 26)
+    mods = closure_mods(doc_ids(11, k.shape[2], batch=None), rand(12, (HQ, q.shape[2], k.shape[2])))
+    try:
+      jax.eval_shape(lambda q, k, v: row.fn(q, k, v, **mods), q, k, v)
+      problems.append("closures: accepted")
+    except ValueError as e:
+      if "closure" not in str(e):
+        problems.append(f"closures: message lacks 'closure': {str(e)[:200]!r}")
   assert not problems, f"{row.name}:\n  " + "\n  ".join(problems)
 
 
@@ -476,7 +499,7 @@ def test_mod_results(row, variant):
     out, _ = run(row, q, k, v, mask_mod=lambda b, h, i, j: jnp.where(j <= i + sk - sq, 2, 0))
     ref, _ = reference(row, ("mod_results", "causal"), q, k, v,
                        mask_mod=lambda b, h, i, j: j <= i + sk - sq)
-    assert_out(row, out, ref, v, tol(f32))
+    assert_out(row, out, ref, v, tol(q.dtype))
   elif variant == "bad_shape":
     extra_axis = lambda s, b, h, i, j: jnp.stack([s, s])
     with pytest.raises(ValueError, match="score_mod"):
@@ -492,4 +515,4 @@ def test_mod_results(row, variant):
     for out, offset in zip(outs, (sk - sq, sk - sq - 6)):
       want = in_float64(lambda q, k, v: ref(q, k, v, mask_mod=lambda b, h, i, j, o=offset:
                                             j <= i + o), q, k, v)
-      assert_out(row, out, want, v, tol(f32))
+      assert_out(row, out, want, v, tol(q.dtype))

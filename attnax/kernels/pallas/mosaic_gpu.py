@@ -86,10 +86,11 @@ class MosaicConfig:
   else Triton). ``bwd_num_stages`` is the depth of the Mosaic backward's streamed rings;
   ``bwd_dq_block_k`` (64 or 128) the width of the K/V chunks the dQ kernel streams (its S and dP
   tiles); ``backward`` configures the Triton backward (``None``: its default for the head dim
-  and dtype). ``deterministic``: the Mosaic backward computes dQ in the dK/dV kernel and adds
-  each tile's part into an f32 buffer by TMA reductions (FlashAttention-3's form: 5 matmuls per
-  tile), whose order, and so dQ's last bits, vary from run to run; ``True`` runs dQ in a pass of
-  its own over the plan's lists instead (7 matmuls per tile, bitwise reproducible).
+  and dtype). ``deterministic`` (the default): dQ runs in a pass of its own over the plan's
+  lists (7 matmuls per tile, bitwise reproducible). ``False``: FlashAttention-3's form, dQ
+  computed in the dK/dV kernel (5 matmuls per tile) and each tile's f32 part added into a buffer
+  by TMA reductions, whose order, and so dQ's last bits, vary from run to run. Measured on the
+  H200 (BENCHMARKS.md), the fused form is 1-9% slower than the two-pass one, so it is opt-in.
   """
   block_q: int = 128
   block_k: int = 128
@@ -98,7 +99,7 @@ class MosaicConfig:
   bwd: str = "auto"
   bwd_num_stages: int = 3
   bwd_dq_block_k: int = 64
-  deterministic: bool = False
+  deterministic: bool = True
 
 
 # Built-in defaults by padded head dim (block_q, block_k, num_stages), sized so that Q, the K/V ring
@@ -335,7 +336,7 @@ class MosaicSpec:
   mosaic_backward: bool = False
   bwd_stages: int = 3
   bwd_dq_cols: int = 64   # width of the dQ kernel's K/V chunks
-  fused_dq: bool = True   # dQ by TMA reductions in the dK/dV kernel (else a dQ pass)
+  fused_dq: bool = False   # dQ by TMA reductions in the dK/dV kernel (else a dQ pass)
 
 
 def plan_reasons(plan: FlashPlan, cfg: MosaicConfig) -> list[str]:

@@ -100,8 +100,8 @@ def test_lowers_for_sm90(case):
   assert out.shape == (1, 4, plan.q_pad, plan.v_pad) and lse.shape == (1, 4, plan.q_pad)
   if not spec.mosaic_backward:
     return
-  # The backward: the fused dK/dV kernel with dQ by TMA reductions (the default), and the
-  # deterministic form (a dQ pass over the lists, dK/dV over the transposed lists).
+  # The backward: the deterministic form (the default: a dQ pass over the lists, dK/dV over the
+  # transposed lists) and the fused dK/dV kernel with dQ by TMA reductions.
   rows = jnp.zeros(qp.shape[:3], jnp.float32)
   for deterministic in (False, True):
     spec = mg.kernel_spec(plan, dataclasses.replace(cfg, deterministic=deterministic))
@@ -125,8 +125,8 @@ def test_fused_backward_fits_shared_memory():
   for d, want in ((128, 3), (64, 9)):
     cfg, plan, *_ = _plan(*_zeros(d=d), score_mod=causal_mod())
     cfg = dataclasses.replace(cfg, bwd_num_stages=12)
-    assert mg.kernel_spec(plan, cfg).bwd_stages == want
-    assert mg.kernel_spec(plan, dataclasses.replace(cfg, deterministic=True)).bwd_stages == 12
+    assert mg.kernel_spec(plan, dataclasses.replace(cfg, deterministic=False)).bwd_stages == want
+    assert mg.kernel_spec(plan, cfg).bwd_stages == 12   # the default, two-pass form
 
 
 def test_backward_reasons():
@@ -205,7 +205,7 @@ def test_mosaic_backward_matches_triton_backward(case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["causal_gqa", "docs_alibi_softcap", "d64_dense"])
 def test_fused_backward_matches_deterministic_backward(case):
-  """dQ by TMA reductions in the dK/dV kernel (the default) against the deterministic dQ pass:
+  """dQ by TMA reductions in the dK/dV kernel against the deterministic dQ pass (the default):
   the same gradients to accumulation-order rounding; the deterministic form bitwise repeatable."""
   b, hq, hkv, sq, sk, d, dtype, kw = GPU_CASES[case]
   q, k, v = random_qkv(hash(case) % 1000 + 2, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq,
