@@ -3,7 +3,7 @@
 Pallas paged kernel and a plain copy of the same bytes, side by side in one process.
 
   python benchmarks/bench_paged.py --out $OUT/paged            # the GPU run (about 3 minutes)
-  python benchmarks/bench_paged.py --sweep --out $OUT/sweep    # PagedConfig sweep at 3 points
+  python benchmarks/bench_paged.py --sweep --out $OUT/sweep    # PagedConfig sweep at 5 points
   python benchmarks/bench_paged.py --quick                     # tiny sizes, CPU (interpreted)
 
 Cases (DESIGN.md section 9 rules): bf16 K/V, Hq=32 query heads over Hkv=8 kv heads of D=128, pages
@@ -350,7 +350,9 @@ def write(rows: list[dict], out: str, meta: dict, stem: str = "paged"):
 def sweep_configs() -> list[PagedConfig]:
   base = [PagedConfig(block_kv=bk, num_warps=w, num_stages=s)
           for bk in (32, 64, 128) for w, s in ((4, 2), (4, 3), (4, 5), (8, 3))]
-  return base + [PagedConfig(waves=wv) for wv in (4, 16)]
+  return base + [PagedConfig(waves=wv) for wv in (4, 16)] + [
+      PagedConfig(block_kv=bk, num_warps=w, num_stages=2, waves=16)   # int8: more in flight
+      for bk, w in ((64, 4), (128, 8))]
 
 
 def main(argv=None) -> None:
@@ -358,7 +360,10 @@ def main(argv=None) -> None:
   parser.add_argument("--out", default=None, help="directory for paged.json/.md/.png")
   parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU: interpreted)")
   parser.add_argument("--sweep", action="store_true",
-                      help="time PagedConfig variants of the Pallas kernel at 3 points")
+                      help="time PagedConfig variants of the Pallas kernel at 5 points")
+  parser.add_argument("--sweep-points", default="",
+                      help="with --sweep: only the points whose name contains one of these "
+                           "comma-separated strings (e.g. 'int8')")
   parser.add_argument("--kernels", default="copy,attnax-pallas,attnax-jax,jax-pallas")
   parser.add_argument("--budget-s", type=float, default=0.3, help="timing seconds per cell")
   parser.add_argument("--deadline-s", type=float, default=170.0,
@@ -377,7 +382,9 @@ def main(argv=None) -> None:
   if args.sweep:
     points = quick_points()[:1] if args.quick else [Point(8, 8192), Point(64, 32768),
                                                     Point(32, 16384, q_len=8),
-                                                    Point(32, 16384, kv="int8")]
+                                                    Point(32, 16384), Point(32, 16384, kv="int8")]
+    wanted = [w for w in args.sweep_points.split(",") if w]
+    points = [p for p in points if not wanted or any(w in p.name for w in wanted)]
     for p in points:
       for cfg in sweep_configs():
         row = runner.run_point(p, ["attnax-pallas"], config=cfg,

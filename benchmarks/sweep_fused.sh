@@ -3,8 +3,11 @@
 # (MosaicConfig(deterministic=False): dQ by TMA reductions in the dK/dV kernel), against cuDNN,
 # tokamax and FlexAttention, fwd+bwd, one process per table.
 #   run(command="bash benchmarks/sweep_fused.sh", carry=[".whl"], timeout_s=600)
-# PARTS (default "tests main"): tests (pytest -m gpu of the Mosaic lowering), main (s4k, s4k-causal,
-# s16k-causal), masks (window32k, docs32k, alibi8k), more (s4k-d64, aether-32k-clustered).
+# PARTS (default "tests main"): tests (pytest -m gpu of the Mosaic lowering), conformance (the
+# conformance suite's mosaic_gpu row), forms (bench_mosaic_bwd_forms.py: both forms at ring
+# depths 2-4), main (s4k, s4k-causal, s16k-causal), masks (window32k, docs32k, alibi8k), more
+# (s4k-d64, s4k-d256, aether-32k-clustered), paged (bench_paged.py --sweep at B=32 16k, bf16 and
+# int8 pages).
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/attnax_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -24,7 +27,23 @@ if has tests; then
     tests/kernels/pallas/test_mosaic_gpu.py > "$OUT/tests.log" 2>&1
   echo "tests rc=$?"; quiet < "$OUT/tests.log" | grep -i "passed\|failed\|error\|assert" | tail -12
 fi
+if has conformance; then
+  stamp conformance
+  timeout ${CONF_S:-240} python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" \
+    tests/kernels/test_conformance.py -k mosaic_gpu > "$OUT/conformance.log" 2>&1
+  echo "conformance rc=$?"; quiet < "$OUT/conformance.log" | grep -i "passed\|failed\|error" | tail -30
+fi
+if has forms; then
+  stamp forms
+  timeout ${FORMS_S:-200} python3 benchmarks/bench_mosaic_bwd_forms.py 2>&1 | quiet \
+    | grep -v "^$" | tee "$OUT/forms.log" | tail -20
+fi
+if has paged; then
+  stamp paged
+  timeout ${PAGED_S:-200} python3 benchmarks/bench_paged.py --sweep --sweep-points "Sq=1 B=32 ctx=16k" \
+    --budget-s 0.2 --out "$OUT/paged" 2>&1 | quiet | grep "GB/s\|best\|rror" | tail -40
+fi
 if has main; then stamp main; bench s4k,s4k-causal,s16k-causal ${MAIN_S:-330} main; fi
 if has masks; then stamp masks; bench window32k,docs32k,alibi8k ${MASKS_S:-330} masks; fi
-if has more; then stamp more; bench s4k-d64,aether-32k-clustered ${MORE_S:-330} more; fi
+if has more; then stamp more; bench s4k-d64,s4k-d256,aether-32k-clustered ${MORE_S:-330} more; fi
 stamp done
