@@ -249,8 +249,8 @@ def _unless_skipped(grp: "_Group", tile_of, body):
                                        lambda c: body(i, c), carry)
 
 
-def _forward_group(grp: _Group, q, k, v):
-  """Forward of one group: ``(out (Bv,Hv,G,Sq_pad,Dv) q.dtype, lse (Bv,Hv,G,Sq_pad), visits,
+def _forward_group(grp: _Group, q, k, v, out_dtype):
+  """Forward of one group: ``(out (Bv,Hv,G,Sq_pad,Dv) out_dtype, lse (Bv,Hv,G,Sq_pad), visits,
   decisions)``; ``decisions`` int8 ``(Bv,Hv,G,nq,nk)`` codes (``tiles.TILE_*``) with threshold
   skipping, else None."""
   cfg, lists = grp.cfg, grp.lists
@@ -260,6 +260,7 @@ def _forward_group(grp: _Group, q, k, v):
   nq, nk = sqp // bq, k.shape[2] // bk
   acc_t = tiles.acc_dtype(q.dtype)
   thresholded = cfg.softmax_threshold is not None
+  exact_pv = tiles.exact_pv(out_dtype, v.dtype)
 
   def q_block(qb):
     q_blk = jax.lax.dynamic_slice_in_dim(q, qb * bq, bq, axis=3)
@@ -270,7 +271,8 @@ def _forward_group(grp: _Group, q, k, v):
       keep = grp.keep(qb, kb)
       if keep is not None:   # after l has counted p: the LSE is that of the undropped softmax
         p = tiles.apply_dropout(p, keep, cfg.dropout_rate)
-      pv = tiles.pv_dot(_fold(_lowp(p, v.dtype)), v_blk).reshape(bv, hv, g, bq, dv)
+      pv = sum(tiles.pv_dot(_fold(x), v_blk) for x in tiles.p_terms(p, v.dtype, exact_pv))
+      pv = pv.reshape(bv, hv, g, bq, dv)
       return acc * alpha[..., None] + pv, m, l
 
     def tile(masked):
@@ -309,7 +311,7 @@ def _forward_group(grp: _Group, q, k, v):
     carry = _loop(lists.kv_counts[qb], lists.kv_indices, qb, tile(True), carry)
     (acc, m, l, rec), visits = carry
     out, lse = tiles.finalize(acc, m, l)
-    return out.astype(q.dtype), lse, visits, (rec[1] if thresholded else None)
+    return out.astype(out_dtype), lse, visits, (rec[1] if thresholded else None)
 
   out, lse, visits, codes = jax.lax.map(q_block, jnp.arange(nq, dtype=i32))
   out = jnp.moveaxis(out, 0, 3).reshape(bv, hv, g, sqp, dv)
@@ -474,10 +476,10 @@ def _groups(cfg: _Config, mods, values, diff, bm: BlockMask, state, seed, skip, 
   return xs, make_group
 
 
-def _flash_forward(cfg: _Config, mods, values, bm, state, q, k, v, seed=None):
-  """Forward over all groups: ``(out (B,Hq,Sq,Dv) q.dtype, lse (B,Hq,Sq), tiles visited,
-  decisions)``; ``decisions`` int8 ``(B, Hq, nq, nk)`` (``tiles.TILE_*`` codes) when
-  ``cfg.softmax_threshold`` is set, else None."""
+def _flash_forward(cfg: _Config, mods, values, bm, state, q, k, v, seed=None, out_dtype=None):
+  """Forward over all groups: ``(out (B,Hq,Sq,Dv) out_dtype (default q.dtype), lse (B,Hq,Sq),
+  tiles visited, decisions)``; ``decisions`` int8 ``(B, Hq, nq, nk)`` (``tiles.TILE_*`` codes)
+  when ``cfg.softmax_threshold`` is set, else None."""
   bsz, hq, sq, d = q.shape
   hkv, g = k.shape[1], cfg.groups
   nq, nk = -(-sq // cfg.block_q), -(-cfg.kv_len // cfg.block_k)
@@ -488,7 +490,7 @@ def _flash_forward(cfg: _Config, mods, values, bm, state, q, k, v, seed=None):
 
   def run(x):
     n, lists_n, st_n, _, q_n, k_n, v_n = x
-    return _forward_group(make_group(n, lists_n, st_n), q_n, k_n, v_n)
+    return _forward_group(make_group(n, lists_n, st_n), q_n, k_n, v_n, out_dtype or q.dtype)
 
   out, lse, visits, codes = jax.lax.map(run, xs)
   out = _merge_lead(out, cfg.nb, cfg.nh)[:, :, :, :sq].reshape(bsz, hq, sq, v.shape[-1])
@@ -581,8 +583,8 @@ def _make_flash(cfg: _Config, mods: ops_lib.ModOperands):
   """
   thresholded = cfg.softmax_threshold is not None
 
-  def forward(q, k, v, values, bm, state, seed):
-    out, lse, _, codes = _flash_forward(cfg, mods, values, bm, state, q, k, v, seed)
+  def forward(q, k, v, values, bm, state, seed, out_dtype=None):
+    out, lse, _, codes = _flash_forward(cfg, mods, values, bm, state, q, k, v, seed, out_dtype)
     return (out, lse, codes) if thresholded else (out, lse)
 
   @jax.custom_vjp
@@ -592,15 +594,17 @@ def _make_flash(cfg: _Config, mods: ops_lib.ModOperands):
   def fwd(q, k, v, values, bm, state, seed):
     q, k, v, bm, state, seed = ops_lib.primal_values((q, k, v, bm, state, seed))
     values, marks = ops_lib.differentiated(values, mods.float_mask)
-    res = forward(q, k, v, values, bm, state, seed)
+    out_dtype = tiles.residual_out_dtype(q.dtype, bool(ops_lib.marked(marks)))
+    res = forward(q, k, v, values, bm, state, seed, out_dtype)
     codes = res[2] if thresholded else None
-    return res, (q, k, v, res[0], res[1], values, bm, state, seed, marks, codes)
+    primal = (res[0].astype(q.dtype),) + res[1:]
+    return primal, (q, k, v, res[0], res[1], values, bm, state, seed, marks, codes)
 
   def bwd(res, cts):
     q, k, v, out, lse, values, bm, state, seed, marks, codes = res
     diff = ops_lib.marked(marks)
     dout, dlse = map(ops_lib.cotangent_or_none, cts[:2])
-    dout = jnp.zeros_like(out) if dout is None else dout
+    dout = jnp.zeros(out.shape, q.dtype) if dout is None else dout
     skip = None if codes is None else codes == tiles.TILE_SKIPPED
     dq, dk, dv, d_ops, _, _ = flash_backward(cfg, mods, values, diff, bm, state, q, k, v, out,
                                              lse, dout, dlse, seed=seed, skip=skip)

@@ -49,7 +49,7 @@ from attnax.kernels.gqa import fold_group as _flat
 from attnax.kernels.gqa import pack_gqa, unpack_gqa
 from attnax.kernels.pallas import api as pallas_api
 from attnax.kernels.pallas.api import backward_entry as pallas_backward_entry
-from attnax.kernels.pallas.api import pallas_flash_attention
+from attnax.kernels.pallas.api import forward_entry as pallas_forward_entry
 from attnax.kernels.tiles import low_precision as _low
 
 __all__ = [
@@ -127,7 +127,8 @@ def _modded_scores(s: jax.Array, pos: Positions, score_fn: Any,
 
 
 def attend_packed(q5: jax.Array, k: jax.Array, v: jax.Array, pos: Positions, *, scale: float,
-                  score_fn: Any = None, mask_fn: Any = None) -> tuple[jax.Array, jax.Array]:
+                  score_fn: Any = None, mask_fn: Any = None,
+                  exact: bool = False) -> tuple[jax.Array, jax.Array]:
   """Attention of packed queries to one block of keys, on absolute positions.
 
   Args:
@@ -135,6 +136,7 @@ def attend_packed(q5: jax.Array, k: jax.Array, v: jax.Array, pos: Positions, *, 
     k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``.
     pos: the absolute indices the mods see (and the length masks).
     scale, score_fn, mask_fn: the score pipeline (scale, score mod, mask).
+    exact: P V with P's rounding residual added (:func:`attnax.kernels.tiles.p_terms`).
 
   Returns:
     ``(out, lse)``: f32 ``(B, Hkv, G, Lq, Dv)`` normalised over this block only, and f32
@@ -143,8 +145,8 @@ def attend_packed(q5: jax.Array, k: jax.Array, v: jax.Array, pos: Positions, *, 
   s, vis = _modded_scores(_raw_scores(q5, k, scale), pos, score_fn, mask_fn)
   m, l = tiles.init_stats(s.shape[:-1], s.dtype)
   p, _, m, l = tiles.online_softmax_step(s, vis, m, l)
-  acc = tiles.pv_dot(_flat(_low(p, v.dtype)), v).reshape(s.shape[:-1] + (v.shape[-1],))
-  return tiles.finalize(acc, m, l)
+  acc = sum(tiles.pv_dot(_flat(x), v) for x in tiles.p_terms(p, v.dtype, exact))
+  return tiles.finalize(acc.reshape(s.shape[:-1] + (v.shape[-1],)), m, l)
 
 
 def attend_packed_bwd(q5: jax.Array, k: jax.Array, v: jax.Array, do5: jax.Array,
@@ -223,6 +225,7 @@ class _Ring:
   kernel: str = "jax"          # each step: "jax" (attend_packed) or "pallas" (the flash kernels)
   pallas_backend: str = "auto"
   diff: tuple = ()             # in the backward: which float mod arrays are differentiated
+  out_dtype: Any = None        # the forward's output dtype (None: q's; see residual_out_dtype)
 
   @property
   def mesh_axes(self) -> tuple:
@@ -319,7 +322,7 @@ def _segment_fwd(q5, k, v, q_abs, kv_abs, cfg: _Ring, floats, others, b_off=0):
     qi, i = xs
     pos = _block_positions(q5.shape, lk, q_abs, kv_abs, i, bq, lq, b_off)
     compute = lambda: attend_packed(qi, k, v, pos, scale=cfg.scale, score_fn=score_fn,
-                                    mask_fn=mask_fn)
+                                    mask_fn=mask_fn, exact=tiles.exact_pv(cfg.out_dtype, v.dtype))
     if mask_fn is None:
       return compute()
     return lax.cond(pos.any_visible(mask_fn), compute, lambda: _no_keys(qi, dv))
@@ -460,8 +463,8 @@ def _pallas_segment_fwd(q, k, v, q_abs, kv_abs, cfg: _Ring, floats, others, b_of
   score, mask, _ = _pallas_mods(cfg, floats, others, b_off, q_abs, kv_abs, *q.shape[:2])
 
   def compute():
-    out, lse = pallas_flash_attention(q, k, v, score_mod=score, mask_mod=mask, scale=cfg.scale,
-                                      return_lse=True, backend=cfg.pallas_backend)
+    out, lse = pallas_forward_entry(q, k, v, score_mod=score, mask_mod=mask, scale=cfg.scale,
+                                    backend=cfg.pallas_backend, out_dtype=cfg.out_dtype)
     return out.astype(_acc(q)), lse.astype(_acc(q))
 
   return _unless_hidden(mask, q.shape[2], k.shape[2], compute,
@@ -521,7 +524,7 @@ def _ring_fwd_local(q, k, v, floats, others, *, cfg: _Ring):
 
   out, lse, k, v = lax.fori_loop(0, n - 1, body, _no_keys(qx, v.shape[-1]) + (k, v))
   out, lse = merge.merge_two(out, lse, *step(k, v, n - 1))
-  return unpack(out).astype(q.dtype), unpack(lse)
+  return unpack(out).astype(cfg.out_dtype or q.dtype), unpack(lse)
 
 
 def _ring_bwd_local(q, k, v, out, lse, dout, dlse, floats, others, *, cfg: _Ring):
@@ -569,8 +572,10 @@ def _ring_call(q, k, v, floats, others, cfg: _Ring, mesh: Mesh):
   seq = P(cfg.batch_axis, None, cfg.axis_name, None)
   seq_lse = P(cfg.batch_axis, None, cfg.axis_name)
   shard = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
-  fwd = shard(functools.partial(_ring_fwd_local, cfg=cfg),
-              in_specs=(seq, seq, seq, P(), P()), out_specs=(seq, seq_lse))
+  fwd_of = lambda cfg: shard(functools.partial(_ring_fwd_local, cfg=cfg),
+                             in_specs=(seq, seq, seq, P(), P()), out_specs=(seq, seq_lse))
+  fwd = fwd_of(cfg)
+
   @jax.custom_vjp
   def ring(q, k, v, floats, others):
     return fwd(q, k, v, floats, others)
@@ -580,14 +585,15 @@ def _ring_call(q, k, v, floats, others, cfg: _Ring, mesh: Mesh):
     # get cotangents (an ALiBi table held constant costs the backward nothing).
     q, k, v, others = ops_lib.primal_values((q, k, v, others))
     floats, marks = ops_lib.differentiated(floats, [True] * len(floats))
-    out, lse = fwd(q, k, v, floats, others)
-    return (out, lse), (q, k, v, floats, others, out, lse, marks)
+    out_dtype = tiles.residual_out_dtype(q.dtype, bool(ops_lib.marked(marks)))
+    out, lse = fwd_of(dataclasses.replace(cfg, out_dtype=out_dtype))(q, k, v, floats, others)
+    return (out.astype(q.dtype), lse), (q, k, v, floats, others, out, lse, marks)
 
   def ring_bwd(res, cts):
     q, k, v, floats, others, out, lse, marks = res
     diff = ops_lib.marked(marks)
     dout, dlse = map(ops_lib.cotangent_or_none, cts)
-    dout = jnp.zeros_like(out) if dout is None else dout
+    dout = jnp.zeros(out.shape, q.dtype) if dout is None else dout
     dlse = jnp.zeros_like(lse) if dlse is None else dlse
     bwd = shard(functools.partial(_ring_bwd_local, cfg=dataclasses.replace(cfg, diff=diff)),
                 in_specs=(seq, seq, seq, seq, seq_lse, seq, seq_lse, P(), P()),

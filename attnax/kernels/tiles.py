@@ -154,6 +154,36 @@ def low_precision(x: jax.Array, dtype) -> jax.Array:
   return x.astype(dtype) if jnp.dtype(dtype).itemsize < 4 else x
 
 
+def residual_out_dtype(dtype, operands_differentiated: bool) -> jnp.dtype:
+  """The dtype a custom_vjp forward keeps ``out`` in for the backward's ``delta``.
+
+  The backward's ``dS = P (dP - delta)`` has rows that sum to zero only if ``delta = rowsum(dO *
+  O)`` is ``rowsum(P * dP)``, i.e. O is ``P V`` with the f32 P. From O rounded to bf16/f16, and
+  from P rounded to bf16 for the P V matmul, it is off by those roundings. q/k/v gradients barely
+  notice; a mod array's cotangent weighted by position (ALiBi slopes: ``sum dS (j - i)``)
+  multiplies the error by the distances: 16% at Sq=296, Sk=360 in bf16 from the rounded output,
+  4% from P's rounding, 0.1% without either. So when mod arrays are differentiated the forward
+  keeps an f32 output, computed with :func:`p_terms` ``exact``, as the residual.
+  """
+  return acc_dtype(dtype) if operands_differentiated else jnp.dtype(dtype)
+
+
+def exact_pv(out_dtype, v_dtype) -> bool:
+  """Whether a forward writing ``out_dtype`` from ``v_dtype`` values runs :func:`p_terms` exact
+  (an f32 residual output from 16-bit inputs)."""
+  return out_dtype is not None and jnp.dtype(out_dtype).itemsize > jnp.dtype(v_dtype).itemsize
+
+
+def p_terms(p: jax.Array, dtype, exact: bool = False) -> tuple[jax.Array, ...]:
+  """The P V matmul's left operands: P rounded to a 16-bit ``dtype`` (as :func:`low_precision`)
+  and, with ``exact``, P's rounding residual rounded again, whose product is added (a second
+  matmul; P then carries about 16 bits: the f32 residual output of :func:`residual_out_dtype`)."""
+  hi = low_precision(p, dtype)
+  if not exact or hi.dtype == p.dtype:
+    return (hi,)
+  return hi, low_precision(p - hi.astype(p.dtype), dtype)
+
+
 def backward_delta(out: jax.Array, dout: jax.Array, lse: jax.Array | None = None,
                    dlse: jax.Array | None = None) -> jax.Array:
   """FlashAttention's ``delta = rowsum(dO * O) - dlse``, f32 (f64 for f64 inputs) ``(..., Sq)``.

@@ -161,14 +161,23 @@ def test_grads(row, variant):
 
 
 @pytest.mark.parametrize("row,variant", rows(
-    "mod_array_grads", ("bias_heads_docs", "bias_rows", "alibi_slopes", "temperature_closure"),
+    "mod_array_grads", ("bias_heads_docs", "bias_rows", "alibi_slopes", "alibi_slopes_long_bf16",
+                        "temperature_closure"),
     needs=("softmax", "grad", "mods")))
 def test_mod_array_grads(row, variant):
   """d/d(bias) through additive_bias_mod ((1, H, Sq, Sk) with document ids, (B, 1, 1, Sk)),
   d/d(slopes) through alibi_mod(slopes=...) and d/d(temperature) of a closure scaling each query's
   scores (``s * t[b, h, i]``: a per-row operand, as a gate's alpha), with q/k/v; integer ids get a
-  float0 cotangent. Together: a table, a column vector, a scalar per head and a row vector."""
-  q, k, v = inputs(row, 4)
+  float0 cotangent. Together: a table, a column vector, a scalar per head and a row vector.
+
+  ``alibi_slopes_long_bf16``: the slopes' gradient weights dS by the distances, so at 296 x 360 in
+  bf16 it shows a backward whose delta comes from the rounded output (16% off; the residual must
+  be the f32 output, ``tiles.residual_out_dtype``)."""
+  if variant == "alibi_slopes_long_bf16":
+    long = lambda n: n * 8 // row.seq_scale
+    q, k, v = inputs(row, 4, long(SQ), long(SK), bf16, batch=1)
+  else:
+    q, k, v = inputs(row, 4)
   sq, sk = q.shape[2], k.shape[2]
   ct = rand(5, q.shape)
   if variant == "bias_heads_docs":
@@ -178,7 +187,7 @@ def test_mod_array_grads(row, variant):
   elif variant == "bias_rows":
     array, ids = rand(8, (B, 1, 1, sk)), None
     make = lambda bias, ids: additive_bias_mod(bias)
-  elif variant == "alibi_slopes":
+  elif variant.startswith("alibi_slopes"):
     array, ids = 0.5 * rand(9, (HQ,)), None
     make = lambda slopes, ids: compose_score_mods(alibi_mod(slopes=slopes),
                                                   causal_mod(offset=sk - sq))
@@ -194,7 +203,8 @@ def test_mod_array_grads(row, variant):
   argnums = (0, 1, 2, 3) if ids is None else (0, 1, 2, 3, 4)
   got, want = grads(row, ("mod_array_grads", variant), loss, (q, k, v, array, ids), argnums,
                     allow_int=True)
-  name = {"alibi_slopes": "slopes", "temperature_closure": "temperature"}.get(variant, "bias")
+  name = "slopes" if variant.startswith("alibi") else ("temperature" if "temperature" in variant
+                                                        else "bias")
   assert_grads(row, got[:4], want[:4], ("q", "k", "v", name), tol(q.dtype, grad=True))
   if ids is not None:
     for d_ids in got[4]:

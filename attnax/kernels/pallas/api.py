@@ -88,9 +88,9 @@ class Lowering:
     return tk.KernelSpec.resolve(plan, config, interpret=self.interpret, num_warps=num_warps,
                                  num_stages=num_stages)
 
-  def forward(self, spec, q, k, v, arrays: PlanArrays):
+  def forward(self, spec, q, k, v, arrays: PlanArrays, out_dtype=None):
     return tk.forward(spec, q, k, v, arrays.lists, _flat(arrays.operands),
-                      seed=arrays.dropout_seed)
+                      seed=arrays.dropout_seed, out_dtype=out_dtype)
 
   def backward(self, spec, q, k, v, do, lse, delta, arrays: PlanArrays, diff=()):
     """``(dq, dk, dv, d_ops)``: ``d_ops`` the f32 flat cotangents of the operands in ``diff``."""
@@ -125,7 +125,11 @@ class MosaicLowering(Lowering):
   def kernel_spec(self, plan: FlashPlan, config, num_warps, num_stages):
     return mg.kernel_spec(plan, config, num_stages)
 
-  def forward(self, spec, q, k, v, arrays: PlanArrays):
+  def forward(self, spec, q, k, v, arrays: PlanArrays, out_dtype=None):
+    if out_dtype is not None and out_dtype != q.dtype:
+      # An f32 output (the residual when mod arrays are differentiated, whose backward is the
+      # Triton lowering's anyway): the Triton forward of the same plan writes it.
+      return LOWERINGS["triton"].forward(spec.backward, q, k, v, arrays, out_dtype)
     return mg.forward(spec, q, k, v, arrays)
 
   def backward(self, spec, q, k, v, do, lse, delta, arrays: PlanArrays, diff=()):
@@ -234,8 +238,9 @@ def _attention_vjp(lowering: Lowering, spec: tk.KernelSpec):
   """
   float_mask = spec.plan.mods.float_mask
 
-  def forward(q, k, v, operands, schedule):
-    return lowering.forward(spec, q, k, v, dataclasses.replace(schedule, operands=operands))
+  def forward(q, k, v, operands, schedule, out_dtype=None):
+    return lowering.forward(spec, q, k, v, dataclasses.replace(schedule, operands=operands),
+                            out_dtype)
 
   @jax.custom_vjp
   def attn(q, k, v, operands, schedule):
@@ -244,17 +249,18 @@ def _attention_vjp(lowering: Lowering, spec: tk.KernelSpec):
   def fwd(q, k, v, operands, schedule):
     q, k, v, schedule = ops_lib.primal_values((q, k, v, schedule))
     operands, marks = ops_lib.differentiated(operands, float_mask)
-    res = forward(q, k, v, operands, schedule)
+    res = forward(q, k, v, operands, schedule,
+                  tiles.residual_out_dtype(q.dtype, bool(ops_lib.marked(marks))))
     out, lse = res[:2]
     if len(res) > 2:   # threshold decisions: replayed by the backward
       schedule = dataclasses.replace(schedule, decisions=res[2])
-    return res, (q, k, v, operands, schedule, out, lse, marks)
+    return (out.astype(q.dtype),) + res[1:], (q, k, v, operands, schedule, out, lse, marks)
 
   def bwd(res, cts):
     q, k, v, operands, schedule, out, lse, marks = res
     diff = ops_lib.marked(marks)
     dout, dlse = map(ops_lib.cotangent_or_none, cts[:2])
-    dout = jnp.zeros_like(out) if dout is None else dout
+    dout = jnp.zeros(out.shape, q.dtype) if dout is None else dout
     arrays = dataclasses.replace(schedule, operands=operands)
     dq, dk, dv, d_ops = _backward(lowering, spec, diff, q, k, v, out, lse, dout, dlse, arrays)
     return dq, dk, dv, ops_lib.operand_cotangents(operands, diff, d_ops), None
@@ -428,6 +434,20 @@ _PLAN_DEFAULTS = dict(score_mod=None, mask_mod=None, scale=None, block_q=None, b
                       backend="auto", num_warps=None, num_stages=None, config=None)
 
 
+def forward_entry(q, k, v, *, out_dtype=None, **plan_kwargs):
+  """``(out, lse)`` of the plan's forward, ``out`` in ``out_dtype`` (default q's; f32 from 16-bit
+  inputs: the precise residual of :func:`attnax.kernels.tiles.residual_out_dtype`). Not
+  differentiable: a ring step's forward, under the ring's own custom_vjp."""
+  lowering, spec, arrays, qp, kp, vp = _plan(q, k, v, **{**_PLAN_DEFAULTS, **plan_kwargs})
+  out, lse = _forward_jit(lowering, spec, out_dtype, qp, kp, vp, arrays)[:2]
+  plan = spec.plan
+  return out[:, :, :plan.q_len, :plan.v_dim], lse[:, :, :plan.q_len]
+
+
+_forward_jit = jax.jit(lambda lowering, spec, out_dtype, *args: lowering.forward(
+    spec, *args, out_dtype=out_dtype), static_argnums=(0, 1, 2))
+
+
 def backward_entry(q, k, v, out, lse, dout, dlse, *, diff_operands: tuple[int, ...] = (),
                    **plan_kwargs):
   """``(dq, dk, dv, d_operands)`` of the forward that gave ``out``/``lse``, on its plan.
@@ -447,7 +467,7 @@ def backward_entry(q, k, v, out, lse, dout, dlse, *, diff_operands: tuple[int, .
     _checks.check_lse(dlse, q)
   plan = spec.plan
   shape = (plan.batch, plan.q_heads, plan.q_pad, plan.v_pad)
-  outp = pad_to(out.astype(q.dtype), shape)
+  outp = pad_to(out.astype(jnp.promote_types(out.dtype, q.dtype)), shape)   # an f32 residual stays
   doutp = pad_to(dout.astype(q.dtype), shape)
   lsep = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, plan.q_pad - plan.q_len)),
                  constant_values=-jnp.inf)

@@ -464,6 +464,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, spec):
     return _fwd_threshold_kernel(q_ref, k_ref, v_ref, list_refs, *rest, spec=spec)
   leaf_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
   cols = spec.fwd_cols
+  exact_pv = tiles.exact_pv(o_ref.dtype, v_ref.dtype)
   prog = _fwd_program(q_ref, leaf_refs, spec, spec.fwd_rows)
   b, h, q, q_idx, score_fn, mask_fn = (prog.b, prog.h, prog.q, prog.q_idx, prog.score_fn,
                                         prog.mask_fn)
@@ -478,8 +479,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, spec):
       s, visible, _ = _scores(q, k, spec, score_fn, mask_fn, b, h, q_idx, kv_idx, masked, False)
       p, alpha, m, l = tiles.online_softmax_step(s, visible, m, l)
       p = _dropped(p, seed, plan, b, h, q_idx, kv_idx)   # after l counted p: LSE undropped
-      p = tiles.low_precision(p, v.dtype)
-      acc = acc * alpha[:, None] + lax.dot(p, v, preferred_element_type=f32)
+      pv = sum(lax.dot(x, v, preferred_element_type=f32)
+               for x in tiles.p_terms(p, v.dtype, exact_pv))
+      acc = acc * alpha[:, None] + pv
     return acc, m, l
 
   _fwd_finish(spec, list_refs, prog, visit, prog.carry, o_ref, lse_ref)
@@ -541,8 +543,9 @@ def _whole(x):
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def forward(spec: KernelSpec, q, k, v, lists, leaves, seed=None):
-  """``(out, lse)`` on padded inputs: out ``(B, Hq, q_pad, v_dim)``, lse f32 ``(B, Hq, q_pad)``.
+def forward(spec: KernelSpec, q, k, v, lists, leaves, seed=None, out_dtype=None):
+  """``(out, lse)`` on padded inputs: out ``(B, Hq, q_pad, v_dim)`` (``out_dtype``, default
+  q's), lse f32 ``(B, Hq, q_pad)``.
 
   ``seed``: dropout's uint32 ``(2,)`` seed when ``plan.dropout_rate > 0``. A threshold plan
   returns ``(out, lse, decisions)``, decisions int8 ``(B, Hq, nq, nk)``.
@@ -562,7 +565,8 @@ def forward(spec: KernelSpec, q, k, v, lists, leaves, seed=None):
       pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, i)),
   ]
   out_shape = [
-      jax.ShapeDtypeStruct((plan.batch, plan.q_heads, plan.q_pad, plan.v_pad), q.dtype),
+      jax.ShapeDtypeStruct((plan.batch, plan.q_heads, plan.q_pad, plan.v_pad),
+                           out_dtype or q.dtype),
       jax.ShapeDtypeStruct((plan.batch, plan.q_heads, plan.q_pad), f32),
   ]
   thresholded = plan.softmax_threshold is not None

@@ -179,9 +179,10 @@ def test_paged_modules_verify(verified_modules, quantized):
   assert lowered >= 1 and not errors, errors
 
 
-def test_mosaic_plan_with_a_differentiated_bias_takes_the_triton_backward(verified_modules):
-  # The Mosaic backward has no operand cotangents: the Mosaic forward, then the Triton dQ and
-  # dK/dV kernels (with the bias's atomic adds), all lowered for an sm90 on a CPU.
+def test_mosaic_plan_with_a_differentiated_bias_takes_the_triton_kernels(verified_modules):
+  # The Mosaic backward has no operand cotangents, and the residual output must be f32 with
+  # P V's rounding corrected (tiles.residual_out_dtype): the Triton forward, dQ and dK/dV
+  # kernels (with the bias's atomic adds) of the Mosaic plan, all lowered for an sm90 on a CPU.
   bf = jnp.bfloat16
   q = k = v = jax.ShapeDtypeStruct((1, 2, 256, 128), bf)
   bias = jax.ShapeDtypeStruct((1, 2, 256, 256), f32)
@@ -192,7 +193,7 @@ def test_mosaic_plan_with_a_differentiated_bias_takes_the_triton_backward(verifi
     out, pull = jax.vjp(attn, q, k, v, bias)
     return (out,) + pull(jnp.ones_like(out))
 
-  # Two Triton modules (dQ, dK/dV): the forward is Mosaic's (a Triton forward would make three).
+  # Three Triton modules: the forward (f32 output), dQ and dK/dV.
   errors, lowered = verified_modules(fn, q, k, v, bias)
-  assert lowered == 2 and not errors, (lowered, errors)
+  assert lowered == 3 and not errors, (lowered, errors)
   assert jax.eval_shape(fn, q, k, v, bias)[-1].shape == (1, 2, 256, 256)
