@@ -27,7 +27,7 @@ for causal in (False, True):
       q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
       is_causal=causal, implementation="cudnn").transpose(0, 2, 1, 3))
   t_ref, _ = time_fn(cudnn, [(q, k, v)], budget_s=0.3)
-  print(f"causal={causal} cudnn {t_ref.median*1e3:.3f} ms", flush=True)
+  print(f"causal={causal} cudnn {t_ref.median_s*1e3:.3f} ms", flush=True)
   base = mg.default_config(d, masked=causal)
   kw = dict(score_mod=causal_mod()) if causal else {}
   for det in (True, False):
@@ -40,6 +40,6 @@ for causal in (False, True):
       except Exception as e:
         print(f"  det={det} stages={stages}: {type(e).__name__} {str(e)[:200]}", flush=True)
         continue
-      print(f"  det={det} stages={stages}: {t.median*1e3:.3f} ms "
-            f"{t_ref.median / t.median:.2f}x cuDNN {flops / t.median / 1e12:.0f} TF/s "
+      print(f"  det={det} stages={stages}: {t.median_s*1e3:.3f} ms "
+            f"{t_ref.median_s / t.median_s:.2f}x cuDNN {flops / t.median_s / 1e12:.0f} TF/s "
             f"compile {t.compile_s:.1f}s", flush=True)

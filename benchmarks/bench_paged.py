@@ -351,8 +351,9 @@ def sweep_configs() -> list[PagedConfig]:
   base = [PagedConfig(block_kv=bk, num_warps=w, num_stages=s)
           for bk in (32, 64, 128) for w, s in ((4, 2), (4, 3), (4, 5), (8, 3))]
   return base + [PagedConfig(waves=wv) for wv in (4, 16)] + [
-      PagedConfig(block_kv=bk, num_warps=w, num_stages=2, waves=16)   # int8: more in flight
-      for bk, w in ((64, 4), (128, 8))]
+      PagedConfig(block_kv=bk, num_warps=w, num_stages=s, waves=wv)   # int8: more in flight
+      for bk, w, s, wv in ((64, 4, 2, 16), (128, 8, 2, 16), (128, 4, 4, 8), (128, 4, 6, 8),
+                           (256, 4, 3, 8), (256, 4, 5, 8), (256, 8, 4, 8))]
 
 
 def main(argv=None) -> None:

@@ -74,9 +74,10 @@ class PagedConfig:
 
 # The interpreter's cost is per grid step and per loop iteration: small blocks, few splits.
 INTERPRET_CONFIG = PagedConfig(block_kv=16, block_rows=16, waves=1, min_split_tokens=16)
-# int8 pages: dequantising costs registers; two stages keep four programs per SM (sm_90, D=128:
-# 128 registers, against 167 with three), so more bytes stay in flight.
-INT8_CONFIG = PagedConfig(num_stages=2)
+# int8 pages: the dequantisation between load and matmul wants more bytes in flight per program:
+# 128-token blocks, 5 stages (H200, B=32, 16k, bench_paged.py --sweep, 2026-12-03: 2859 GB/s and
+# 8.26e4 tokens/s, against 2000 GB/s and 5.78e4 at the previous 64 x 2 stages).
+INT8_CONFIG = PagedConfig(block_kv=128, num_stages=5)
 
 
 def default_config(*, interpret: bool, quantized: bool = False) -> PagedConfig:
