@@ -399,11 +399,11 @@ def _dq_split(plan: FlashPlan) -> int | None:
 
 def _fused_bwd_stages(plan: FlashPlan) -> int:
   """The deepest Q/dO ring the fused backward's shared memory holds beside its fixed buffers
-  (each warpgroup's K and V chunks, its dS^T (two with the head-dim split) and its f32 dQ
-  staging)."""
+  (each warpgroup's K and V chunks, its dS^T (DS_BUFFERS of them with the head-dim split) and
+  its f32 dQ staging)."""
   c, d, wgs = BWD_CHUNK, max(plan.head_pad, MIN_HEAD_DIM), COMPUTE_WGS
   split = _dq_split(plan)
-  fixed = wgs * c * (2 * d * 2 + (2 if split else 1) * c * 2 + (split or d) * 4)
+  fixed = wgs * c * (2 * d * 2 + (DS_BUFFERS if split else 1) * c * 2 + (split or d) * 4)
   return max(2, (_SMEM_BYTES - fixed) // (2 * c * d * 2))
 
 
@@ -639,6 +639,7 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays):
 # where it is not 1 (a jvp of the same tile maths the forward runs).
 
 BWD_CHUNK = 64   # rows per consumer warpgroup, and rows of each streamed chunk
+DS_BUFFERS = 3   # the fused backward's dS^T buffers with the head-dim split (dQ one step late)
 
 
 def backward_reasons(plan: FlashPlan) -> list[str]:
@@ -822,12 +823,36 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
     plgpu.barrier_wait(kv_ready.at[wg])
     plgpu.barrier_wait(kv_ready.at[COMPUTE_WGS + wg])
 
+    # The fused form with the head-dim split: step t writes its dS^T into buffer t % DS_BUFFERS
+    # and computes the previous step's dQ (both warpgroups' dS^T of step t - 1), so the barrier
+    # that says both are written is almost never waited on and the warpgroups keep drifting
+    # apart (one's softmax under the other's matmuls). The dQ of the last step is flushed after
+    # the loop; a pre-arrival stands for the "step -1" the first step waits for.
+    ds_buf = dq_scratch[0] if fused else None
+    dq_smem = dq_scratch[1].at[wg] if fused else None
+    cols = pl.ds(wg * dq_split, dq_split) if dq_split else None
+    dq_zeros = plgpu.layout_cast(jnp.zeros(dq_smem.shape, f32), _WGMMA) if fused else None
+    if dq_split:
+      plgpu.barrier_arrive(ds_ready.at[DS_BUFFERS - 1])
+
+    def split_dq(dq_acc, buf):   # dQ[:, cols] of one step: both warpgroups' dS^T, their keys
+      plgpu.barrier_wait(ds_ready.at[buf])
+      for w in range(COMPUTE_WGS):
+        plgpu.wgmma(dq_acc, ds_buf.at[buf, w].transpose((1, 0)), k_smems.at[w, :, cols])
+
+    def reduce_dq(dq, rows):   # add one step's f32 dQ part into dq_ref by a TMA reduction
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last reduction has read dq_smem
+      dq_smem[...] = dq
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[rows + ((cols,) if dq_split else ())],
+                              reduction_op="add")
+
     def one_head(g, carry):
-      dk, dv, n = carry
+      dk, dv, n, prev = carry
       h, n_full, total, q_start_of = schedule(g)
 
       def step(t, acc, masked: bool):
-        dk, dv = acc
+        dk, dv, prev = acc
         slot = lax.rem(n + t, stages)
         q_start = q_start_of(t)
         plgpu.barrier_wait(q_ready.at[slot])
@@ -860,49 +885,58 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
 
           dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
           plgpu.barrier_arrive(free.at[slot])
-          return dk, dv
+          return dk, dv, prev
 
-        # FlashAttention-3's form: dQ = dS K is a third wgmma; dS^T goes through shared memory
-        # (wgmma reads it transposed) and the f32 result is added into dq_ref by a TMA reduction.
-        # With a head-dim split each warpgroup computes its half of dQ's columns over both
-        # warpgroups' keys (one reduction per element; the dS^T buffers are double-buffered and
-        # a barrier per buffer says both are written); otherwise each adds its own keys' part.
-        ds_buf, dq_smem = dq_scratch[0], dq_scratch[1].at[wg]
-        parity = lax.rem(n + t, 2)
-        ds_smem = ds_buf.at[parity, wg] if dq_split else ds_buf.at[wg]
+        # FlashAttention-3's form: dQ = dS K by wgmma from dS^T in shared memory (read
+        # transposed), its f32 result added into dq_ref by a TMA reduction.
+        step_n = n + t
+        buf = lax.rem(step_n, DS_BUFFERS)
+        ds_smem = ds_buf.at[buf, wg] if dq_split else ds_buf.at[wg]
         ds_smem[...] = dst.astype(dtype)
         plgpu.commit_smem()
         if dq_split:
-          plgpu.barrier_arrive(ds_ready.at[parity])
-        cols = pl.ds(wg * dq_split, dq_split) if dq_split else None
+          plgpu.barrier_arrive(ds_ready.at[buf])
 
         def accumulate(refs):
           dv_ref, dk_ref, dq_acc = refs
           plgpu.wgmma(dv_ref, pt.astype(dtype), do_smems.at[slot])
           plgpu.wgmma(dk_ref, ds_smem, q_smems.at[slot])
-          if not dq_split:
+          if dq_split:   # the previous step's dQ
+            split_dq(dq_acc, lax.rem(step_n + DS_BUFFERS - 1, DS_BUFFERS))
+          else:          # this step's, over this warpgroup's keys
             plgpu.wgmma(dq_acc, ds_smem.transpose((1, 0)), k_smem)
-            return
-          plgpu.barrier_wait(ds_ready.at[parity])
-          for w in range(COMPUTE_WGS):
-            plgpu.wgmma(dq_acc, ds_buf.at[parity, w].transpose((1, 0)), k_smems.at[w, :, cols])
 
-        dq_zeros = plgpu.layout_cast(jnp.zeros(dq_smem.shape, f32), _WGMMA)
         dv, dk, dq = pl.run_state(accumulate)(
             (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq_zeros)))
         plgpu.barrier_arrive(free.at[slot])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last step's reduction has read it
-        dq_smem[...] = dq
-        plgpu.commit_smem()
-        dq_rows = q_cols + ((cols,) if dq_split else ())
-        plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[dq_rows], reduction_op="add")
-        return dk, dv
+        if not dq_split:
+          reduce_dq(dq, q_cols)
+          return dk, dv, prev
+        prev_h, prev_chunk = prev
 
-      acc = lax.fori_loop(0, n_full, lambda t, a: step(t, a, False), (dk, dv))
-      dk, dv = lax.fori_loop(n_full, total, lambda t, a: step(t, a, True), acc)
-      return dk, dv, n + total
+        @pl.when(step_n > 0)
+        def _():   # rows as chunk * c: TMA needs to see that the start is a multiple of c
+          reduce_dq(dq, (b, prev_h, pl.ds(prev_chunk * c, c)))
 
-    dk, dv, _ = over_heads(one_head, (zeros, zeros, jnp.int32(0)))
+        return dk, dv, (h, lax.div(q_start, c))
+
+      acc = lax.fori_loop(0, n_full, lambda t, a: step(t, a, False), (dk, dv, prev))
+      dk, dv, prev = lax.fori_loop(n_full, total, lambda t, a: step(t, a, True), acc)
+      return dk, dv, n + total, prev
+
+    no_step = (jnp.int32(0), jnp.int32(0))
+    dk, dv, steps, (last_h, last_chunk) = over_heads(one_head,
+                                                     (zeros, zeros, jnp.int32(0), no_step))
+    if dq_split:
+      @pl.when(steps > 0)
+      def _():   # the last step's dQ
+        dq = pl.run_state(lambda acc: split_dq(acc, lax.rem(steps - 1, DS_BUFFERS)))(
+            plgpu.ACC.init(dq_zeros))
+        reduce_dq(dq, (b, last_h, pl.ds(last_chunk * c, c)))
+
+      # The other warpgroup reads this one's K for its dQ: both are done before dK overwrites it.
+      plgpu.barrier_arrive(ds_ready.at[DS_BUFFERS])
+      plgpu.barrier_wait(ds_ready.at[DS_BUFFERS])
     if plan.unit_grad:
       dk = dk * plan.scale
     k_smem[...] = dk.astype(dtype)   # every wgmma reading K and V has completed
@@ -965,12 +999,14 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays):
       grid=(plan.kv_heads, plan.nk, plan.batch), grid_names=("kv_heads", "kv_tiles", "batch"))
   inputs = (q, k, v, do, lse, delta, *arrays.tlists, *ops)
   if spec.fused_dq:
-    # dS^T per warpgroup (bf16; per step parity with the head-dim split) and its f32 part of
-    # dQ, staged for the TMA reduction.
+    # dS^T per warpgroup (bf16; DS_BUFFERS steps of it with the head-dim split) and its f32
+    # part of dQ, staged for the TMA reduction; with the split, a barrier per dS^T buffer and
+    # one that says both warpgroups are done reading each other's K.
     split = _dq_split(plan)
-    ds = _smem((2, wgs, c, c) if split else (wgs, c, c), q.dtype)
+    ds = _smem((DS_BUFFERS, wgs, c, c) if split else (wgs, c, c), q.dtype)
     call = dkv(scratch=dkv_scratch + (ds, _smem((wgs, c, split or d), f32)),
-               barriers=dkv_barriers + ((plgpu.Barrier(num_arrivals=wgs, num_barriers=2),)
+               barriers=dkv_barriers + ((plgpu.Barrier(num_arrivals=wgs,
+                                                       num_barriers=DS_BUFFERS + 1),)
                                         if split else ()))
 
     def run(refs):   # the kernel adds into dq_ref in place (an aliased operand)
