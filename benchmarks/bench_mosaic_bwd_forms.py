@@ -15,6 +15,7 @@ from attnax.kernels import causal_mod
 from attnax.kernels.pallas import pallas_flash_attention, mosaic_gpu as mg
 
 bf16 = jnp.bfloat16
+STAGES = [int(x) for x in os.environ.get("FORMS_STAGES", "2,3").split(",")]
 for causal in (False, True):
   b, h, s, d = 4, 16, 4096, 128
   ks = jax.random.split(jax.random.key(0), 4)
@@ -31,7 +32,7 @@ for causal in (False, True):
   base = mg.default_config(d, masked=causal)
   kw = dict(score_mod=causal_mod()) if causal else {}
   for det in (True, False):
-    for stages in (2, 3):
+    for stages in STAGES:
       cfg = dataclasses.replace(base, bwd="mosaic", deterministic=det, bwd_num_stages=stages)
       f = loss_of(lambda q, k, v, cfg=cfg: pallas_flash_attention(q, k, v, backend="mosaic",
                                                                  config=cfg, **kw))
