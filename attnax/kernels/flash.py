@@ -260,7 +260,6 @@ def _forward_group(grp: _Group, q, k, v, out_dtype):
   nq, nk = sqp // bq, k.shape[2] // bk
   acc_t = tiles.acc_dtype(q.dtype)
   thresholded = cfg.softmax_threshold is not None
-  exact_pv = tiles.exact_pv(out_dtype, v.dtype)
 
   def q_block(qb):
     q_blk = jax.lax.dynamic_slice_in_dim(q, qb * bq, bq, axis=3)
@@ -271,7 +270,7 @@ def _forward_group(grp: _Group, q, k, v, out_dtype):
       keep = grp.keep(qb, kb)
       if keep is not None:   # after l has counted p: the LSE is that of the undropped softmax
         p = tiles.apply_dropout(p, keep, cfg.dropout_rate)
-      pv = sum(tiles.pv_dot(_fold(x), v_blk) for x in tiles.p_terms(p, v.dtype, exact_pv))
+      pv = sum(tiles.pv_dot(_fold(x), v_blk) for x in tiles.p_terms(p, v.dtype, out_dtype))
       pv = pv.reshape(bv, hv, g, bq, dv)
       return acc * alpha[..., None] + pv, m, l
 

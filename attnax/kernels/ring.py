@@ -128,7 +128,7 @@ def _modded_scores(s: jax.Array, pos: Positions, score_fn: Any,
 
 def attend_packed(q5: jax.Array, k: jax.Array, v: jax.Array, pos: Positions, *, scale: float,
                   score_fn: Any = None, mask_fn: Any = None,
-                  exact: bool = False) -> tuple[jax.Array, jax.Array]:
+                  out_dtype: Any = None) -> tuple[jax.Array, jax.Array]:
   """Attention of packed queries to one block of keys, on absolute positions.
 
   Args:
@@ -136,7 +136,8 @@ def attend_packed(q5: jax.Array, k: jax.Array, v: jax.Array, pos: Positions, *, 
     k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``.
     pos: the absolute indices the mods see (and the length masks).
     scale, score_fn, mask_fn: the score pipeline (scale, score mod, mask).
-    exact: P V with P's rounding residual added (:func:`attnax.kernels.tiles.p_terms`).
+    out_dtype: the dtype the ring's output is kept in (f32: P V with P's rounding residual
+      added, :func:`attnax.kernels.tiles.p_terms`).
 
   Returns:
     ``(out, lse)``: f32 ``(B, Hkv, G, Lq, Dv)`` normalised over this block only, and f32
@@ -145,7 +146,7 @@ def attend_packed(q5: jax.Array, k: jax.Array, v: jax.Array, pos: Positions, *, 
   s, vis = _modded_scores(_raw_scores(q5, k, scale), pos, score_fn, mask_fn)
   m, l = tiles.init_stats(s.shape[:-1], s.dtype)
   p, _, m, l = tiles.online_softmax_step(s, vis, m, l)
-  acc = sum(tiles.pv_dot(_flat(x), v) for x in tiles.p_terms(p, v.dtype, exact))
+  acc = sum(tiles.pv_dot(_flat(x), v) for x in tiles.p_terms(p, v.dtype, out_dtype))
   return tiles.finalize(acc.reshape(s.shape[:-1] + (v.shape[-1],)), m, l)
 
 
@@ -322,7 +323,7 @@ def _segment_fwd(q5, k, v, q_abs, kv_abs, cfg: _Ring, floats, others, b_off=0):
     qi, i = xs
     pos = _block_positions(q5.shape, lk, q_abs, kv_abs, i, bq, lq, b_off)
     compute = lambda: attend_packed(qi, k, v, pos, scale=cfg.scale, score_fn=score_fn,
-                                    mask_fn=mask_fn, exact=tiles.exact_pv(cfg.out_dtype, v.dtype))
+                                    mask_fn=mask_fn, out_dtype=cfg.out_dtype)
     if mask_fn is None:
       return compute()
     return lax.cond(pos.any_visible(mask_fn), compute, lambda: _no_keys(qi, dv))

@@ -163,23 +163,18 @@ def residual_out_dtype(dtype, operands_differentiated: bool) -> jnp.dtype:
   notice; a mod array's cotangent weighted by position (ALiBi slopes: ``sum dS (j - i)``)
   multiplies the error by the distances: 16% at Sq=296, Sk=360 in bf16 from the rounded output,
   4% from P's rounding, 0.1% without either. So when mod arrays are differentiated the forward
-  keeps an f32 output, computed with :func:`p_terms` ``exact``, as the residual.
+  keeps an f32 output, its P V from :func:`p_terms`, as the residual.
   """
   return acc_dtype(dtype) if operands_differentiated else jnp.dtype(dtype)
 
 
-def exact_pv(out_dtype, v_dtype) -> bool:
-  """Whether a forward writing ``out_dtype`` from ``v_dtype`` values runs :func:`p_terms` exact
-  (an f32 residual output from 16-bit inputs)."""
-  return out_dtype is not None and jnp.dtype(out_dtype).itemsize > jnp.dtype(v_dtype).itemsize
-
-
-def p_terms(p: jax.Array, dtype, exact: bool = False) -> tuple[jax.Array, ...]:
+def p_terms(p: jax.Array, dtype, out_dtype=None) -> tuple[jax.Array, ...]:
   """The P V matmul's left operands: P rounded to a 16-bit ``dtype`` (as :func:`low_precision`)
-  and, with ``exact``, P's rounding residual rounded again, whose product is added (a second
-  matmul; P then carries about 16 bits: the f32 residual output of :func:`residual_out_dtype`)."""
+  and, when the forward writes a wider ``out_dtype`` (the f32 residual of
+  :func:`residual_out_dtype`), P's rounding residual rounded again, whose product is added (a
+  second matmul; P then carries about 16 bits)."""
   hi = low_precision(p, dtype)
-  if not exact or hi.dtype == p.dtype:
+  if out_dtype is None or jnp.dtype(out_dtype).itemsize <= jnp.dtype(dtype).itemsize:
     return (hi,)
   return hi, low_precision(p - hi.astype(p.dtype), dtype)
 

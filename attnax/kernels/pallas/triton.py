@@ -464,7 +464,6 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, spec):
     return _fwd_threshold_kernel(q_ref, k_ref, v_ref, list_refs, *rest, spec=spec)
   leaf_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
   cols = spec.fwd_cols
-  exact_pv = tiles.exact_pv(o_ref.dtype, v_ref.dtype)
   prog = _fwd_program(q_ref, leaf_refs, spec, spec.fwd_rows)
   b, h, q, q_idx, score_fn, mask_fn = (prog.b, prog.h, prog.q, prog.q_idx, prog.score_fn,
                                         prog.mask_fn)
@@ -480,7 +479,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *rest, spec):
       p, alpha, m, l = tiles.online_softmax_step(s, visible, m, l)
       p = _dropped(p, seed, plan, b, h, q_idx, kv_idx)   # after l counted p: LSE undropped
       pv = sum(lax.dot(x, v, preferred_element_type=f32)
-               for x in tiles.p_terms(p, v.dtype, exact_pv))
+               for x in tiles.p_terms(p, v.dtype, o_ref.dtype))
       acc = acc * alpha[:, None] + pv
     return acc, m, l
 
