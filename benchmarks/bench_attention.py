@@ -397,17 +397,19 @@ def build_attnax(name: str, **options):
   return build
 
 
-def build_mosaic(bwd: str, deterministic: bool = True):
+def build_mosaic(bwd: str = "auto", deterministic: bool = True, persistent: bool | None = None):
   """The Mosaic lowering with its tuned config and the backward on ``bwd`` (mosaic | triton);
   ``deterministic=False``: the Mosaic backward's dQ by reductions in the dK/dV kernel instead of
-  its dQ pass."""
+  its dQ pass; ``persistent``: MosaicConfig.persistent (``None``: as the config says)."""
   def build(case, inp, on_gpu):
     from attnax.kernels.pallas import mosaic_gpu as mg
     kern = _attnax("pallas_flash_attention")
     mod = _attnax_mod(case, inp)
     cfg = mg.default_config(case.head_dim, masked=mod is not None)   # as backend="mosaic" picks
-    kw = dict(backend="mosaic",
-              config=dataclasses.replace(cfg, bwd=bwd, deterministic=deterministic))
+    cfg = dataclasses.replace(cfg, bwd=bwd, deterministic=deterministic)
+    if persistent is not None:
+      cfg = dataclasses.replace(cfg, persistent=persistent)
+    kw = dict(backend="mosaic", config=cfg)
     if mod is not None:
       kw["score_mod"] = mod
     return lambda q, k, v: kern(q, k, v, **kw)
@@ -719,6 +721,13 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("attnax-mosaic-fused", "bhsd", build_mosaic("mosaic", deterministic=False),
            'pallas_flash_attention(backend="mosaic"), MosaicConfig(deterministic=False): dQ by '
            'TMA reductions in the dK/dV kernel',
+           gpu_only=True),
+    Kernel("attnax-mosaic-items", "bhsd", build_mosaic(persistent=False),
+           'pallas_flash_attention(backend="mosaic"), MosaicConfig(persistent=False): one '
+           'program per work item',
+           gpu_only=True),
+    Kernel("attnax-mosaic-persistent", "bhsd", build_mosaic(persistent=True),
+           'pallas_flash_attention(backend="mosaic"), MosaicConfig(persistent=True)',
            gpu_only=True),
     Kernel("attnax-triton", "bhsd", build_attnax("pallas_flash_attention", backend="triton"),
            'attnax.kernels.pallas_flash_attention(backend="triton")', gpu_only=True),

@@ -7,7 +7,8 @@
 # conformance suite's mosaic_gpu row), forms (bench_mosaic_bwd_forms.py: both forms at ring
 # depths 2 and 3), main (s4k, s4k-causal, s16k-causal), masks (window32k, docs32k, alibi8k), more
 # (s4k-d64, s4k-d256, aether-32k-clustered), paged (bench_paged.py --sweep at B=32 16k, bf16 and
-# int8 pages).
+# int8 pages), fwd (the forward alone: FWD_CASES with the persistent and per-item forms beside
+# cuDNN and tokamax).
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/attnax_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -45,6 +46,13 @@ if has paged; then
   echo "paged tests rc=$?"; quiet < "$OUT/paged_tests.log" | grep -i "passed\|failed\|error" | tail -8
   [ "${PAGED_S:-200}" -gt 0 ] && timeout ${PAGED_S:-200} python3 benchmarks/bench_paged.py --sweep --sweep-points "Sq=1 B=32 ctx=16k" \
     --budget-s 0.2 --out "$OUT/paged" 2>&1 | quiet | grep "GB/s\|best\|rror" | tail -40
+fi
+if has fwd; then
+  stamp fwd
+  SWEEP_BUDGET_S=${FWD_S:-300} bash benchmarks/gpu_sweep.sh bench \
+    --cases "${FWD_CASES:-s4k,s16k,s4k-d64,s4k-d256,s4k-causal,s16k-causal}" \
+    --kernels cudnn,tokamax-mosaic,attnax-mosaic-items,attnax-mosaic-persistent --modes fwd \
+    --budget-s 0.3 --out "$OUT/fwd" 2>&1 | grep "^|\|^###\|done\|rror" | tail -40
 fi
 if has main; then stamp main; bench s4k,s4k-causal,s16k-causal ${MAIN_S:-330} main; fi
 if has masks; then stamp masks; bench window32k,docs32k,alibi8k ${MASKS_S:-330} masks; fi

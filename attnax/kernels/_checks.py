@@ -217,6 +217,16 @@ def gpu_reasons(what: str, *, hint: str = "", min_cc: float = 8.0,
   return []
 
 
+def num_sms(default: int = 132) -> int:
+  """The first device's streaming multiprocessors (the H100/H200's 132 when it does not say, as
+  when a GPU kernel is lowered for sm90 on a CPU machine): the size of a persistent grid."""
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return default
+  return int(getattr(dev, "core_count", None) or default) if dev.platform == "gpu" else default
+
+
 def check_lengths(x: Any, batch: int, name: str, fn: str) -> jax.Array | None:
   """Per-sequence lengths: None, or an integer ``(batch,)`` array (int32), >= 0 when concrete; a
   ValueError naming ``fn`` and ``name`` otherwise."""

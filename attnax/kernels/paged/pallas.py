@@ -87,11 +87,6 @@ def default_config(*, interpret: bool, quantized: bool = False) -> PagedConfig:
   return INT8_CONFIG if quantized else PagedConfig()
 
 
-def _num_sms() -> int:
-  dev = jax.devices()[0]
-  return int(getattr(dev, "core_count", None) or 132)
-
-
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
   """A plan with the launch knobs resolved against its sizes."""
@@ -127,7 +122,7 @@ class KernelSpec:
       splits = _checks.check_positive_int("config.num_splits", cfg.num_splits)
     else:
       programs = plan.batch * plan.kv_heads * row_blocks
-      sms = 1 if interpret else _num_sms()
+      sms = 1 if interpret else _checks.num_sms()
       want = -(-cfg.waves * sms // programs)
       splits = min(want, -(-plan.capacity // cfg.min_split_tokens))
     splits = max(1, min(splits, n_blocks))

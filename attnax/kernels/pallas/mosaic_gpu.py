@@ -91,6 +91,12 @@ class MosaicConfig:
   computed in the dK/dV kernel (5 matmuls per tile) and each tile's f32 part added into a buffer
   by TMA reductions, whose order, and so dQ's last bits, vary from run to run. Measured on the
   H200 (BENCHMARKS.md), the fused form is 1-9% slower than the two-pass one, so it is opt-in.
+
+  ``persistent``: the forward runs one program per SM, each walking work items with its K/V
+  ring running on from one into the next, so the next item's tiles stream in under this one's
+  epilogue. ``None`` (the default): persistent for plans without partial tiles (dense), whose
+  work items all cost the same; masked plans keep one program per item, scheduled by the
+  hardware, which balances their uneven rows.
   """
   block_q: int = 128
   block_k: int = 128
@@ -100,6 +106,7 @@ class MosaicConfig:
   bwd_num_stages: int = 3
   bwd_dq_block_k: int = 64
   deterministic: bool = True
+  persistent: bool | None = None
 
 
 # Built-in defaults by padded head dim (block_q, block_k, num_stages), sized so that Q, the K/V ring
@@ -140,7 +147,7 @@ def default_config(head_dim: int, dtype: Any = jnp.bfloat16, *, masked: bool = F
   kind = device_kind or _device_kind()
   tuned = _tuned_table().get(kind or "", {}).get(f"{d}/{'causal' if masked else 'dense'}")
   if tuned:
-    bwd = {k: tuned[k] for k in ("bwd_num_stages", "bwd_dq_block_k") if k in tuned}
+    bwd = {k: tuned[k] for k in ("bwd_num_stages", "bwd_dq_block_k", "persistent") if k in tuned}
     return MosaicConfig(block_q=tuned["block_q"], block_k=tuned["block_k"],
                         num_stages=tuned["num_stages"], **bwd)
   return _BUILTIN[d]
@@ -337,6 +344,8 @@ class MosaicSpec:
   bwd_stages: int = 3
   bwd_dq_cols: int = 64   # width of the dQ kernel's K/V chunks
   fused_dq: bool = False   # dQ by TMA reductions in the dK/dV kernel (else a dQ pass)
+  persistent: bool = False   # the forward: one program per SM walking work items
+  num_sms: int = 132
 
 
 def plan_reasons(plan: FlashPlan, cfg: MosaicConfig) -> list[str]:
@@ -382,9 +391,11 @@ def kernel_spec(plan: FlashPlan, cfg: MosaicConfig, num_stages: int | None = Non
                      "cannot run this plan:\n  - " + "\n  - ".join(why_not))
   fused = not cfg.deterministic
   bwd_stages = min(cfg.bwd_num_stages, _fused_bwd_stages(plan)) if fused else cfg.bwd_num_stages
+  persistent = plan.dense if cfg.persistent is None else bool(cfg.persistent)
   return MosaicSpec(plan=plan, rows=rows, num_stages=stages, roles=roles, backward=bwd,
                     mosaic_backward=not why_not, bwd_stages=bwd_stages,
-                    bwd_dq_cols=cfg.bwd_dq_block_k, fused_dq=fused)
+                    bwd_dq_cols=cfg.bwd_dq_block_k, fused_dq=fused, persistent=persistent,
+                    num_sms=_checks.num_sms())
 
 
 _SMEM_BYTES = 227 * 1024 - 2048   # Hopper's opt-in shared memory, less barriers and alignment
@@ -469,14 +480,19 @@ def _when(cond, fn):
     pl.when(cond)(fn)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
+def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec, scoped):
+  """One program's work item: (query head ``h``, q tile ``qi``, batch row ``b``).
+
+  ``done`` K/V tiles have passed through the ring before this one (a persistent program's earlier
+  work items), so step ``t`` uses slot ``(done + t) % num_stages``; every barrier's phase follows
+  from that count. Returns ``done`` plus this item's steps.
+  """
   plan = spec.plan
   list_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:-2]
   o_ref, lse_ref = refs[-2:]
   (qo_smems, k_smems, v_smems, lse_smems), barriers = scoped
   (k_ready, v_ready, q_ready, k_free, v_free, turn) = barriers
   rows, bk, stages = spec.rows, plan.block_k, spec.num_stages
-  h, qi, b = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
   if not plan.dense:
     # Masked plans walk their q tiles last-first: the longest causal rows start first and the
     # short ones fill the tail (3-4% at S=4096 causal on the H200).
@@ -484,6 +500,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
   wg = lax.axis_index("wg")
   row = plan.bm_index(b, h) * plan.nq + qi
   n_full, total, kv_block = _schedule(plan, list_refs, row)
+  slot_of = lambda t: lax.rem(done + t, stages)
   dtype = q_ref.dtype
 
   def take_turn():
@@ -492,7 +509,6 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
 
   @pl.when(wg < COMPUTE_WGS)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
     qo_smem, lse_smem = qo_smems.at[wg], lse_smems.at[wg]
     q_start = qi * plan.block_q + wg * rows
     plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(q_start, rows)], qo_smem, q_ready.at[wg])
@@ -501,13 +517,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
     acc = plgpu.layout_cast(jnp.zeros((rows, plan.v_pad), f32), _WGMMA)
     plgpu.barrier_wait(q_ready.at[wg])
 
-    _when(total > 0, lambda: plgpu.barrier_wait(k_ready.at[0]))
+    _when(total > 0, lambda: plgpu.barrier_wait(k_ready.at[slot_of(0)]))
 
     pl.when(wg == 1)(take_turn)
 
     def step(t, carry, masked: bool):
       acc, m, l = carry
-      slot = lax.rem(t, stages)
+      slot = slot_of(t)
       k_start = kv_block(t) * bk
 
       def qk(acc_ref):
@@ -540,7 +556,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
       def pv(acc_ref):
         plgpu.wgmma(acc_ref, p16, v_smems.at[slot])
 
-        _when(t + 1 < total, lambda: plgpu.barrier_wait(k_ready.at[lax.rem(t + 1, stages)]))
+        _when(t + 1 < total, lambda: plgpu.barrier_wait(k_ready.at[slot_of(t + 1)]))
 
       acc = pl.run_state(pv)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(v_free.at[slot])
@@ -558,28 +574,60 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, h, pl.ds(q_start, rows)])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_start, rows)])
-    plgpu.wait_smem_to_gmem(0)
+    # The next work item's Q lands in this buffer: its reads must be done (the writes finish on
+    # their own; the kernel's end waits for them).
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   @pl.when(wg == COMPUTE_WGS)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
     kv_head = lax.div(h, jnp.int32(plan.groups))
 
-    def fetch(t, slot, wait: bool):
-      cols = pl.ds(kv_block(t) * bk, bk)
-      if wait:
-        plgpu.barrier_wait(k_free.at[slot])
+    @pl.loop(0, total)
+    def _(t):
+      slot, cols = slot_of(t), pl.ds(kv_block(t) * bk, bk)
+      plgpu.barrier_wait(k_free.at[slot])
       plgpu.copy_gmem_to_smem(k_ref.at[b, kv_head, cols], k_smems.at[slot], k_ready.at[slot])
-      if wait:
-        plgpu.barrier_wait(v_free.at[slot])
+      plgpu.barrier_wait(v_free.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[b, kv_head, cols], v_smems.at[slot], v_ready.at[slot])
 
-    for i in range(stages):
-      _when(i < total, lambda i=i: fetch(jnp.int32(i), i, False))
+  return done + total
 
-    @pl.loop(0, jnp.maximum(total - stages, 0))
-    def _(t):
-      fetch(t + stages, lax.rem(t, stages), True)
+
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
+  """The forward's program: one work item, or (``spec.persistent``) a grid of one program per
+  SM, each walking work items ``sm, sm + num_sms, ...`` with its K/V ring running on from one
+  item into the next (the producer streams the next item's tiles under this one's epilogue)."""
+  barriers = scoped[1]
+  k_free, v_free = barriers[3], barriers[4]
+  wg = lax.axis_index("wg")
+
+  @pl.when(wg < COMPUTE_WGS)
+  def _():
+    plgpu.set_max_registers(232, action="increase")
+    # Every slot starts free: the producer waits on a slot's release before each fill.
+    for slot in range(spec.num_stages):
+      plgpu.barrier_arrive(k_free.at[slot])
+      plgpu.barrier_arrive(v_free.at[slot])
+
+  @pl.when(wg == COMPUTE_WGS)
+  def _():
+    plgpu.set_max_registers(40, action="decrease")
+
+  tile = functools.partial(_forward_tile, q_ref, k_ref, v_ref, refs, spec=spec, scoped=scoped)
+  if not spec.persistent:
+    tile(lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch"), 0)
+  else:
+    plan = spec.plan
+
+    # Q tiles vary fastest: the SMs working at one time share few (batch, head) pairs' K/V in L2.
+    items = (plan.batch, plan.q_heads, plan.nq)
+
+    @plgpu.nd_loop(items, collective_axes="sm", init_carry=jnp.int32(0))
+    def _(info, carry):
+      b, h, qi = info.index
+      return tile(h, qi, b, carry)
+
+  plgpu.wait_smem_to_gmem(0)
 
 
 def _smem(shape, dtype):
@@ -599,10 +647,13 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays):
   ops = tuple(_pad_operand(x, r, plan) for x, r in zip(arrays.operands, spec.roles))
 
   def entry(*refs):
-    # The LSE buffer aliases the K ring: it is written after the last step, when both consumers
-    # have read every K tile (warpgroup 0 passes its final turn only after warpgroup 1's last QK).
-    k_and_lse = plgpu.RefUnion(_smem((stages, plan.block_k, d), k.dtype),
-                               plgpu.SMEM((COMPUTE_WGS, rows), f32))
+    k_ring = _smem((stages, plan.block_k, d), k.dtype)
+    lse_buf = plgpu.SMEM((COMPUTE_WGS, rows), f32)
+    # The LSE buffer aliases the K ring when a program runs one work item: it is written after
+    # the last step, when both consumers have read every K tile (warpgroup 0 passes its final
+    # turn only after warpgroup 1's last QK). A persistent program's producer is by then filling
+    # the ring for its next item.
+    k_and_lse = (k_ring, lse_buf) if spec.persistent else plgpu.RefUnion(k_ring, lse_buf)
     scratch = (_smem((COMPUTE_WGS, rows, d), q.dtype), k_and_lse,
                _smem((stages, plan.block_k, d), v.dtype))
     barriers = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
@@ -617,13 +668,18 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays):
 
     pl.run_scoped(body, *scratch, *barriers, collective_axes="wg")
 
+  if spec.persistent:
+    grid, grid_names = (spec.num_sms,), ("sm",)
+  else:
+    grid, grid_names = (plan.q_heads, plan.nq, plan.batch), ("heads", "q_tiles", "batch")
   out, lse = plgpu.kernel(
       entry,
       out_type=(jax.ShapeDtypeStruct((plan.batch, plan.q_heads, plan.q_pad, d), q.dtype),
                 jax.ShapeDtypeStruct((plan.batch, plan.q_heads, plan.q_pad), f32)),
-      grid=(plan.q_heads, plan.nq, plan.batch), grid_names=("heads", "q_tiles", "batch"),
+      grid=grid, grid_names=grid_names,
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      # No cross-warp reductions: a row's scores live in one warp's quad.
+      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
   )(q, k, v, *arrays.lists, *ops)
   return out[..., :plan.v_pad], lse
 

@@ -91,13 +91,16 @@ def test_lowers_for_sm90(case):
   q, k, v = _zeros(s=s, d=d, dtype=dtype)
   cfg, plan, arrays, qp, kp, vp = _plan(q, k, v, **kw)
   assert mg.plan_reasons(plan, cfg) == []
-  spec = mg.kernel_spec(plan, cfg)
-  fwd = jax.jit(lambda q, k, v, a: mg.forward(spec, q, k, v, a))
-  exported = jax.export.export(fwd, platforms=["cuda"], disabled_checks=[
-      jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(qp, kp, vp, arrays)
-  assert "mosaic_gpu" in exported.mlir_module()
-  out, lse = exported.out_avals
-  assert out.shape == (1, 4, plan.q_pad, plan.v_pad) and lse.shape == (1, 4, plan.q_pad)
+  # The forward in both forms: one program per work item, and persistent (one per SM).
+  assert mg.kernel_spec(plan, cfg).persistent is plan.dense
+  for persistent in (False, True):
+    spec = mg.kernel_spec(plan, dataclasses.replace(cfg, persistent=persistent))
+    fwd = jax.jit(lambda q, k, v, a, spec=spec: mg.forward(spec, q, k, v, a))
+    exported = jax.export.export(fwd, platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(qp, kp, vp, arrays)
+    assert "mosaic_gpu" in exported.mlir_module()
+    out, lse = exported.out_avals
+    assert out.shape == (1, 4, plan.q_pad, plan.v_pad) and lse.shape == (1, 4, plan.q_pad)
   if not spec.mosaic_backward:
     return
   # The backward: the deterministic form (the default: a dQ pass over the lists, dK/dV over the
@@ -180,6 +183,30 @@ def test_mosaic_against_reference(case):
   q, k, v = random_qkv(hash(case) % 1000, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq, kv_len=sk,
                        head_dim=d, dtype=dtype)
   _check_gpu(q, k, v, grads=True, **kw())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["dense", "causal_gqa", "ragged_sq_ne_sk", "padding_rows_empty",
+                                  "d256", "d64_dense"])
+def test_persistent_forward_matches_per_item_forward(case):
+  """The persistent forward (one program per SM, the ring running across work items) does the
+  per-item forward's arithmetic in the same order: the same output and LSE, bit for bit, on
+  plans with more work items than SMs (the ring wraps across items), uneven ones and empty rows."""
+  b, hq, hkv, sq, sk, d, dtype, kw = GPU_CASES[case]
+  b, hq = b * 2, hq * 8     # more work items than the H200's 132 SMs
+  hkv = hq if hkv == GPU_CASES[case][1] else hq // 2
+  q, k, v = random_qkv(hash(case) % 1000 + 3, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq,
+                       kv_len=sk, head_dim=d, dtype=dtype)
+  extra = kw()
+  if "padding" in case:
+    extra = dict(score_mod=padding_mask_mod(jnp.array([0, 333, 512, 17])))
+  cfg = mg.default_config(d, dtype, masked=bool(extra))
+  outs = [pallas_flash_attention(q, k, v, backend="mosaic", return_lse=True,
+                                 config=dataclasses.replace(cfg, persistent=p), **extra)
+          for p in (False, True)]
+  for got, want in zip(outs[1], outs[0]):
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  _check_gpu(q, k, v, grads=False, config=dataclasses.replace(cfg, persistent=True), **extra)
 
 
 @pytest.mark.gpu
