@@ -480,8 +480,10 @@ def _when(cond, fn):
     pl.when(cond)(fn)
 
 
-def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec, scoped):
-  """One program's work item: (query head ``h``, q tile ``qi``, batch row ``b``).
+def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec, scoped,
+                  consumer: bool):
+  """One work item (query head ``h``, q tile ``qi``, batch row ``b``) of a consumer warpgroup
+  (``consumer``) or of the producer.
 
   ``done`` K/V tiles have passed through the ring before this one (a persistent program's earlier
   work items), so step ``t`` uses slot ``(done + t) % num_stages``; every barrier's phase follows
@@ -507,7 +509,6 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
     plgpu.barrier_arrive(turn)
     plgpu.barrier_wait(turn)
 
-  @pl.when(wg < COMPUTE_WGS)
   def _consumer():
     qo_smem, lse_smem = qo_smems.at[wg], lse_smems.at[wg]
     q_start = qi * plan.block_q + wg * rows
@@ -578,7 +579,6 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
     # their own; the kernel's end waits for them).
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  @pl.when(wg == COMPUTE_WGS)
   def _producer():
     kv_head = lax.div(h, jnp.int32(plan.groups))
 
@@ -590,6 +590,10 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
       plgpu.barrier_wait(v_free.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[b, kv_head, cols], v_smems.at[slot], v_ready.at[slot])
 
+  if consumer:
+    _consumer()
+  else:
+    _producer()
   return done + total
 
 
@@ -597,9 +601,22 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
   """The forward's program: one work item, or (``spec.persistent``) a grid of one program per
   SM, each walking work items ``sm, sm + num_sms, ...`` with its K/V ring running on from one
   item into the next (the producer streams the next item's tiles under this one's epilogue)."""
-  barriers = scoped[1]
+  plan, barriers = spec.plan, scoped[1]
   k_free, v_free = barriers[3], barriers[4]
   wg = lax.axis_index("wg")
+
+  def items(consumer: bool):
+    tile = functools.partial(_forward_tile, q_ref, k_ref, v_ref, refs, spec=spec, scoped=scoped,
+                             consumer=consumer)
+    if not spec.persistent:
+      tile(lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch"), 0)
+      return
+    grid = (plan.batch, plan.q_heads, plan.nq)   # q tiles fastest: SMs at work share K/V in L2
+
+    @plgpu.nd_loop(grid, collective_axes="sm", init_carry=jnp.int32(0))
+    def _(info, carry):
+      b, h, qi = info.index
+      return tile(h, qi, b, carry)
 
   @pl.when(wg < COMPUTE_WGS)
   def _():
@@ -608,26 +625,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
     for slot in range(spec.num_stages):
       plgpu.barrier_arrive(k_free.at[slot])
       plgpu.barrier_arrive(v_free.at[slot])
+    items(consumer=True)
+    plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == COMPUTE_WGS)
   def _():
     plgpu.set_max_registers(40, action="decrease")
+    items(consumer=False)
 
-  tile = functools.partial(_forward_tile, q_ref, k_ref, v_ref, refs, spec=spec, scoped=scoped)
-  if not spec.persistent:
-    tile(lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch"), 0)
-  else:
-    plan = spec.plan
 
-    # Q tiles vary fastest: the SMs working at one time share few (batch, head) pairs' K/V in L2.
-    items = (plan.batch, plan.q_heads, plan.nq)
-
-    @plgpu.nd_loop(items, collective_axes="sm", init_carry=jnp.int32(0))
-    def _(info, carry):
-      b, h, qi = info.index
-      return tile(h, qi, b, carry)
-
-  plgpu.wait_smem_to_gmem(0)
+# No cross-warp reductions in the forward (a row's scores live in one warp's quad), so it needs
+# none of Pallas's reduction scratch (2 KiB by default).
+_FWD_REDUCTION_SCRATCH = 0
 
 
 def _smem(shape, dtype):
@@ -678,8 +687,8 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays):
                 jax.ShapeDtypeStruct((plan.batch, plan.q_heads, plan.q_pad), f32)),
       grid=grid, grid_names=grid_names,
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
-      # No cross-warp reductions: a row's scores live in one warp's quad.
-      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+      compiler_params=plgpu.CompilerParams(approx_math=True,
+                                           reduction_scratch_bytes=_FWD_REDUCTION_SCRATCH),
   )(q, k, v, *arrays.lists, *ops)
   return out[..., :plan.v_pad], lse
 
