@@ -637,6 +637,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
 # No cross-warp reductions in the forward (a row's scores live in one warp's quad), so it needs
 # none of Pallas's reduction scratch (2 KiB by default).
 _FWD_REDUCTION_SCRATCH = 0
+# Pallas's automatic warpgroup barriers around shared-memory accesses; off only where measured
+# (diag_mosaic_fwd.py) and tested bitwise against the default on the GPU.
+_FWD_NO_AUTO_BARRIERS = False
 
 
 def _smem(shape, dtype):
@@ -688,7 +691,8 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays):
       grid=grid, grid_names=grid_names,
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True,
-                                           reduction_scratch_bytes=_FWD_REDUCTION_SCRATCH),
+                                           reduction_scratch_bytes=_FWD_REDUCTION_SCRATCH,
+                                           unsafe_no_auto_barriers=_FWD_NO_AUTO_BARRIERS),
   )(q, k, v, *arrays.lists, *ops)
   return out[..., :plan.v_pad], lse
 
