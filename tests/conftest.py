@@ -34,6 +34,9 @@ SLOW_ON_CPU = frozenset({
     "tests/test_attention.py::test_decode_matches_full_causal_pass[aether_attention-causal_alibi_doc]",
     "tests/test_attention.py::test_module_equals_kernel_on_hand_projections[aether_attention]",
     "tests/kernels/test_conformance.py::test_mod_results[ring_mesh-python_state]",
+    "tests/kernels/test_memory_efficient.py::test_shapes[mha_ragged-user_mask_mod]",
+    "tests/kernels/test_flash.py::test_mods[alibi]",
+    "tests/test_tiny_gpt.py::test_learned_mod_arrays_change_in_training[alibi-pallas_flash]",
 })
 
 
