@@ -681,7 +681,7 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays):
     pl.run_scoped(body, *scratch, *barriers, collective_axes="wg")
 
   if spec.persistent:
-    grid, grid_names = (spec.num_sms,), ("sm",)
+    grid, grid_names = (min(spec.num_sms, plan.batch * plan.q_heads * plan.nq),), ("sm",)
   else:
     grid, grid_names = (plan.q_heads, plan.nq, plan.batch), ("heads", "q_tiles", "batch")
   out, lse = plgpu.kernel(
