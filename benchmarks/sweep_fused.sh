@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The Mosaic backward's two forms: the default two-pass (a dQ pass, then dK/dV) and the fused
-# (MosaicConfig(deterministic=False): dQ by TMA reductions in the dK/dV kernel), against cuDNN,
-# tokamax and FlexAttention, fwd+bwd, one process per table.
+# The Mosaic lowering against cuDNN, tokamax and FlexAttention, one process per table: the
+# backward's two forms (the default two-pass: a dQ pass, then dK/dV; and the fused,
+# MosaicConfig(deterministic=False): dQ by TMA reductions in the dK/dV kernel), fwd+bwd; the
+# forward's two forms (persistent, per work item), fwd.
 #   run(command="bash benchmarks/sweep_fused.sh", carry=[".whl"], timeout_s=600)
 # PARTS (default "tests main"): tests (pytest -m gpu of the Mosaic lowering), conformance (the
 # conformance suite's mosaic_gpu row), forms (bench_mosaic_bwd_forms.py: both forms at ring
 # depths 2 and 3), main (s4k, s4k-causal, s16k-causal), masks (window32k, docs32k, alibi8k), more
 # (s4k-d64, s4k-d256, aether-32k-clustered), paged (bench_paged.py --sweep at B=32 16k, bf16 and
 # int8 pages), fwd (the forward alone: FWD_CASES with the persistent and per-item forms beside
-# cuDNN and tokamax), diag (diag_mosaic_fwd.py: program forms x reduction scratch, dense D=64-256).
+# cuDNN and tokamax).
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/attnax_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -46,11 +47,6 @@ if has paged; then
   echo "paged tests rc=$?"; quiet < "$OUT/paged_tests.log" | grep -i "passed\|failed\|error" | tail -8
   [ "${PAGED_S:-200}" -gt 0 ] && timeout ${PAGED_S:-200} python3 benchmarks/bench_paged.py --sweep --sweep-points "Sq=1 B=32 ctx=16k" \
     --budget-s 0.2 --out "$OUT/paged" 2>&1 | quiet | grep "GB/s\|best\|rror" | tail -40
-fi
-if has diag; then
-  stamp diag
-  timeout ${DIAG_S:-150} python3 benchmarks/diag_mosaic_fwd.py 2>&1 | quiet | grep -v "^$" \
-    | tee "$OUT/diag.log" | tail -20
 fi
 if has fwd; then
   stamp fwd

@@ -12,8 +12,8 @@ import pytest  # noqa: E402
 
 
 # CPU time (CI runs the suite on 2 cores in about 15 minutes): the heaviest variants whose code a
-# sibling variant or the conformance suite covers run with -m slow. Measured 2026-12-03: ~230 s of
-# the suite's ~1970 CPU seconds.
+# sibling variant or the conformance suite covers run with -m slow. Measured 2026-12-03: ~290 s of
+# the suite's ~2000 CPU seconds.
 SLOW_ON_CPU = frozenset({
     "tests/kernels/aether/test_aether.py::test_gradients_equal_dense_when_nothing_pruned[flash]",
     "tests/kernels/aether/test_aether.py::test_threshold_rule_never_nan_on_all_negative_logits",

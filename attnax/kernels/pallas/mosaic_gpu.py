@@ -90,7 +90,7 @@ class MosaicConfig:
   lists (7 matmuls per tile, bitwise reproducible). ``False``: FlashAttention-3's form, dQ
   computed in the dK/dV kernel (5 matmuls per tile) and each tile's f32 part added into a buffer
   by TMA reductions, whose order, and so dQ's last bits, vary from run to run. Measured on the
-  H200 (BENCHMARKS.md), the fused form is 1-9% slower than the two-pass one, so it is opt-in.
+  H200 (BENCHMARKS.md), the fused form is 16-19% slower than the two-pass one, so it is opt-in.
 
   ``persistent``: the forward runs one program per SM, each walking work items with its K/V
   ring running on from one into the next, so the next item's tiles stream in under this one's
@@ -601,8 +601,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
   """The forward's program: one work item, or (``spec.persistent``) a grid of one program per
   SM, each walking work items ``sm, sm + num_sms, ...`` with its K/V ring running on from one
   item into the next (the producer streams the next item's tiles under this one's epilogue)."""
-  plan, barriers = spec.plan, scoped[1]
-  k_free, v_free = barriers[3], barriers[4]
+  plan = spec.plan
+  _, _, _, k_free, v_free, _ = scoped[1]
   wg = lax.axis_index("wg")
 
   def items(consumer: bool):
@@ -632,14 +632,6 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
   def _():
     plgpu.set_max_registers(40, action="decrease")
     items(consumer=False)
-
-
-# No cross-warp reductions in the forward (a row's scores live in one warp's quad), so it needs
-# none of Pallas's reduction scratch (2 KiB by default).
-_FWD_REDUCTION_SCRATCH = 0
-# Pallas's automatic warpgroup barriers around shared-memory accesses; off only where measured
-# (diag_mosaic_fwd.py) and tested bitwise against the default on the GPU.
-_FWD_NO_AUTO_BARRIERS = False
 
 
 def _smem(shape, dtype):
@@ -690,9 +682,8 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays):
                 jax.ShapeDtypeStruct((plan.batch, plan.q_heads, plan.q_pad), f32)),
       grid=grid, grid_names=grid_names,
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True,
-                                           reduction_scratch_bytes=_FWD_REDUCTION_SCRATCH,
-                                           unsafe_no_auto_barriers=_FWD_NO_AUTO_BARRIERS),
+      # No cross-warp reductions (a row's scores live in one warp's quad): no reduction scratch.
+      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
   )(q, k, v, *arrays.lists, *ops)
   return out[..., :plan.v_pad], lse
 

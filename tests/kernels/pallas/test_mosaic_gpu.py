@@ -93,14 +93,18 @@ def test_lowers_for_sm90(case):
   assert mg.plan_reasons(plan, cfg) == []
   # The forward in both forms: one program per work item, and persistent (one per SM).
   assert mg.kernel_spec(plan, cfg).persistent is plan.dense
+  modules = []
   for persistent in (False, True):
     spec = mg.kernel_spec(plan, dataclasses.replace(cfg, persistent=persistent))
+    assert spec.persistent is persistent
     fwd = jax.jit(lambda q, k, v, a, spec=spec: mg.forward(spec, q, k, v, a))
     exported = jax.export.export(fwd, platforms=["cuda"], disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(qp, kp, vp, arrays)
-    assert "mosaic_gpu" in exported.mlir_module()
+    modules.append(exported.mlir_module())
+    assert "mosaic_gpu" in modules[-1]
     out, lse = exported.out_avals
     assert out.shape == (1, 4, plan.q_pad, plan.v_pad) and lse.shape == (1, 4, plan.q_pad)
+  assert modules[0] != modules[1]   # the persistent form is another kernel, not the same one
   if not spec.mosaic_backward:
     return
   # The backward: the deterministic form (the default: a dQ pass over the lists, dK/dV over the
@@ -193,8 +197,7 @@ def test_persistent_forward_matches_per_item_forward(case):
   per-item forward's arithmetic in the same order: the same output and LSE, bit for bit, on
   plans with more work items than SMs (the ring wraps across items), uneven ones and empty rows."""
   b, hq, hkv, sq, sk, d, dtype, kw = GPU_CASES[case]
-  b, hq = b * 2, hq * 8     # more work items than the H200's 132 SMs
-  hkv = hq if hkv == GPU_CASES[case][1] else hq // 2
+  b, hq, hkv = b * 2, hq * 8, hkv * 8   # more work items than the H200's 132 SMs, same GQA
   q, k, v = random_qkv(hash(case) % 1000 + 3, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq,
                        kv_len=sk, head_dim=d, dtype=dtype)
   extra = kw()
