@@ -9,7 +9,8 @@
 # depths 2 and 3), main (s4k, s4k-causal, s16k-causal), masks (window32k, docs32k, alibi8k), more
 # (s4k-d64, s4k-d256, aether-32k-clustered), paged (bench_paged.py --sweep at B=32 16k, bf16 and
 # int8 pages), fwd (the forward alone: FWD_CASES with the persistent and per-item forms beside
-# cuDNN and tokamax).
+# cuDNN and tokamax), modgrads (quick_mod_grads.py: differentiated mod arrays, Mosaic and Triton
+# backwards).
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/attnax_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -54,6 +55,11 @@ if has fwd; then
     --cases "${FWD_CASES:-s4k,s16k,s4k-d64,s4k-d256,s4k-causal,s16k-causal}" \
     --kernels cudnn,tokamax-mosaic,attnax-mosaic-items,attnax-mosaic-persistent --modes fwd \
     --budget-s 0.3 --out "$OUT/fwd" 2>&1 | grep "^|\|^###\|done\|rror" | tail -40
+fi
+if has modgrads; then
+  stamp modgrads
+  timeout ${MODGRADS_S:-240} python3 benchmarks/quick_mod_grads.py 2>&1 | quiet \
+    | tee "$OUT/modgrads.log" | grep "^|\|rror" | tail -20
 fi
 if has main; then stamp main; bench s4k,s4k-causal,s16k-causal ${MAIN_S:-330} main; fi
 if has masks; then stamp masks; bench window32k,docs32k,alibi8k ${MASKS_S:-330} masks; fi

@@ -18,10 +18,10 @@ mask from.
 
 Gradients: q, k, v (and ``lse`` as an output) from the lowering's backward kernels; the mods'
 floating-point operands (bias tables, ALiBi slopes, gates), when they are differentiated, from the
-Triton dQ kernel, which differentiates the mods through their recorded loads
-(:class:`attnax.kernels.operands.LoadTape`) and adds each load's cotangent atomically into an f32
-accumulator (a plan whose backward runs on Mosaic takes the Triton backward for that); integer
-operands (ids) get none.
+backward kernels too: the Triton lowering's differentiate the mods through their recorded loads
+(:class:`attnax.kernels.operands.LoadTape`) and add each load's cotangent into an f32 accumulator;
+the Mosaic dK/dV kernel replays its loads under a vjp and adds each load's cotangent, summed
+along the tile, by TMA reductions; integer operands (ids) get none.
 
 Threshold skipping (:func:`threshold_attention`, behind
 :func:`attnax.kernels.threshold_sparse_attention`): a plan flag like dropout's
@@ -133,8 +133,8 @@ class MosaicLowering(Lowering):
     return mg.forward(spec, q, k, v, arrays)
 
   def backward(self, spec, q, k, v, do, lse, delta, arrays: PlanArrays, diff=()):
-    if spec.mosaic_backward and not diff:   # mod-array cotangents: the Triton dQ kernel's
-      return mg.backward(spec, q, k, v, do, lse, delta, arrays) + ((),)
+    if spec.mosaic_backward:
+      return mg.backward(spec, q, k, v, do, lse, delta, arrays, diff)
     return LOWERINGS["triton"].backward(spec.backward, q, k, v, do, lse, delta, arrays, diff)
 
 

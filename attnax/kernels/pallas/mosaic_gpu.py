@@ -216,8 +216,9 @@ class TileArray(ops_lib.RefArray):
                cache: list | None = None, replay: bool = False):
     super().__init__(ref, shape, dtype)
     self.tile, self.record = tile, record
-    # ``cache``: loads are appended to it, or (``replay``) taken from it in order instead of
-    # loading: a jvp cannot trace Mosaic loads, so the backward loads first and replays inside.
+    # ``cache``: each load's ``(value, roles, index)`` is appended to it, or (``replay``) values
+    # are taken from it in order instead of loading: a jvp or vjp cannot trace Mosaic loads, so
+    # the backward loads first and replays inside.
     self.cache, self.replay = cache, replay
 
   def __getitem__(self, idx):
@@ -274,7 +275,7 @@ class TileArray(ops_lib.RefArray):
       val = self.ref[index]
     val = val != 0 if self.dtype == jnp.bool_ else val
     if self.cache is not None:
-      self.cache.append(val)
+      self.cache.append((val, tuple(roles), index))
     return val
 
   def flat_index(self, idx):
@@ -723,24 +724,81 @@ def backward_reasons(plan: FlashPlan) -> list[str]:
   return reasons
 
 
-def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool):
-  """Base-2 scores of a backward tile, and ``d(modded score)/d(q.k)`` where it is not constant.
+def _lowerable(fn):
+  """``fn`` traced to a jaxpr and re-emitted with ``add_any`` (how autodiff sums a value's
+  cotangents or tangents, which the Mosaic GPU lowering has no rule for) as ``lax.add``."""
+  from jax._src import ad_util   # add_any_p has no public name
+  from jax.extend import core as jex_core
+
+  def run(jaxpr, consts, *args):
+    env = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
+    for eqn in jaxpr.eqns:
+      ins = [read(v) for v in eqn.invars]
+      if eqn.primitive is ad_util.add_any_p:
+        outs = [lax.add(*ins)]
+      elif eqn.primitive.name in ("pjit", "jit", "closed_call"):
+        sub = eqn.params["jaxpr"] if "jaxpr" in eqn.params else eqn.params["call_jaxpr"]
+        outs = run(sub.jaxpr, sub.consts, *ins)
+      else:
+        outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+        outs = outs if eqn.primitive.multiple_results else [outs]
+      env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+  def lowered(*args):
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    flat = run(closed.jaxpr, closed.consts, *jax.tree.leaves(args))
+    return jax.tree.unflatten(jax.tree.structure(shape), flat)
+
+  return lowered
+
+
+def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, diff=()):
+  """``(s2, dmod, loads_vjp)`` of a backward tile: its base-2 scores; ``d(modded score)/d(q.k)``
+  where it is not constant; and, when operands in ``diff`` (differentiated mod arrays) are read,
+  ``loads_vjp(ct) -> [(operand, roles, index, f32 cotangent tile)]`` for each of their loads,
+  ``ct`` the cotangent of ``s2`` (else ``None``).
 
   Without a derivative (``plan.unit_grad``: no score mod, or mods that only add) the caller
   multiplies its accumulated gradient by ``plan.scale``; with one, the derivative carries it.
   """
-  caches = [[] for _ in plan.mods.meta]
+  sites = [[] for _ in plan.mods.meta]   # per operand: (value, roles, index) of each load
 
-  def scores(x, replay):
-    score_fn, mask_fn = _mods_in_kernel(plan, op_refs, tile, caches=caches, replay=replay)
+  def scores(x, values=None):
+    caches = sites if values is None else [list(v) for v in values]
+    score_fn, mask_fn = _mods_in_kernel(plan, op_refs, tile, caches=caches,
+                                        replay=values is not None)
     return _log2_scores(x, plan, tile, score_fn, mask_fn, b, h, masked)
 
-  s2 = scores(s, False)
-  if plan.unit_grad:
-    return s2, None
-  # Elementwise mods: a jvp with tangent 1 is the derivative (a soft-cap's 1 - tanh^2 included).
-  _, ds2 = jax.jvp(lambda x: scores(x, True), (s,), (jnp.ones_like(s),))
-  return s2, ds2 * LN2
+  s2 = scores(s)
+  values = [[val for val, _, _ in loads] for loads in sites]
+  dmod = None
+  if not plan.unit_grad:
+    # Elementwise mods: a jvp with tangent 1 is the derivative (a soft-cap's 1 - tanh^2 included).
+    _, ds2 = _lowerable(lambda x: jax.jvp(lambda y: scores(y, values), (x,),
+                                          (jnp.ones_like(x),)))(s)
+    dmod = ds2 * LN2
+  taken = [(i, n) for i in diff for n in range(len(sites[i]))]
+  if not taken:
+    return s2, dmod, None
+  shape = (tile.rows, tile.cols)
+
+  def with_taken(vals):
+    replayed = [list(v) for v in values]
+    for (i, n), val in zip(taken, vals):
+      replayed[i][n] = val
+    return scores(s, replayed)
+
+  def loads_vjp(ct):
+    # Each taken load enters as a whole tile (scalars and lines broadcast), so its cotangent is
+    # a tile too, which the caller sums along the axes the load did not vary over.
+    tiles_in = [jnp.broadcast_to(values[i][n], shape) for i, n in taken]
+    (cts,) = _lowerable(lambda vals, ct: jax.vjp(with_taken, vals)[1](ct))(tiles_in, ct)
+    return [(i, sites[i][n][1], sites[i][n][2], g.astype(f32)) for (i, n), g in zip(taken, cts)]
+
+  return s2, dmod, loads_vjp
 
 
 def _stream(total, stages, fetch, n0=0):
@@ -805,7 +863,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
       plgpu.barrier_arrive(v_free.at[slot])
       iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, ck), d, layout=_WGMMA)
       tile = _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, c, ck)
-      s2, dmod = _bwd_scores(s, plan, op_refs, tile, b, h, masked)
+      s2, dmod, _ = _bwd_scores(s, plan, op_refs, tile, b, h, masked)
       p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (0,)))
       ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, (0,)))
       if dmod is not None:
@@ -842,16 +900,35 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
     _stream(total, stages, fetch)
 
 
+def _cotangent_buffers(spec: MosaicSpec, diff) -> tuple[tuple[int, str], ...]:
+  """The f32 buffers the dK/dV kernel adds the cotangents of differentiated mod arrays into:
+  ``(operand, "lines")`` (the padded operand's shape) for loads along query or key positions,
+  ``(operand, "lanes")`` (the operand's shape + ``(BWD_CHUNK,)``, summed afterwards) for loads of
+  single entries, whose per-row partial sums are added without a cross-warp reduction."""
+  bufs = []
+  for i in diff:
+    patterns = spec.roles[i]
+    if any("q" in p or "kv" in p for p in patterns):
+      bufs.append((i, "lines"))
+    if any("q" not in p and "kv" not in p for p in patterns):
+      bufs.append((i, "lanes"))
+  return tuple(bufs)
+
+
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: MosaicSpec,
-                scoped):
+                scoped, diff=()):
   plan = spec.plan
   fused = spec.fused_dq
   n_ops = len(plan.mods.meta)
   tlist_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:NUM_LISTS + n_ops]
-  dq_ref = refs[-3] if fused else None   # f32 accumulator, aliased in and out
+  accumulators = refs[NUM_LISTS + n_ops:-2]   # f32, aliased in and out: dQ (fused), cotangents
+  dq_ref = accumulators[0] if fused else None
+  cot_refs = dict(zip(_cotangent_buffers(spec, diff), accumulators[int(fused):]))
   dk_ref, dv_ref = refs[-2:]
-  (k_smems, v_smems, q_smems, do_smems, *dq_scratch), (kv_ready, q_ready, do_ready, free,
-                                                         *ds_ready) = scoped
+  (k_smems, v_smems, q_smems, do_smems, *extra), (kv_ready, q_ready, do_ready, free,
+                                                    *ds_ready) = scoped
+  dq_scratch = extra[:2] if fused else ()
+  cot_stage = extra[-1] if cot_refs else None   # (COMPUTE_WGS, BWD_CHUNK) f32
   dq_split = _dq_split(plan) if fused else None
   ds_ready = ds_ready[0] if dq_split else None
   c, stages, groups = BWD_CHUNK, spec.bwd_stages, plan.groups
@@ -907,6 +984,20 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
       plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[rows + ((cols,) if dq_split else ())],
                               reduction_op="add")
 
+    def add_cotangents(sites):
+      """Each load's cotangent tile summed over the axis it did not vary along (keys are rows,
+      queries columns) and added into its buffer by a TMA reduction, staged in shared memory."""
+      stage = cot_stage.at[wg]
+      for i, roles, index, g in sites:
+        if "q" in roles or "kv" in roles:
+          vec, dst = g.sum(axis=0 if "q" in roles else 1), cot_refs[i, "lines"].at[index]
+        else:
+          vec, dst = g.sum(axis=1), cot_refs[i, "lanes"].at[index + (pl.ds(0, c),)]
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last reduction has read it
+        stage[...] = vec
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(stage, dst, reduction_op="add")
+
     def one_head(g, carry):
       dk, dv, n, prev = carry
       h, n_full, total, q_start_of = schedule(g)
@@ -931,9 +1022,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
         iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WGMMA)
         tile = _Tile(q_start + iota(1), k_start + iota(0), q_start, k_start, c, c,
                      transposed=True)
-        s2, dmod = _bwd_scores(st, plan, op_refs, tile, b, h, masked)
+        s2, dmod, loads_vjp = _bwd_scores(st, plan, op_refs, tile, b, h, masked, diff)
         pt = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (1,)))
         dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, (1,)))
+        if loads_vjp is not None:
+          add_cotangents(loads_vjp(dst * LN2))   # dst is d/d(modded score); s2 is base 2
         if dmod is not None:
           dst = dst * dmod
 
@@ -1038,8 +1131,10 @@ def _bwd_call(kernel, spec: MosaicSpec, scratch, barriers, out_type, grid, grid_
                       compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
-def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays):
-  """``(dq, dk, dv)`` on padded inputs (``delta = rowsum(out * dout) - dlse``, f32)."""
+def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff=()):
+  """``(dq, dk, dv, d_ops)`` on padded inputs (``delta = rowsum(out * dout) - dlse``, f32);
+  ``d_ops`` the f32 cotangents of the mod arrays ``arrays.operands[i]`` for ``i`` in ``diff``
+  (the dK/dV kernel's TMA reductions: their last bits vary from run to run, in both forms)."""
   plan = spec.plan
   if plan.head_pad < MIN_HEAD_DIM:
     q, k, v, do = (pad_to(x, x.shape[:3] + (MIN_HEAD_DIM,)) for x in (q, k, v, do))
@@ -1053,28 +1148,36 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays):
 
   dkv_scratch = (own(k.dtype), own(v.dtype), ring(q.dtype), ring(do.dtype))
   dkv_barriers = (ready(2 * wgs), ready(stages), ready(stages), release)
+  bufs = _cotangent_buffers(spec, diff)
+  cot_zeros = tuple(jnp.zeros(ops[i].shape if kind == "lines" else arrays.operands[i].shape + (c,),
+                              f32) for i, kind in bufs)
+  stage = (plgpu.SMEM((wgs, c), f32),) if bufs else ()
   dkv = functools.partial(
-      _bwd_call, _dkv_kernel, spec,
+      _bwd_call, functools.partial(_dkv_kernel, diff=tuple(diff)), spec,
       out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
       grid=(plan.kv_heads, plan.nk, plan.batch), grid_names=("kv_heads", "kv_tiles", "batch"))
   inputs = (q, k, v, do, lse, delta, *arrays.tlists, *ops)
+
+  def with_accumulators(call, zeros):
+    """``call(*inputs, *accumulator refs) -> (dk, dv)`` with f32 accumulators the kernel adds
+    into in place (aliased operands): ``(dk, dv, *accumulators)``."""
+    def run(refs):
+      dk_ref, dv_ref, *acc_refs = refs
+      dk_ref[...], dv_ref[...] = call(*inputs, *acc_refs)
+
+    return pl.run_state(run)((jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)) + zeros)
+
   if spec.fused_dq:
     # dS^T per warpgroup (bf16; DS_BUFFERS steps of it with the head-dim split) and its f32
     # part of dQ, staged for the TMA reduction; with the split, a barrier per dS^T buffer and
     # one that says both warpgroups are done reading each other's K.
     split = _dq_split(plan)
     ds = _smem((DS_BUFFERS, wgs, c, c) if split else (wgs, c, c), q.dtype)
-    call = dkv(scratch=dkv_scratch + (ds, _smem((wgs, c, split or d), f32)),
+    call = dkv(scratch=dkv_scratch + (ds, _smem((wgs, c, split or d), f32)) + stage,
                barriers=dkv_barriers + ((plgpu.Barrier(num_arrivals=wgs,
                                                        num_barriers=DS_BUFFERS + 1),)
                                         if split else ()))
-
-    def run(refs):   # the kernel adds into dq_ref in place (an aliased operand)
-      dq_ref, dk_ref, dv_ref = refs
-      dk_ref[...], dv_ref[...] = call(*inputs, dq_ref)
-
-    dq, dk, dv = pl.run_state(run)((jnp.zeros(q.shape, f32), jnp.zeros(k.shape, k.dtype),
-                                    jnp.zeros(v.shape, v.dtype)))
+    dk, dv, dq, *cots = with_accumulators(call, (jnp.zeros(q.shape, f32),) + cot_zeros)
     dq = (dq * plan.scale if plan.unit_grad else dq).astype(q.dtype)
   else:
     dq = _bwd_call(
@@ -1083,5 +1186,12 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays):
         (ready(2 * wgs), ready(stages), ready(stages), release, release),
         jax.ShapeDtypeStruct(q.shape, q.dtype), (plan.q_heads, plan.nq, plan.batch),
         ("heads", "q_tiles", "batch"))(q, k, v, do, lse, delta, *arrays.lists, *ops)
-    dk, dv = dkv(scratch=dkv_scratch, barriers=dkv_barriers)(*inputs)
-  return dq[..., :plan.head_pad], dk[..., :plan.head_pad], dv[..., :plan.v_pad]
+    dk, dv, *cots = with_accumulators(dkv(scratch=dkv_scratch + stage, barriers=dkv_barriers),
+                                      cot_zeros)
+  d_ops = {}
+  for (i, kind), cot in zip(bufs, cots):
+    x = arrays.operands[i]
+    cot = cot.sum(-1) if kind == "lanes" else cot[tuple(slice(0, n) for n in x.shape)]
+    d_ops[i] = d_ops[i] + cot if i in d_ops else cot
+  d_ops = tuple(d_ops.get(i, jnp.zeros(jnp.shape(arrays.operands[i]), f32)) for i in diff)
+  return dq[..., :plan.head_pad], dk[..., :plan.head_pad], dv[..., :plan.v_pad], d_ops

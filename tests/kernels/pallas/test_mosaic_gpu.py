@@ -15,7 +15,8 @@ import pytest
 
 from attnax.kernels import (additive_bias_mod, alibi_mod, causal_mod, compose_score_mods,
                             document_mask_mod, padding_mask_mod, prefix_lm_mod, sliding_window_mod,
-                            softcap_mod)
+                            softcap_mod, standard_attention)
+from attnax.kernels.gated import gated_mod
 from attnax.kernels.pallas import api, mosaic_gpu as mg, pallas_flash_attention
 from attnax.kernels.pallas.plan import build_plan
 from tests.helpers import kernel_grads, random_qkv, reference_attention, rel_err, tol
@@ -123,6 +124,43 @@ def test_lowers_for_sm90(case):
     mlir = exported.mlir_module()
     assert mlir.count("custom_call @mosaic_gpu") == (2 if deterministic else 1)
     assert ("cp.reduce.async.bulk" in mlir) is not deterministic
+
+
+def _cotangent_mod(b=1, hq=4, hkv=2, s=512, seed=0):
+  """A causal plan whose float arrays are read in every way the dK/dV kernel differentiates:
+  ALiBi slopes (one entry per head), a gate's alpha (per query row) and delta (per key column,
+  per kv head), a bias row (per key column, broadcast over heads); ``(mod, arrays)``."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  arrays = (0.5 * jax.random.uniform(keys[0], (hq,)), jax.random.normal(keys[1], (b, hq, s)),
+            jax.random.normal(keys[2], (b, hkv, s)), jax.random.normal(keys[3], (b, 1, 1, s)))
+  return make_cotangent_mod, arrays
+
+
+def make_cotangent_mod(slopes, alpha, delta, bias):
+  return compose_score_mods(alibi_mod(slopes=slopes), gated_mod(alpha, delta),
+                            additive_bias_mod(bias), causal_mod())
+
+
+def test_backward_with_mod_array_cotangents_lowers():
+  """The Mosaic backward with differentiated mod arrays, in both forms, lowers for sm90: one
+  cotangent per float operand, in its shape, summed by TMA reductions into global memory."""
+  q, k, v = _zeros()
+  make, arrays = _cotangent_mod()
+  cfg, plan, plan_arrays, qp, kp, vp = _plan(q, k, v, score_mod=make(*arrays))
+  diff = tuple(i for i, is_float in enumerate(plan.mods.float_mask) if is_float)
+  assert len(diff) == 4 and mg.backward_reasons(plan) == []
+  rows = jnp.zeros(qp.shape[:3], jnp.float32)
+  for deterministic in (False, True):
+    spec = mg.kernel_spec(plan, dataclasses.replace(cfg, deterministic=deterministic))
+    bwd = jax.jit(lambda q, k, v, do, lse, delta, a, spec=spec: mg.backward(
+        spec, q, k, v, do, lse, delta, a, diff))
+    exported = jax.export.export(bwd, platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(qp, kp, vp, qp, rows, rows,
+                                                                       plan_arrays)
+    shapes = [a.shape for a in exported.out_avals]
+    assert shapes[:3] == [qp.shape, kp.shape, vp.shape]
+    assert [tuple(sh) for sh in shapes[3:]] == [plan_arrays.operands[i].shape for i in diff]
+    assert "cp.reduce.async.bulk" in exported.mlir_module()
 
 
 def test_fused_backward_fits_shared_memory():
@@ -286,3 +324,38 @@ def test_tuned_table_is_read():
     assert (cfg.block_q, cfg.block_k, cfg.num_stages) == (
         want["block_q"], want["block_k"], want["num_stages"]), key
   assert mg.default_config(128, device_kind="no such GPU") == mg._BUILTIN[128]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_mod_array_cotangents_on_the_mosaic_backward(deterministic):
+  """Slopes, a gate's alpha and delta and a bias row get their gradients from the Mosaic dK/dV
+  kernel (both forms, GQA, causal, batch 2): against float64, and against the Triton backward
+  of the same plan (closer to each other than either is to float64)."""
+  b, hq, hkv, s, d = 2, 8, 2, 1024, 128
+  q, k, v = random_qkv(31, batch=b, q_heads=hq, kv_heads=hkv, q_len=s, kv_len=s, head_dim=d,
+                       dtype=bf16)
+  make, arrays = _cotangent_mod(b, hq, hkv, s, seed=32)
+  cfg = dataclasses.replace(mg.default_config(d, bf16, masked=True), deterministic=deterministic)
+  _, plan, *_ = _plan(q, k, v, cfg, score_mod=make(*arrays))
+  assert mg.kernel_spec(plan, cfg).mosaic_backward
+  ct = jax.random.normal(jax.random.key(33), q.shape, jnp.float32)
+
+  def loss(kernel, **kw):
+    def f(q, k, v, *arrays):
+      return jnp.sum(kernel(q, k, v, score_mod=make(*arrays), **kw).astype(jnp.float32) * ct)
+    return f
+
+  argnums = tuple(range(3 + len(arrays)))
+  got, triton = (jax.jit(jax.grad(loss(pallas_flash_attention, backend="mosaic", config=c),
+                                  argnums=argnums))(q, k, v, *arrays)
+                 for c in (cfg, dataclasses.replace(cfg, bwd="triton")))
+  with jax.enable_x64(True):
+    up = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    ct = up(ct)
+    want = jax.grad(loss(standard_attention), argnums=argnums)(*map(up, (q, k, v) + arrays))
+  names = ("q", "k", "v", "slopes", "alpha", "delta", "bias")
+  for name, g, t, w in zip(names, got, triton, want):
+    assert g.shape == w.shape and np.isfinite(np.asarray(g, np.float32)).all(), name
+    assert rel_err(g, w) < tol(bf16, grad=True), (name, rel_err(g, w), rel_err(t, w))
+    assert rel_err(g, t) < tol(bf16, grad=True), (name, rel_err(g, t))
