@@ -14,6 +14,7 @@ v only (``qkv``) and for q, k, v and the mod's arrays (``+arrays``), through ``b
 import dataclasses
 import os
 import sys
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_attention as ba  # noqa: E402
@@ -56,8 +57,13 @@ def main():
       cfg = dataclasses.replace(mg.default_config(128, jnp.bfloat16, masked=True), bwd=bwd)
       fn = lambda q, k, v, *a, cfg=cfg: ak.pallas_flash_attention(
           q, k, v, score_mod=make(*a), backend="mosaic", config=cfg)
-      t_qkv = fwd_bwd(fn, (q, k, v), arrays)
-      t_all = fwd_bwd(fn, (q, k, v) + arrays, ())
+      try:
+        t_qkv = fwd_bwd(fn, (q, k, v), arrays)
+        t_all = fwd_bwd(fn, (q, k, v) + arrays, ())
+      except Exception as e:  # noqa: BLE001 -- one failing row must not hide the others
+        print(f"| {name} | {bwd} | error: {type(e).__name__}: {str(e)[:300]} | | |", flush=True)
+        traceback.print_exc()
+        continue
       print(f"| {name} | {bwd} | {t_qkv * 1e3:.3f} | {t_all * 1e3:.3f} | {t_all / t_qkv:.2f}x |",
             flush=True)
 

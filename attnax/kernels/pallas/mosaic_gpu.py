@@ -755,11 +755,13 @@ def _lowerable(fn):
   return lowered
 
 
-def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, diff=()):
+def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, diff=(),
+                kinds=()):
   """``(s2, dmod, loads_vjp)`` of a backward tile: its base-2 scores; ``d(modded score)/d(q.k)``
-  where it is not constant; and, when operands in ``diff`` (differentiated mod arrays) are read,
-  ``loads_vjp(ct) -> [(operand, roles, index, f32 cotangent tile)]`` for each of their loads,
-  ``ct`` the cotangent of ``s2`` (else ``None``).
+  where it is not constant; and, when operands in ``diff`` (differentiated mod arrays) are read
+  by loads of a kind in ``kinds`` (:func:`_load_kind`), ``loads_vjp(ct) -> [(operand, kind,
+  index, f32 cotangent tile)]`` for each such load, ``ct`` the cotangent of ``s2`` (else
+  ``None``).
 
   Without a derivative (``plan.unit_grad``: no score mod, or mods that only add) the caller
   multiplies its accumulated gradient by ``plan.scale``; with one, the derivative carries it.
@@ -780,7 +782,8 @@ def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, di
     _, ds2 = _lowerable(lambda x: jax.jvp(lambda y: scores(y, values), (x,),
                                           (jnp.ones_like(x),)))(s)
     dmod = ds2 * LN2
-  taken = [(i, n) for i in diff for n in range(len(sites[i]))]
+  taken = [(i, n) for i in diff for n, (_, roles, _) in enumerate(sites[i])
+           if _load_kind(roles) in kinds]
   if not taken:
     return s2, dmod, None
   shape = (tile.rows, tile.cols)
@@ -796,9 +799,44 @@ def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, di
     # a tile too, which the caller sums along the axes the load did not vary over.
     tiles_in = [jnp.broadcast_to(values[i][n], shape) for i, n in taken]
     (cts,) = _lowerable(lambda vals, ct: jax.vjp(with_taken, vals)[1](ct))(tiles_in, ct)
-    return [(i, sites[i][n][1], sites[i][n][2], g.astype(f32)) for (i, n), g in zip(taken, cts)]
+    return [(i, _load_kind(sites[i][n][1]), sites[i][n][2], g.astype(f32))
+            for (i, n), g in zip(taken, cts)]
 
   return s2, dmod, loads_vjp
+
+
+# Cotangents of differentiated mod arrays. Each load's cotangent tile is summed along the
+# register tile's rows' own axis (a query row's in the dQ kernel, a key's in the dK/dV kernel):
+# an in-warp reduction. (A sum over the rows would cross warps through the lowering's one
+# reduction scratch, which the two consumer warpgroups would share.) So loads along query
+# positions are differentiated in the dQ kernel, the rest in the dK/dV kernel.
+Q_LINES, KV_LINES, LANES = "q", "kv", "lanes"
+
+
+def _load_kind(roles) -> str:
+  """Where a load's cotangent is summed: ``Q_LINES`` (read per query position: the dQ kernel),
+  ``KV_LINES`` (per key position) or ``LANES`` (single entries, summed per key row into a
+  trailing axis of ``BWD_CHUNK`` partial sums): the dK/dV kernel."""
+  return Q_LINES if "q" in roles else (KV_LINES if "kv" in roles else LANES)
+
+
+def _cotangent_buffers(spec: MosaicSpec, diff) -> tuple[tuple[int, str], ...]:
+  """``(operand, kind)`` of each f32 buffer the backward adds cotangents into: the padded
+  operand's shape for ``Q_LINES`` / ``KV_LINES``, the operand's shape + ``(BWD_CHUNK,)`` for
+  ``LANES``."""
+  return tuple((i, kind) for i in diff for kind in (Q_LINES, KV_LINES, LANES)
+               if any(_load_kind(p) == kind for p in spec.roles[i]))
+
+
+def _add_cotangents(sites, stage, cot_refs):
+  """Each load's cotangent tile, summed along its rows, added into its buffer by a TMA
+  reduction, staged through this warpgroup's ``stage`` (f32 ``(rows,)``)."""
+  for i, kind, index, g in sites:
+    tail = (pl.ds(0, stage.shape[0]),) if kind == LANES else ()
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last reduction has read the stage
+    stage[...] = g.sum(axis=1)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(stage, cot_refs[i, kind].at[index + tail], reduction_op="add")
 
 
 def _stream(total, stages, fetch, n0=0):
@@ -817,10 +855,15 @@ def _row_line(ref, index, axis: int):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: MosaicSpec,
-               scoped):
+               scoped, diff=()):
   plan = spec.plan
-  list_refs, op_refs, dq_ref = refs[:NUM_LISTS], refs[NUM_LISTS:-1], refs[-1]
-  (q_smems, do_smems, k_smems, v_smems), (q_ready, k_ready, v_ready, k_free, v_free) = scoped
+  n_ops = len(plan.mods.meta)
+  list_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:NUM_LISTS + n_ops]
+  cot_refs = dict(zip([buf for buf in _cotangent_buffers(spec, diff) if buf[1] == Q_LINES],
+                      refs[NUM_LISTS + n_ops:-1]))   # f32, aliased in and out
+  dq_ref = refs[-1]
+  (q_smems, do_smems, k_smems, v_smems, *cot_stage), (q_ready, k_ready, v_ready, k_free,
+                                                        v_free) = scoped
   c, ck, stages = BWD_CHUNK, spec.bwd_dq_cols, spec.bwd_stages   # 64 q rows x ck keys a step
   chunks = jnp.int32(plan.block_k // ck)
   h, qi, b = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
@@ -863,9 +906,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
       plgpu.barrier_arrive(v_free.at[slot])
       iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, ck), d, layout=_WGMMA)
       tile = _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, c, ck)
-      s2, dmod, _ = _bwd_scores(s, plan, op_refs, tile, b, h, masked)
+      s2, dmod, loads_vjp = _bwd_scores(s, plan, op_refs, tile, b, h, masked, diff, (Q_LINES,))
       p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (0,)))
       ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, (0,)))
+      if loads_vjp is not None:
+        _add_cotangents(loads_vjp(ds * LN2), cot_stage[0].at[wg], cot_refs)
       if dmod is not None:
         ds = ds * dmod
 
@@ -900,21 +945,6 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
     _stream(total, stages, fetch)
 
 
-def _cotangent_buffers(spec: MosaicSpec, diff) -> tuple[tuple[int, str], ...]:
-  """The f32 buffers the dK/dV kernel adds the cotangents of differentiated mod arrays into:
-  ``(operand, "lines")`` (the padded operand's shape) for loads along query or key positions,
-  ``(operand, "lanes")`` (the operand's shape + ``(BWD_CHUNK,)``, summed afterwards) for loads of
-  single entries, whose per-row partial sums are added without a cross-warp reduction."""
-  bufs = []
-  for i in diff:
-    patterns = spec.roles[i]
-    if any("q" in p or "kv" in p for p in patterns):
-      bufs.append((i, "lines"))
-    if any("q" not in p and "kv" not in p for p in patterns):
-      bufs.append((i, "lanes"))
-  return tuple(bufs)
-
-
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: MosaicSpec,
                 scoped, diff=()):
   plan = spec.plan
@@ -923,7 +953,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
   tlist_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:NUM_LISTS + n_ops]
   accumulators = refs[NUM_LISTS + n_ops:-2]   # f32, aliased in and out: dQ (fused), cotangents
   dq_ref = accumulators[0] if fused else None
-  cot_refs = dict(zip(_cotangent_buffers(spec, diff), accumulators[int(fused):]))
+  cot_refs = dict(zip([buf for buf in _cotangent_buffers(spec, diff) if buf[1] != Q_LINES],
+                      accumulators[int(fused):]))
   dk_ref, dv_ref = refs[-2:]
   (k_smems, v_smems, q_smems, do_smems, *extra), (kv_ready, q_ready, do_ready, free,
                                                     *ds_ready) = scoped
@@ -984,20 +1015,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
       plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[rows + ((cols,) if dq_split else ())],
                               reduction_op="add")
 
-    def add_cotangents(sites):
-      """Each load's cotangent tile summed over the axis it did not vary along (keys are rows,
-      queries columns) and added into its buffer by a TMA reduction, staged in shared memory."""
-      stage = cot_stage.at[wg]
-      for i, roles, index, g in sites:
-        if "q" in roles or "kv" in roles:
-          vec, dst = g.sum(axis=0 if "q" in roles else 1), cot_refs[i, "lines"].at[index]
-        else:
-          vec, dst = g.sum(axis=1), cot_refs[i, "lanes"].at[index + (pl.ds(0, c),)]
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last reduction has read it
-        stage[...] = vec
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(stage, dst, reduction_op="add")
-
     def one_head(g, carry):
       dk, dv, n, prev = carry
       h, n_full, total, q_start_of = schedule(g)
@@ -1022,11 +1039,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
         iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WGMMA)
         tile = _Tile(q_start + iota(1), k_start + iota(0), q_start, k_start, c, c,
                      transposed=True)
-        s2, dmod, loads_vjp = _bwd_scores(st, plan, op_refs, tile, b, h, masked, diff)
+        s2, dmod, loads_vjp = _bwd_scores(st, plan, op_refs, tile, b, h, masked, diff,
+                                          (KV_LINES, LANES))
         pt = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (1,)))
         dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, (1,)))
-        if loads_vjp is not None:
-          add_cotangents(loads_vjp(dst * LN2))   # dst is d/d(modded score); s2 is base 2
+        if loads_vjp is not None:   # dst is d/d(modded score); s2 is in base 2
+          _add_cotangents(loads_vjp(dst * LN2), cot_stage.at[wg], cot_refs)
         if dmod is not None:
           dst = dst * dmod
 
@@ -1126,15 +1144,21 @@ def _bwd_call(kernel, spec: MosaicSpec, scratch, barriers, out_type, grid, grid_
 
     pl.run_scoped(body, *scratch, *barriers, collective_axes="wg")
 
+  # No cross-warp reductions (they would share one scratch between the consumer warpgroups).
   return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names,
                       num_threads=COMPUTE_WGS + 1, thread_name="wg",
-                      compiler_params=plgpu.CompilerParams(approx_math=True))
+                      compiler_params=plgpu.CompilerParams(approx_math=True,
+                                                           reduction_scratch_bytes=0))
 
 
 def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff=()):
   """``(dq, dk, dv, d_ops)`` on padded inputs (``delta = rowsum(out * dout) - dlse``, f32);
-  ``d_ops`` the f32 cotangents of the mod arrays ``arrays.operands[i]`` for ``i`` in ``diff``
-  (the dK/dV kernel's TMA reductions: their last bits vary from run to run, in both forms)."""
+  ``d_ops`` the f32 cotangents of the mod arrays ``arrays.operands[i]`` for ``i`` in ``diff``,
+  added by TMA reductions (their last bits vary from run to run). Loads along query positions
+  are differentiated in the dQ pass: with such loads the fused form runs as the two-pass one."""
+  bufs = _cotangent_buffers(spec, diff)
+  if spec.fused_dq and any(kind == Q_LINES for _, kind in bufs):
+    spec = dataclasses.replace(spec, fused_dq=False)
   plan = spec.plan
   if plan.head_pad < MIN_HEAD_DIM:
     q, k, v, do = (pad_to(x, x.shape[:3] + (MIN_HEAD_DIM,)) for x in (q, k, v, do))
@@ -1145,53 +1169,71 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
   ring = lambda dtype, rows=c: _smem((stages, rows, d), dtype)   # the streamed chunks
   ready = lambda n: plgpu.Barrier(num_barriers=n)
   release = plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)
+  diff = tuple(diff)
 
+  def zeros(kinds):   # the f32 cotangent buffers of one kernel, and its staging buffer
+    shape = lambda i, kind: (arrays.operands[i].shape + (c,) if kind == LANES else ops[i].shape)
+    mine = tuple(jnp.zeros(shape(i, kind), f32) for i, kind in bufs if kind in kinds)
+    return mine, ((plgpu.SMEM((wgs, c), f32),) if mine else ())
+
+  def with_accumulators(call, inputs, out_shapes, accumulators):
+    """``call(*inputs, *accumulator refs) -> outputs``, the kernel adding into the f32
+    accumulators in place (aliased operands): ``(*outputs, *accumulators)``."""
+    n = len(out_shapes)
+
+    def run(refs):
+      outs = call(*inputs, *refs[n:])
+      for ref, out in zip(refs[:n], outs if n > 1 else (outs,)):
+        ref[...] = out
+
+    return pl.run_state(run)(tuple(jnp.zeros(x.shape, x.dtype) for x in out_shapes)
+                             + accumulators)
+
+  dkv_cots, dkv_stage = zeros((KV_LINES, LANES))
   dkv_scratch = (own(k.dtype), own(v.dtype), ring(q.dtype), ring(do.dtype))
   dkv_barriers = (ready(2 * wgs), ready(stages), ready(stages), release)
-  bufs = _cotangent_buffers(spec, diff)
-  cot_zeros = tuple(jnp.zeros(ops[i].shape if kind == "lines" else arrays.operands[i].shape + (c,),
-                              f32) for i, kind in bufs)
-  stage = (plgpu.SMEM((wgs, c), f32),) if bufs else ()
+  dkv_outs = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
   dkv = functools.partial(
-      _bwd_call, functools.partial(_dkv_kernel, diff=tuple(diff)), spec,
-      out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+      _bwd_call, functools.partial(_dkv_kernel, diff=diff), spec, out_type=dkv_outs,
       grid=(plan.kv_heads, plan.nk, plan.batch), grid_names=("kv_heads", "kv_tiles", "batch"))
-  inputs = (q, k, v, do, lse, delta, *arrays.tlists, *ops)
-
-  def with_accumulators(call, zeros):
-    """``call(*inputs, *accumulator refs) -> (dk, dv)`` with f32 accumulators the kernel adds
-    into in place (aliased operands): ``(dk, dv, *accumulators)``."""
-    def run(refs):
-      dk_ref, dv_ref, *acc_refs = refs
-      dk_ref[...], dv_ref[...] = call(*inputs, *acc_refs)
-
-    return pl.run_state(run)((jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)) + zeros)
-
+  dkv_inputs = (q, k, v, do, lse, delta, *arrays.tlists, *ops)
   if spec.fused_dq:
     # dS^T per warpgroup (bf16; DS_BUFFERS steps of it with the head-dim split) and its f32
     # part of dQ, staged for the TMA reduction; with the split, a barrier per dS^T buffer and
     # one that says both warpgroups are done reading each other's K.
     split = _dq_split(plan)
     ds = _smem((DS_BUFFERS, wgs, c, c) if split else (wgs, c, c), q.dtype)
-    call = dkv(scratch=dkv_scratch + (ds, _smem((wgs, c, split or d), f32)) + stage,
+    call = dkv(scratch=dkv_scratch + (ds, _smem((wgs, c, split or d), f32)) + dkv_stage,
                barriers=dkv_barriers + ((plgpu.Barrier(num_arrivals=wgs,
                                                        num_barriers=DS_BUFFERS + 1),)
                                         if split else ()))
-    dk, dv, dq, *cots = with_accumulators(call, (jnp.zeros(q.shape, f32),) + cot_zeros)
+    dk, dv, dq, *cots = with_accumulators(call, dkv_inputs, dkv_outs,
+                                          (jnp.zeros(q.shape, f32),) + dkv_cots)
     dq = (dq * plan.scale if plan.unit_grad else dq).astype(q.dtype)
   else:
-    dq = _bwd_call(
-        _dq_kernel, spec, (own(q.dtype), own(do.dtype), ring(k.dtype, spec.bwd_dq_cols),
-                           ring(v.dtype, spec.bwd_dq_cols)),
+    dq_cots, dq_stage = zeros((Q_LINES,))
+    dq_call = _bwd_call(
+        functools.partial(_dq_kernel, diff=diff), spec,
+        (own(q.dtype), own(do.dtype), ring(k.dtype, spec.bwd_dq_cols),
+         ring(v.dtype, spec.bwd_dq_cols)) + dq_stage,
         (ready(2 * wgs), ready(stages), ready(stages), release, release),
         jax.ShapeDtypeStruct(q.shape, q.dtype), (plan.q_heads, plan.nq, plan.batch),
-        ("heads", "q_tiles", "batch"))(q, k, v, do, lse, delta, *arrays.lists, *ops)
-    dk, dv, *cots = with_accumulators(dkv(scratch=dkv_scratch + stage, barriers=dkv_barriers),
-                                      cot_zeros)
+        ("heads", "q_tiles", "batch"))
+    dq_inputs = (q, k, v, do, lse, delta, *arrays.lists, *ops)
+    if dq_cots:
+      dq, *q_cots = with_accumulators(dq_call, dq_inputs, (jax.ShapeDtypeStruct(q.shape, q.dtype),),
+                                      dq_cots)
+    else:
+      dq, q_cots = dq_call(*dq_inputs), []
+    dk, dv, *cots = with_accumulators(dkv(scratch=dkv_scratch + dkv_stage,
+                                          barriers=dkv_barriers), dkv_inputs, dkv_outs, dkv_cots)
+    cots = q_cots + cots
+  # Buffers in _cotangent_buffers order within each kernel: the dQ pass's come first.
+  order = [buf for buf in bufs if buf[1] == Q_LINES] + [buf for buf in bufs if buf[1] != Q_LINES]
   d_ops = {}
-  for (i, kind), cot in zip(bufs, cots):
+  for (i, kind), cot in zip(order, cots):
     x = arrays.operands[i]
-    cot = cot.sum(-1) if kind == "lanes" else cot[tuple(slice(0, n) for n in x.shape)]
+    cot = cot.sum(-1) if kind == LANES else cot[tuple(slice(0, n) for n in x.shape)]
     d_ops[i] = d_ops[i] + cot if i in d_ops else cot
   d_ops = tuple(d_ops.get(i, jnp.zeros(jnp.shape(arrays.operands[i]), f32)) for i in diff)
   return dq[..., :plan.head_pad], dk[..., :plan.head_pad], dv[..., :plan.v_pad], d_ops
