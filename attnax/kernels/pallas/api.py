@@ -126,11 +126,7 @@ class MosaicLowering(Lowering):
     return mg.kernel_spec(plan, config, num_stages)
 
   def forward(self, spec, q, k, v, arrays: PlanArrays, out_dtype=None):
-    if out_dtype is not None and out_dtype != q.dtype:
-      # An f32 output (the residual when mod arrays are differentiated, whose backward is the
-      # Triton lowering's anyway): the Triton forward of the same plan writes it.
-      return LOWERINGS["triton"].forward(spec.backward, q, k, v, arrays, out_dtype)
-    return mg.forward(spec, q, k, v, arrays)
+    return mg.forward(spec, q, k, v, arrays, out_dtype)
 
   def backward(self, spec, q, k, v, do, lse, delta, arrays: PlanArrays, diff=()):
     if spec.mosaic_backward:

@@ -26,7 +26,8 @@ so and ``backend="auto"`` runs the Triton lowering instead.
 
 The backward (:func:`backward`) is two Mosaic kernels on the same plan: dQ per q tile over the
 plan's lists, dK/dV per kv tile over the transposed lists (GQA summed in registers), with the
-mods' tile maths and their derivatives. Plans it cannot run (head dims above 128, tiles other
+mods' tile maths and their derivatives, and the cotangents of differentiated mod arrays (a vjp
+of each tile's replayed loads, summed in-warp and added by TMA reductions). Plans it cannot run (head dims above 128, tiles other
 than 128 x 128, (query, key) tables read by a mod, dropout) take the Triton lowering's backward
 (:func:`backward_reasons` says why; ``MosaicConfig.bwd`` forces either).
 """
@@ -486,6 +487,10 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
   """One work item (query head ``h``, q tile ``qi``, batch row ``b``) of a consumer warpgroup
   (``consumer``) or of the producer.
 
+  An f32 ``o_ref`` (the residual :func:`attnax.kernels.tiles.residual_out_dtype` asks for when mod
+  arrays are differentiated) gets P V with P's rounding residual added by a second wgmma
+  (:func:`attnax.kernels.tiles.p_terms`), stored from registers.
+
   ``done`` K/V tiles have passed through the ring before this one (a persistent program's earlier
   work items), so step ``t`` uses slot ``(done + t) % num_stages``; every barrier's phase follows
   from that count. Returns ``done`` plus this item's steps.
@@ -505,6 +510,7 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
   n_full, total, kv_block = _schedule(plan, list_refs, row)
   slot_of = lambda t: lax.rem(done + t, stages)
   dtype = q_ref.dtype
+  wide_out = o_ref.dtype != dtype
 
   def take_turn():
     plgpu.barrier_arrive(turn)
@@ -557,6 +563,8 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
 
       def pv(acc_ref):
         plgpu.wgmma(acc_ref, p16, v_smems.at[slot])
+        if wide_out:
+          plgpu.wgmma(acc_ref, (p - p16.astype(f32)).astype(dtype), v_smems.at[slot])
 
         _when(t + 1 < total, lambda: plgpu.barrier_wait(k_ready.at[slot_of(t + 1)]))
 
@@ -571,10 +579,14 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
     # tiles.finalize's semantics: only l == 0 means "no visible key" (out 0, lse -inf).
     empty = l == 0.0
     acc = acc * lax.broadcast_in_dim(1.0 / jnp.where(empty, 1.0, l), acc.shape, (0,))
-    qo_smem[...] = acc.astype(dtype)
+    if wide_out:
+      o_ref.at[b, h, pl.ds(q_start, rows)][...] = acc
+    else:
+      qo_smem[...] = acc.astype(dtype)
     lse_smem[...] = jnp.where(empty, -jnp.inf, m * LN2 + jnp.log(l))
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, h, pl.ds(q_start, rows)])
+    if not wide_out:
+      plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, h, pl.ds(q_start, rows)])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_start, rows)])
     # The next work item's Q lands in this buffer: its reads must be done (the writes finish on
     # their own; the kernel's end waits for them).
@@ -642,8 +654,12 @@ def _smem(shape, dtype):
                                               plgpu.SwizzleTransform(swizzle)))
 
 
-def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays):
-  """``(out, lse)`` on padded inputs: out ``(B, Hq, q_pad, v_pad)``, lse f32 ``(B, Hq, q_pad)``."""
+def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays, out_dtype=None):
+  """``(out, lse)`` on padded inputs: out ``(B, Hq, q_pad, v_pad)`` (``out_dtype``: q's or f32),
+  lse f32 ``(B, Hq, q_pad)``."""
+  out_dtype = jnp.dtype(out_dtype or q.dtype)
+  if out_dtype not in (jnp.dtype(q.dtype), jnp.dtype(f32)):
+    raise ValueError(f"mosaic forward: out_dtype must be q's dtype or float32, got {out_dtype}")
   plan = spec.plan
   rows, stages = spec.rows, spec.num_stages
   if plan.head_pad < MIN_HEAD_DIM:   # TMA rows of at least 128 bytes; zeros change nothing
@@ -679,7 +695,7 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays):
     grid, grid_names = (plan.q_heads, plan.nq, plan.batch), ("heads", "q_tiles", "batch")
   out, lse = plgpu.kernel(
       entry,
-      out_type=(jax.ShapeDtypeStruct((plan.batch, plan.q_heads, plan.q_pad, d), q.dtype),
+      out_type=(jax.ShapeDtypeStruct((plan.batch, plan.q_heads, plan.q_pad, d), out_dtype),
                 jax.ShapeDtypeStruct((plan.batch, plan.q_heads, plan.q_pad), f32)),
       grid=grid, grid_names=grid_names,
       num_threads=COMPUTE_WGS + 1, thread_name="wg",

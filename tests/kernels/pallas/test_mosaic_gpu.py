@@ -146,7 +146,8 @@ def test_backward_with_mod_array_cotangents_lowers(with_rows):
   """The Mosaic backward with differentiated mod arrays, in both forms, lowers for sm90: one
   cotangent per float operand, in its shape, summed by TMA reductions into global memory, with
   no cross-warp reduction (the kernels have no reduction scratch). A per-query-row array is
-  differentiated in the dQ pass, so the fused form then runs as the two-pass one."""
+  differentiated in the dQ pass, so the fused form then runs as the two-pass one. The forward's
+  f32 output (the residual when mod arrays are differentiated) lowers too."""
   q, k, v = _zeros()
   make, arrays = _cotangent_mod()
   if not with_rows:
@@ -156,14 +157,19 @@ def test_backward_with_mod_array_cotangents_lowers(with_rows):
   if not with_rows:   # alpha (operand 1) is not differentiated
     diff = tuple(i for i in diff if i != 1)
   assert mg.backward_reasons(plan) == []
+  export = lambda fn, *args: jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+      jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*args)
+  if with_rows:   # the forward's f32 residual output (P V plus P's rounding residual's), both forms
+    for persistent in (False, True):
+      spec = mg.kernel_spec(plan, dataclasses.replace(cfg, persistent=persistent))
+      out, _ = export(lambda q, k, v, a, spec=spec: mg.forward(spec, q, k, v, a, jnp.float32),
+                      qp, kp, vp, plan_arrays).out_avals
+      assert out.dtype == jnp.float32 and out.shape == (1, 4, plan.q_pad, plan.v_pad)
   rows = jnp.zeros(qp.shape[:3], jnp.float32)
   for deterministic in (False, True):
     spec = mg.kernel_spec(plan, dataclasses.replace(cfg, deterministic=deterministic))
-    bwd = jax.jit(lambda q, k, v, do, lse, delta, a, spec=spec: mg.backward(
-        spec, q, k, v, do, lse, delta, a, diff))
-    exported = jax.export.export(bwd, platforms=["cuda"], disabled_checks=[
-        jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(qp, kp, vp, qp, rows, rows,
-                                                                       plan_arrays)
+    exported = export(lambda q, k, v, do, lse, delta, a, spec=spec: mg.backward(
+        spec, q, k, v, do, lse, delta, a, diff), qp, kp, vp, qp, rows, rows, plan_arrays)
     shapes = [tuple(a.shape) for a in exported.out_avals]
     assert shapes[:3] == [qp.shape, kp.shape, vp.shape]
     assert shapes[3:] == [plan_arrays.operands[i].shape for i in diff]
