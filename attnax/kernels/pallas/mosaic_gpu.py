@@ -27,8 +27,9 @@ so and ``backend="auto"`` runs the Triton lowering instead.
 The backward (:func:`backward`) is two Mosaic kernels on the same plan: dQ per q tile over the
 plan's lists, dK/dV per kv tile over the transposed lists (GQA summed in registers), with the
 mods' tile maths and their derivatives, and the cotangents of differentiated mod arrays (a vjp
-of each tile's replayed loads, summed in-warp and added by TMA reductions). Plans it cannot run (head dims above 128, tiles other
-than 128 x 128, (query, key) tables read by a mod, dropout) take the Triton lowering's backward
+of each tile's replayed loads, summed in-warp and added by TMA reductions); the dK/dV kernel
+reads (query, key) tables from a transposed copy. Plans it cannot run (head dims above 128,
+tiles other than 128 x 128, dropout) take the Triton lowering's backward
 (:func:`backward_reasons` says why; ``MosaicConfig.bwd`` forces either).
 """
 
@@ -209,8 +210,8 @@ class TileArray(ops_lib.RefArray):
   ``arr[b, h, q_idx, kv_idx]`` (any subset, in that axis order, size-1 axes broadcasting) becomes
   one load of the visited tile's rows/columns from global memory, in the scores' register layout.
   Without a ref (``record`` given) it only records how each axis is indexed: the plan's analysis.
-  A transposed tile (keys x queries) takes scalar, query and key reads; a ``(q, kv)`` table would
-  need a transposed tile load, which it refuses.
+  A transposed tile (keys x queries, the dK/dV kernel's) reads a ``(q, kv)`` table from its
+  transposed copy (those two axes swapped, :func:`_transposed_tables`), whose rows are keys.
   """
 
   def __init__(self, ref, shape, dtype, tile: _Tile, record: set | None = None,
@@ -249,12 +250,9 @@ class TileArray(ops_lib.RefArray):
     if "q" in roles and "kv" in roles:
       if roles.index("kv") < roles.index("q"):
         raise _Unsupported(f"a mod reads its array of shape {self.shape} as [.., key, query]")
-      if tile.transposed:
-        # A register tile in the wgmma layout vectorises along its columns (queries here),
-        # which are strided in the table, and Mosaic has no register transpose.
-        raise _Unsupported(f"a mod reads a (query, key) table of shape {self.shape}: the Mosaic "
-                           "dK/dV kernel works on transposed tiles and has no transposed tile "
-                           "load")
+      if tile.transposed:   # the transposed copy: its key axis where the query axis was
+        qa, ka = roles.index("q"), roles.index("kv")
+        index[qa], index[ka] = index[ka], index[qa]
     shape = (tile.rows, tile.cols)
     if self.record is not None:
       self.record.add(tuple(roles))
@@ -733,10 +731,13 @@ def backward_reasons(plan: FlashPlan) -> list[str]:
     reasons.append("dropout and threshold skipping run on the Triton lowering")
   if not reasons and plan.mods.meta:
     for transposed in (False, True):
-      _, why = _operand_roles(plan, BWD_CHUNK, BWD_CHUNK, transposed)
+      roles, why = _operand_roles(plan, BWD_CHUNK, BWD_CHUNK, transposed)
       if why:
         reasons.append(why)
         break
+    else:
+      if any(_table_axes(r) == (-1, -1) for r in roles):
+        reasons.append("a mod reads one array as (query, key) tables along different axes")
   return reasons
 
 
@@ -826,33 +827,51 @@ def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, di
 # an in-warp reduction. (A sum over the rows would cross warps through the lowering's one
 # reduction scratch, which the two consumer warpgroups would share.) So loads along query
 # positions are differentiated in the dQ kernel, the rest in the dK/dV kernel.
-Q_LINES, KV_LINES, LANES = "q", "kv", "lanes"
+Q_LINES, KV_LINES, LANES, TABLE = "q", "kv", "lanes", "table"
+DQ_KINDS = (Q_LINES, TABLE)   # differentiated in the dQ kernel; the rest in the dK/dV kernel
 
 
 def _load_kind(roles) -> str:
-  """Where a load's cotangent is summed: ``Q_LINES`` (read per query position: the dQ kernel),
-  ``KV_LINES`` (per key position) or ``LANES`` (single entries, summed per key row into a
-  trailing axis of ``BWD_CHUNK`` partial sums): the dK/dV kernel."""
-  return Q_LINES if "q" in roles else (KV_LINES if "kv" in roles else LANES)
+  """Where a load's cotangent goes: ``TABLE`` (a (query, key) table: the tile itself) and
+  ``Q_LINES`` (per query position, summed along the row) in the dQ kernel; ``KV_LINES`` (per key
+  position) and ``LANES`` (single entries, summed per key row into a trailing axis of
+  ``BWD_CHUNK`` partial sums) in the dK/dV kernel."""
+  if "q" in roles:
+    return TABLE if "kv" in roles else Q_LINES
+  return KV_LINES if "kv" in roles else LANES
 
 
 def _cotangent_buffers(spec: MosaicSpec, diff) -> tuple[tuple[int, str], ...]:
   """``(operand, kind)`` of each f32 buffer the backward adds cotangents into: the padded
-  operand's shape for ``Q_LINES`` / ``KV_LINES``, the operand's shape + ``(BWD_CHUNK,)`` for
-  ``LANES``."""
-  return tuple((i, kind) for i in diff for kind in (Q_LINES, KV_LINES, LANES)
+  operand's shape, or for ``LANES`` the operand's shape + ``(BWD_CHUNK,)``."""
+  return tuple((i, kind) for i in diff for kind in (Q_LINES, TABLE, KV_LINES, LANES)
                if any(_load_kind(p) == kind for p in spec.roles[i]))
 
 
-def _add_cotangents(sites, stage, cot_refs):
-  """Each load's cotangent tile, summed along its rows, added into its buffer by a TMA
-  reduction, staged through this warpgroup's ``stage`` (f32 ``(rows,)``)."""
+def _add_cotangents(sites, stages, cot_refs):
+  """Each load's cotangent tile (a table's as it is, the others summed along the rows) added
+  into its buffer by a TMA reduction, staged through this warpgroup's ``stages[kind == TABLE]``
+  (f32 ``(rows,)`` and ``(rows, cols)``)."""
   for i, kind, index, g in sites:
+    stage = stages[kind == TABLE]
     tail = (pl.ds(0, stage.shape[0]),) if kind == LANES else ()
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last reduction has read the stage
-    stage[...] = g.sum(axis=1)
+    stage[...] = g if kind == TABLE else g.sum(axis=1)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(stage, cot_refs[i, kind].at[index + tail], reduction_op="add")
+
+
+def _table_axes(patterns) -> tuple[int, int] | None:
+  """The (query, key) axes of an operand read as a (query, key) table, else ``None``."""
+  axes = {(p.index("q"), p.index("kv")) for p in patterns if "q" in p and "kv" in p}
+  return axes.pop() if len(axes) == 1 else (None if not axes else (-1, -1))
+
+
+def _transposed_tables(ops, roles) -> tuple:
+  """The dK/dV kernel's operands: (query, key) tables with those two axes swapped, so that a
+  transposed tile (keys x queries) is one tile load of the copy; the rest as they are."""
+  return tuple(x if _table_axes(r) is None else jnp.swapaxes(x, *_table_axes(r))
+               for x, r in zip(ops, roles))
 
 
 def _stream(total, stages, fetch, n0=0):
@@ -875,11 +894,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
   plan = spec.plan
   n_ops = len(plan.mods.meta)
   list_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:NUM_LISTS + n_ops]
-  cot_refs = dict(zip([buf for buf in _cotangent_buffers(spec, diff) if buf[1] == Q_LINES],
+  cot_refs = dict(zip([buf for buf in _cotangent_buffers(spec, diff) if buf[1] in DQ_KINDS],
                       refs[NUM_LISTS + n_ops:-1]))   # f32, aliased in and out
   dq_ref = refs[-1]
-  (q_smems, do_smems, k_smems, v_smems, *cot_stage), (q_ready, k_ready, v_ready, k_free,
-                                                        v_free) = scoped
+  (q_smems, do_smems, k_smems, v_smems, *cot_stages), (q_ready, k_ready, v_ready, k_free,
+                                                         v_free) = scoped
   c, ck, stages = BWD_CHUNK, spec.bwd_dq_cols, spec.bwd_stages   # 64 q rows x ck keys a step
   chunks = jnp.int32(plan.block_k // ck)
   h, qi, b = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
@@ -922,11 +941,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
       plgpu.barrier_arrive(v_free.at[slot])
       iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, ck), d, layout=_WGMMA)
       tile = _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, c, ck)
-      s2, dmod, loads_vjp = _bwd_scores(s, plan, op_refs, tile, b, h, masked, diff, (Q_LINES,))
+      s2, dmod, loads_vjp = _bwd_scores(s, plan, op_refs, tile, b, h, masked, diff, DQ_KINDS)
       p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (0,)))
       ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, (0,)))
       if loads_vjp is not None:
-        _add_cotangents(loads_vjp(ds * LN2), cot_stage[0].at[wg], cot_refs)
+        _add_cotangents(loads_vjp(ds * LN2), [x.at[wg] for x in cot_stages], cot_refs)
       if dmod is not None:
         ds = ds * dmod
 
@@ -969,7 +988,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
   tlist_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:NUM_LISTS + n_ops]
   accumulators = refs[NUM_LISTS + n_ops:-2]   # f32, aliased in and out: dQ (fused), cotangents
   dq_ref = accumulators[0] if fused else None
-  cot_refs = dict(zip([buf for buf in _cotangent_buffers(spec, diff) if buf[1] != Q_LINES],
+  cot_refs = dict(zip([buf for buf in _cotangent_buffers(spec, diff) if buf[1] not in DQ_KINDS],
                       accumulators[int(fused):]))
   dk_ref, dv_ref = refs[-2:]
   (k_smems, v_smems, q_smems, do_smems, *extra), (kv_ready, q_ready, do_ready, free,
@@ -1060,7 +1079,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
         pt = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (1,)))
         dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, (1,)))
         if loads_vjp is not None:   # dst is d/d(modded score); s2 is in base 2
-          _add_cotangents(loads_vjp(dst * LN2), cot_stage.at[wg], cot_refs)
+          _add_cotangents(loads_vjp(dst * LN2), [cot_stage.at[wg]], cot_refs)
         if dmod is not None:
           dst = dst * dmod
 
@@ -1171,9 +1190,10 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
   """``(dq, dk, dv, d_ops)`` on padded inputs (``delta = rowsum(out * dout) - dlse``, f32);
   ``d_ops`` the f32 cotangents of the mod arrays ``arrays.operands[i]`` for ``i`` in ``diff``,
   added by TMA reductions (their last bits vary from run to run). Loads along query positions
-  are differentiated in the dQ pass: with such loads the fused form runs as the two-pass one."""
+  and (query, key) tables are differentiated in the dQ pass: with such loads the fused form runs
+  as the two-pass one."""
   bufs = _cotangent_buffers(spec, diff)
-  if spec.fused_dq and any(kind == Q_LINES for _, kind in bufs):
+  if spec.fused_dq and any(kind in DQ_KINDS for _, kind in bufs):
     spec = dataclasses.replace(spec, fused_dq=False)
   plan = spec.plan
   if plan.head_pad < MIN_HEAD_DIM:
@@ -1187,10 +1207,13 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
   release = plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)
   diff = tuple(diff)
 
-  def zeros(kinds):   # the f32 cotangent buffers of one kernel, and its staging buffer
+  def zeros(kinds):   # the f32 cotangent buffers of one kernel, and its staging buffers
     shape = lambda i, kind: (arrays.operands[i].shape + (c,) if kind == LANES else ops[i].shape)
-    mine = tuple(jnp.zeros(shape(i, kind), f32) for i, kind in bufs if kind in kinds)
-    return mine, ((plgpu.SMEM((wgs, c), f32),) if mine else ())
+    mine = [(i, kind) for i, kind in bufs if kind in kinds]
+    stages = (plgpu.SMEM((wgs, c), f32),)   # rows' sums; then a table's tiles (dQ kernel)
+    if any(kind == TABLE for _, kind in mine):
+      stages += (_smem((wgs, c, spec.bwd_dq_cols), f32),)
+    return tuple(jnp.zeros(shape(i, kind), f32) for i, kind in mine), (stages if mine else ())
 
   def with_accumulators(call, inputs, out_shapes, accumulators):
     """``call(*inputs, *accumulator refs) -> outputs``, the kernel adding into the f32
@@ -1212,7 +1235,7 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
   dkv = functools.partial(
       _bwd_call, functools.partial(_dkv_kernel, diff=diff), spec, out_type=dkv_outs,
       grid=(plan.kv_heads, plan.nk, plan.batch), grid_names=("kv_heads", "kv_tiles", "batch"))
-  dkv_inputs = (q, k, v, do, lse, delta, *arrays.tlists, *ops)
+  dkv_inputs = (q, k, v, do, lse, delta, *arrays.tlists, *_transposed_tables(ops, spec.roles))
   if spec.fused_dq:
     # dS^T per warpgroup (bf16; DS_BUFFERS steps of it with the head-dim split) and its f32
     # part of dQ, staged for the TMA reduction; with the split, a barrier per dS^T buffer and
@@ -1227,7 +1250,7 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
                                           (jnp.zeros(q.shape, f32),) + dkv_cots)
     dq = (dq * plan.scale if plan.unit_grad else dq).astype(q.dtype)
   else:
-    dq_cots, dq_stage = zeros((Q_LINES,))
+    dq_cots, dq_stage = zeros(DQ_KINDS)
     dq_call = _bwd_call(
         functools.partial(_dq_kernel, diff=diff), spec,
         (own(q.dtype), own(do.dtype), ring(k.dtype, spec.bwd_dq_cols),
@@ -1245,7 +1268,8 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
                                           barriers=dkv_barriers), dkv_inputs, dkv_outs, dkv_cots)
     cots = q_cots + cots
   # Buffers in _cotangent_buffers order within each kernel: the dQ pass's come first.
-  order = [buf for buf in bufs if buf[1] == Q_LINES] + [buf for buf in bufs if buf[1] != Q_LINES]
+  order = ([buf for buf in bufs if buf[1] in DQ_KINDS]
+           + [buf for buf in bufs if buf[1] not in DQ_KINDS])
   d_ops = {}
   for (i, kind), cot in zip(order, cots):
     x = arrays.operands[i]

@@ -127,35 +127,37 @@ def test_lowers_for_sm90(case):
 
 
 def _cotangent_mod(b=1, hq=4, hkv=2, s=512, seed=0):
-  """A causal plan whose float arrays are read in every way the dK/dV kernel differentiates:
+  """A causal plan whose float arrays are read in every way the Mosaic backward differentiates:
   ALiBi slopes (one entry per head), a gate's alpha (per query row) and delta (per key column,
-  per kv head), a bias row (per key column, broadcast over heads); ``(mod, arrays)``."""
-  keys = jax.random.split(jax.random.key(seed), 4)
+  per kv head), a bias row (per key column, broadcast over heads) and a bias table (per query
+  and key, broadcast over the batch); ``(mod, arrays)``."""
+  keys = jax.random.split(jax.random.key(seed), 5)
   arrays = (0.5 * jax.random.uniform(keys[0], (hq,)), jax.random.normal(keys[1], (b, hq, s)),
-            jax.random.normal(keys[2], (b, hkv, s)), jax.random.normal(keys[3], (b, 1, 1, s)))
+            jax.random.normal(keys[2], (b, hkv, s)), jax.random.normal(keys[3], (b, 1, 1, s)),
+            jax.random.normal(keys[4], (1, hq, s, s)))
   return make_cotangent_mod, arrays
 
 
-def make_cotangent_mod(slopes, alpha, delta, bias):
+def make_cotangent_mod(slopes, alpha, delta, bias, table):
   return compose_score_mods(alibi_mod(slopes=slopes), gated_mod(alpha, delta),
-                            additive_bias_mod(bias), causal_mod())
+                            additive_bias_mod(bias), additive_bias_mod(table), causal_mod())
 
 
 @pytest.mark.parametrize("with_rows", [True, False])
 def test_backward_with_mod_array_cotangents_lowers(with_rows):
   """The Mosaic backward with differentiated mod arrays, in both forms, lowers for sm90: one
   cotangent per float operand, in its shape, summed by TMA reductions into global memory, with
-  no cross-warp reduction (the kernels have no reduction scratch). A per-query-row array is
-  differentiated in the dQ pass, so the fused form then runs as the two-pass one. The forward's
-  f32 output (the residual when mod arrays are differentiated) lowers too."""
+  no cross-warp reduction (the kernels have no reduction scratch). Per-query-row arrays and
+  (query, key) tables are differentiated in the dQ pass, so the fused form then runs as the
+  two-pass one (``with_rows``); without them it stays one kernel. The forward's f32 output (the
+  residual when mod arrays are differentiated) lowers too."""
   q, k, v = _zeros()
   make, arrays = _cotangent_mod()
-  if not with_rows:
-    arrays = arrays[:1] + (jnp.zeros_like(arrays[1]),) + arrays[2:]
   cfg, plan, plan_arrays, qp, kp, vp = _plan(q, k, v, score_mod=make(*arrays))
-  diff = tuple(i for i, is_float in enumerate(plan.mods.float_mask) if is_float)
-  if not with_rows:   # alpha (operand 1) is not differentiated
-    diff = tuple(i for i in diff if i != 1)
+  dq_pass = {arrays[1].shape, arrays[4].shape}   # alpha's and the table's
+  diff = tuple(i for i, is_float in enumerate(plan.mods.float_mask)
+               if is_float and (with_rows or plan.mods.meta[i][0] not in dq_pass))
+  assert len(diff) == (5 if with_rows else 3)
   assert mg.backward_reasons(plan) == []
   export = lambda fn, *args: jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
       jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*args)
@@ -197,10 +199,12 @@ def test_backward_reasons():
                                                               alibi_mod(4)))
   assert mg.backward_reasons(plan) == [] and mg.kernel_spec(plan, cfg).mosaic_backward
   assert not mg.kernel_spec(plan, dataclasses.replace(cfg, bwd="triton")).mosaic_backward
-  # A (query, key) table needs a transposed tile load in the dK/dV kernel.
+  # A (query, key) table: the dK/dV kernel reads its transposed copy.
   cfg, plan, *_ = _plan(q, k, v, score_mod=additive_bias_mod(jnp.zeros((4, 512, 512))))
-  assert "transposed" in " ".join(mg.backward_reasons(plan))
-  assert not mg.kernel_spec(plan, cfg).mosaic_backward
+  assert mg.backward_reasons(plan) == [] and mg.kernel_spec(plan, cfg).mosaic_backward
+  # Dropout runs on the Triton backward.
+  cfg, plan, *_ = _plan(q, k, v, score_mod=causal_mod(), dropout_rate=0.1)
+  assert "dropout" in " ".join(mg.backward_reasons(plan))
   with pytest.raises(ValueError, match="Mosaic backward"):
     mg.kernel_spec(plan, dataclasses.replace(cfg, bwd="mosaic"))
   with pytest.raises(ValueError, match="bwd must be"):
@@ -345,9 +349,9 @@ def test_tuned_table_is_read():
 @pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_mod_array_cotangents_on_the_mosaic_backward(deterministic):
-  """Slopes, a gate's alpha and delta and a bias row get their gradients from the Mosaic dK/dV
-  kernel (both forms, GQA, causal, batch 2): against float64, and against the Triton backward
-  of the same plan (closer to each other than either is to float64)."""
+  """Slopes, a gate's alpha and delta, a bias row and a bias table get their gradients from the
+  Mosaic backward (both forms, GQA, causal, batch 2): against float64, and against the Triton
+  backward of the same plan."""
   b, hq, hkv, s, d = 2, 8, 2, 1024, 128
   q, k, v = random_qkv(31, batch=b, q_heads=hq, kv_heads=hkv, q_len=s, kv_len=s, head_dim=d,
                        dtype=bf16)
@@ -370,7 +374,7 @@ def test_mod_array_cotangents_on_the_mosaic_backward(deterministic):
     up = lambda x: jnp.asarray(np.asarray(x, np.float64))
     ct = up(ct)
     want = jax.grad(loss(standard_attention), argnums=argnums)(*map(up, (q, k, v) + arrays))
-  names = ("q", "k", "v", "slopes", "alpha", "delta", "bias")
+  names = ("q", "k", "v", "slopes", "alpha", "delta", "bias row", "bias table")
   for name, g, t, w in zip(names, got, triton, want):
     assert g.shape == w.shape and np.isfinite(np.asarray(g, np.float32)).all(), name
     assert rel_err(g, w) < tol(bf16, grad=True), (name, rel_err(g, w), rel_err(t, w))
