@@ -777,7 +777,7 @@ def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, di
   """``(s2, dmod, loads_vjp)`` of a backward tile: its base-2 scores; ``d(modded score)/d(q.k)``
   where it is not constant; and, when operands in ``diff`` (differentiated mod arrays) are read
   by loads of a kind in ``kinds`` (:func:`_load_kind`), ``loads_vjp(ct) -> [(operand, kind,
-  index, f32 cotangent tile)]`` for each such load, ``ct`` the cotangent of ``s2`` (else
+  roles, index, f32 cotangent tile)]`` for each such load, ``ct`` the cotangent of ``s2`` (else
   ``None``).
 
   Without a derivative (``plan.unit_grad``: no score mod, or mods that only add) the caller
@@ -816,7 +816,7 @@ def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, di
     # a tile too, which the caller sums along the axes the load did not vary over.
     tiles_in = [jnp.broadcast_to(values[i][n], shape) for i, n in taken]
     (cts,) = _lowerable(lambda vals, ct: jax.vjp(with_taken, vals)[1](ct))(tiles_in, ct)
-    return [(i, _load_kind(sites[i][n][1]), sites[i][n][2], g.astype(f32))
+    return [(i, _load_kind(sites[i][n][1]), sites[i][n][1], sites[i][n][2], g.astype(f32))
             for (i, n), g in zip(taken, cts)]
 
   return s2, dmod, loads_vjp
@@ -848,17 +848,30 @@ def _cotangent_buffers(spec: MosaicSpec, diff) -> tuple[tuple[int, str], ...]:
                if any(_load_kind(p) == kind for p in spec.roles[i]))
 
 
+TABLE_CHUNK = 32   # columns of a table's cotangent tile staged at a time (shared memory is short)
+
+
 def _add_cotangents(sites, stages, cot_refs):
   """Each load's cotangent tile (a table's as it is, the others summed along the rows) added
-  into its buffer by a TMA reduction, staged through this warpgroup's ``stages[kind == TABLE]``
-  (f32 ``(rows,)`` and ``(rows, cols)``)."""
-  for i, kind, index, g in sites:
-    stage = stages[kind == TABLE]
-    tail = (pl.ds(0, stage.shape[0]),) if kind == LANES else ()
+  into its buffer by TMA reductions, staged through this warpgroup's ``stages``: f32 ``(rows,)``
+  and, for tables, ``(rows, TABLE_CHUNK)`` (the tile's columns a chunk at a time)."""
+  def reduce(stage, value, dst):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last reduction has read the stage
-    stage[...] = g if kind == TABLE else g.sum(axis=1)
+    stage[...] = value
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(stage, cot_refs[i, kind].at[index + tail], reduction_op="add")
+    plgpu.copy_smem_to_gmem(stage, dst, reduction_op="add")
+
+  for i, kind, roles, index, g in sites:
+    ref = cot_refs[i, kind]
+    if kind != TABLE:
+      tail = (pl.ds(0, stages[0].shape[0]),) if kind == LANES else ()
+      reduce(stages[0], g.sum(axis=1), ref.at[index + tail])
+      continue
+    ka = roles.index("kv")
+    for j in range(0, g.shape[1], TABLE_CHUNK):
+      cols = list(index)
+      cols[ka] = pl.ds(index[ka].start + j, TABLE_CHUNK)
+      reduce(stages[1], g[:, j:j + TABLE_CHUNK], ref.at[tuple(cols)])
 
 
 def _table_axes(patterns) -> tuple[int, int] | None:
@@ -1212,7 +1225,7 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
     mine = [(i, kind) for i, kind in bufs if kind in kinds]
     stages = (plgpu.SMEM((wgs, c), f32),)   # rows' sums; then a table's tiles (dQ kernel)
     if any(kind == TABLE for _, kind in mine):
-      stages += (_smem((wgs, c, spec.bwd_dq_cols), f32),)
+      stages += (_smem((wgs, c, TABLE_CHUNK), f32),)
     return tuple(jnp.zeros(shape(i, kind), f32) for i, kind in mine), (stages if mine else ())
 
   def with_accumulators(call, inputs, out_shapes, accumulators):
