@@ -20,8 +20,9 @@ Gradients: q, k, v (and ``lse`` as an output) from the lowering's backward kerne
 floating-point operands (bias tables, ALiBi slopes, gates), when they are differentiated, from the
 backward kernels too: the Triton lowering's differentiate the mods through their recorded loads
 (:class:`attnax.kernels.operands.LoadTape`) and add each load's cotangent into an f32 accumulator;
-the Mosaic dK/dV kernel replays its loads under a vjp and adds each load's cotangent, summed
-along the tile, by TMA reductions; integer operands (ids) get none.
+the Mosaic backward's kernels replay their loads under a vjp and add each load's cotangent
+(summed along the tile's rows, or a table's tile itself) by TMA reductions; integer operands
+(ids) get none.
 
 Threshold skipping (:func:`threshold_attention`, behind
 :func:`attnax.kernels.threshold_sparse_attention`): a plan flag like dropout's
