@@ -93,6 +93,9 @@ class MosaicConfig:
   computed in the dK/dV kernel (5 matmuls per tile) and each tile's f32 part added into a buffer
   by TMA reductions, whose order, and so dQ's last bits, vary from run to run. Measured on the
   H200 (BENCHMARKS.md), the fused form is 16-19% slower than the two-pass one, so it is opt-in.
+  In both forms the cotangents of differentiated mod arrays are added by TMA reductions (their
+  last bits vary); per-query-row arrays and (query, key) tables are summed in the dQ pass, so a
+  plan that differentiates them runs the two-pass form.
 
   ``persistent``: the forward runs one program per SM, each walking work items with its K/V
   ring running on from one into the next, so the next item's tiles stream in under this one's
