@@ -9,6 +9,8 @@ run through MLIR's verifier, forward and backward.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import types
 
 import jax
@@ -179,21 +181,25 @@ def test_paged_modules_verify(verified_modules, quantized):
   assert lowered >= 1 and not errors, errors
 
 
-def test_mosaic_plan_with_a_differentiated_bias_takes_the_triton_kernels(verified_modules):
-  # The Mosaic backward has no operand cotangents, and the residual output must be f32 with
-  # P V's rounding corrected (tiles.residual_out_dtype): the Triton forward, dQ and dK/dV
-  # kernels (with the bias's atomic adds) of the Mosaic plan, all lowered for an sm90 on a CPU.
+def test_mosaic_plan_with_a_differentiated_bias_runs_mosaic_or_triton_backward(verified_modules):
+  # A differentiated bias table on the Mosaic plan: the Mosaic forward (f32 residual output)
+  # and backward (the table's cotangent in its dQ kernel) lower no Triton module; with
+  # MosaicConfig(bwd="triton") the Triton dQ and dK/dV kernels (with the bias's atomic adds)
+  # run that backward, both lowered for an sm90 on a CPU.
+  from attnax.kernels.pallas import mosaic_gpu as mg
   bf = jnp.bfloat16
   q = k = v = jax.ShapeDtypeStruct((1, 2, 256, 128), bf)
   bias = jax.ShapeDtypeStruct((1, 2, 256, 256), f32)
 
-  def fn(q, k, v, bias):
+  def fn(q, k, v, bias, config=None):
     attn = lambda q, k, v, bias: ak.pallas_flash_attention(
-        q, k, v, score_mod=ak.additive_bias_mod(bias), backend="mosaic")
+        q, k, v, score_mod=ak.additive_bias_mod(bias), backend="mosaic", config=config)
     out, pull = jax.vjp(attn, q, k, v, bias)
     return (out,) + pull(jnp.ones_like(out))
 
-  # Three Triton modules: the forward (f32 output), dQ and dK/dV.
-  errors, lowered = verified_modules(fn, q, k, v, bias)
-  assert lowered == 3 and not errors, (lowered, errors)
-  assert jax.eval_shape(fn, q, k, v, bias)[-1].shape == (1, 2, 256, 256)
+  triton_bwd = dataclasses.replace(mg.default_config(128, bf, masked=True), bwd="triton")
+  for config, modules in ((None, 0), (triton_bwd, 2)):
+    errors, lowered = verified_modules(functools.partial(fn, config=config), q, k, v, bias)
+    assert lowered == modules and not errors, (config, lowered, errors)
+    assert jax.eval_shape(functools.partial(fn, config=config), q, k, v,
+                          bias)[-1].shape == (1, 2, 256, 256)
