@@ -739,7 +739,7 @@ def backward_reasons(plan: FlashPlan) -> list[str]:
         reasons.append(why)
         break
     else:
-      if any(_table_axes(r) == (-1, -1) for r in roles):
+      if any(len(_table_axes(r)) > 1 for r in roles):
         reasons.append("a mod reads one array as (query, key) tables along different axes")
   return reasons
 
@@ -751,8 +751,8 @@ def _lowerable(fn):
   from jax.extend import core as jex_core
 
   def run(jaxpr, consts, *args):
-    env = dict(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
+    env = dict(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
     read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
     for eqn in jaxpr.eqns:
       ins = [read(v) for v in eqn.invars]
@@ -769,19 +769,19 @@ def _lowerable(fn):
 
   def lowered(*args):
     closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    # (Dead code, a vjp's primal maths, is left to the Mosaic compiler: a DCE here measured no
+    # smaller module.)
     flat = run(closed.jaxpr, closed.consts, *jax.tree.leaves(args))
     return jax.tree.unflatten(jax.tree.structure(shape), flat)
 
   return lowered
 
 
-def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, diff=(),
-                kinds=()):
+def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, bufs=()):
   """``(s2, dmod, loads_vjp)`` of a backward tile: its base-2 scores; ``d(modded score)/d(q.k)``
-  where it is not constant; and, when operands in ``diff`` (differentiated mod arrays) are read
-  by loads of a kind in ``kinds`` (:func:`_load_kind`), ``loads_vjp(ct) -> [(operand, kind,
-  roles, index, f32 cotangent tile)]`` for each such load, ``ct`` the cotangent of ``s2`` (else
-  ``None``).
+  where it is not constant; and, for the loads whose ``(operand, kind)`` (:func:`_load_kind`) is
+  one of this kernel's cotangent buffers ``bufs``, ``loads_vjp(ct) -> [(operand, kind, roles,
+  index, f32 cotangent tile)]``, ``ct`` the cotangent of ``s2`` (``None`` without such loads).
 
   Without a derivative (``plan.unit_grad``: no score mod, or mods that only add) the caller
   multiplies its accumulated gradient by ``plan.scale``; with one, the derivative carries it.
@@ -799,11 +799,11 @@ def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, di
   dmod = None
   if not plan.unit_grad:
     # Elementwise mods: a jvp with tangent 1 is the derivative (a soft-cap's 1 - tanh^2 included).
-    _, ds2 = _lowerable(lambda x: jax.jvp(lambda y: scores(y, values), (x,),
-                                          (jnp.ones_like(x),)))(s)
+    ds2 = _lowerable(lambda x: jax.jvp(lambda y: scores(y, values), (x,),
+                                       (jnp.ones_like(x),))[1])(s)
     dmod = ds2 * LN2
-  taken = [(i, n) for i in diff for n, (_, roles, _) in enumerate(sites[i])
-           if _load_kind(roles) in kinds]
+  taken = [(i, n) for i, loads in enumerate(sites) for n, (_, roles, _) in enumerate(loads)
+           if (i, _load_kind(roles)) in bufs]
   if not taken:
     return s2, dmod, None
   shape = (tile.rows, tile.cols)
@@ -877,16 +877,16 @@ def _add_cotangents(sites, stages, cot_refs):
       reduce(stages[1], g[:, j:j + TABLE_CHUNK], ref.at[tuple(cols)])
 
 
-def _table_axes(patterns) -> tuple[int, int] | None:
-  """The (query, key) axes of an operand read as a (query, key) table, else ``None``."""
-  axes = {(p.index("q"), p.index("kv")) for p in patterns if "q" in p and "kv" in p}
-  return axes.pop() if len(axes) == 1 else (None if not axes else (-1, -1))
+def _table_axes(patterns) -> set[tuple[int, int]]:
+  """The (query, key) axis pairs at which an operand is read as a (query, key) table."""
+  return {(p.index("q"), p.index("kv")) for p in patterns if "q" in p and "kv" in p}
 
 
 def _transposed_tables(ops, roles) -> tuple:
   """The dK/dV kernel's operands: (query, key) tables with those two axes swapped, so that a
-  transposed tile (keys x queries) is one tile load of the copy; the rest as they are."""
-  return tuple(x if _table_axes(r) is None else jnp.swapaxes(x, *_table_axes(r))
+  transposed tile (keys x queries) is one tile load of the copy; the rest as they are (one axis
+  pair per table: :func:`backward_reasons`)."""
+  return tuple(jnp.swapaxes(x, *next(iter(_table_axes(r)))) if _table_axes(r) else x
                for x, r in zip(ops, roles))
 
 
@@ -906,12 +906,11 @@ def _row_line(ref, index, axis: int):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: MosaicSpec,
-               scoped, diff=()):
+               scoped, bufs=()):
   plan = spec.plan
   n_ops = len(plan.mods.meta)
   list_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:NUM_LISTS + n_ops]
-  cot_refs = dict(zip([buf for buf in _cotangent_buffers(spec, diff) if buf[1] in DQ_KINDS],
-                      refs[NUM_LISTS + n_ops:-1]))   # f32, aliased in and out
+  cot_refs = dict(zip(bufs, refs[NUM_LISTS + n_ops:-1]))   # f32, aliased in and out
   dq_ref = refs[-1]
   (q_smems, do_smems, k_smems, v_smems, *cot_stages), (q_ready, k_ready, v_ready, k_free,
                                                          v_free) = scoped
@@ -957,7 +956,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
       plgpu.barrier_arrive(v_free.at[slot])
       iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, ck), d, layout=_WGMMA)
       tile = _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, c, ck)
-      s2, dmod, loads_vjp = _bwd_scores(s, plan, op_refs, tile, b, h, masked, diff, DQ_KINDS)
+      s2, dmod, loads_vjp = _bwd_scores(s, plan, op_refs, tile, b, h, masked, bufs)
       p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (0,)))
       ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, (0,)))
       if loads_vjp is not None:
@@ -997,15 +996,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: MosaicSpec,
-                scoped, diff=()):
+                scoped, bufs=()):
   plan = spec.plan
   fused = spec.fused_dq
   n_ops = len(plan.mods.meta)
   tlist_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:NUM_LISTS + n_ops]
   accumulators = refs[NUM_LISTS + n_ops:-2]   # f32, aliased in and out: dQ (fused), cotangents
   dq_ref = accumulators[0] if fused else None
-  cot_refs = dict(zip([buf for buf in _cotangent_buffers(spec, diff) if buf[1] not in DQ_KINDS],
-                      accumulators[int(fused):]))
+  cot_refs = dict(zip(bufs, accumulators[int(fused):]))
   dk_ref, dv_ref = refs[-2:]
   (k_smems, v_smems, q_smems, do_smems, *extra), (kv_ready, q_ready, do_ready, free,
                                                     *ds_ready) = scoped
@@ -1090,8 +1088,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
         iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WGMMA)
         tile = _Tile(q_start + iota(1), k_start + iota(0), q_start, k_start, c, c,
                      transposed=True)
-        s2, dmod, loads_vjp = _bwd_scores(st, plan, op_refs, tile, b, h, masked, diff,
-                                          (KV_LINES, LANES))
+        s2, dmod, loads_vjp = _bwd_scores(st, plan, op_refs, tile, b, h, masked, bufs)
         pt = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (1,)))
         dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, (1,)))
         if loads_vjp is not None:   # dst is d/d(modded score); s2 is in base 2
@@ -1221,11 +1218,11 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
   ring = lambda dtype, rows=c: _smem((stages, rows, d), dtype)   # the streamed chunks
   ready = lambda n: plgpu.Barrier(num_barriers=n)
   release = plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)
-  diff = tuple(diff)
+  dq_bufs = tuple(buf for buf in bufs if buf[1] in DQ_KINDS)
+  dkv_bufs = tuple(buf for buf in bufs if buf[1] not in DQ_KINDS)
 
-  def zeros(kinds):   # the f32 cotangent buffers of one kernel, and its staging buffers
+  def zeros(mine):   # one kernel's f32 cotangent buffers, and its staging buffers
     shape = lambda i, kind: (arrays.operands[i].shape + (c,) if kind == LANES else ops[i].shape)
-    mine = [(i, kind) for i, kind in bufs if kind in kinds]
     stages = (plgpu.SMEM((wgs, c), f32),)   # rows' sums; then a table's tiles (dQ kernel)
     if any(kind == TABLE for _, kind in mine):
       stages += (_smem((wgs, c, TABLE_CHUNK), f32),)
@@ -1244,12 +1241,12 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
     return pl.run_state(run)(tuple(jnp.zeros(x.shape, x.dtype) for x in out_shapes)
                              + accumulators)
 
-  dkv_cots, dkv_stage = zeros((KV_LINES, LANES))
+  dkv_cots, dkv_stage = zeros(dkv_bufs)
   dkv_scratch = (own(k.dtype), own(v.dtype), ring(q.dtype), ring(do.dtype))
   dkv_barriers = (ready(2 * wgs), ready(stages), ready(stages), release)
   dkv_outs = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
   dkv = functools.partial(
-      _bwd_call, functools.partial(_dkv_kernel, diff=diff), spec, out_type=dkv_outs,
+      _bwd_call, functools.partial(_dkv_kernel, bufs=dkv_bufs), spec, out_type=dkv_outs,
       grid=(plan.kv_heads, plan.nk, plan.batch), grid_names=("kv_heads", "kv_tiles", "batch"))
   dkv_inputs = (q, k, v, do, lse, delta, *arrays.tlists, *_transposed_tables(ops, spec.roles))
   if spec.fused_dq:
@@ -1266,9 +1263,9 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
                                           (jnp.zeros(q.shape, f32),) + dkv_cots)
     dq = (dq * plan.scale if plan.unit_grad else dq).astype(q.dtype)
   else:
-    dq_cots, dq_stage = zeros(DQ_KINDS)
+    dq_cots, dq_stage = zeros(dq_bufs)
     dq_call = _bwd_call(
-        functools.partial(_dq_kernel, diff=diff), spec,
+        functools.partial(_dq_kernel, bufs=dq_bufs), spec,
         (own(q.dtype), own(do.dtype), ring(k.dtype, spec.bwd_dq_cols),
          ring(v.dtype, spec.bwd_dq_cols)) + dq_stage,
         (ready(2 * wgs), ready(stages), ready(stages), release, release),
@@ -1283,11 +1280,8 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
     dk, dv, *cots = with_accumulators(dkv(scratch=dkv_scratch + dkv_stage,
                                           barriers=dkv_barriers), dkv_inputs, dkv_outs, dkv_cots)
     cots = q_cots + cots
-  # Buffers in _cotangent_buffers order within each kernel: the dQ pass's come first.
-  order = ([buf for buf in bufs if buf[1] in DQ_KINDS]
-           + [buf for buf in bufs if buf[1] not in DQ_KINDS])
   d_ops = {}
-  for (i, kind), cot in zip(order, cots):
+  for (i, kind), cot in zip(dq_bufs + dkv_bufs, cots):
     x = arrays.operands[i]
     cot = cot.sum(-1) if kind == LANES else cot[tuple(slice(0, n) for n in x.shape)]
     d_ops[i] = d_ops[i] + cot if i in d_ops else cot
