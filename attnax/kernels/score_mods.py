@@ -49,7 +49,11 @@ def take(arr: Any, *idx: Any) -> jax.Array:
   """
   if len(idx) != len(arr.shape):
     raise ValueError(f"indexing an array of shape {arr.shape} with {len(idx)} indices")
-  idx = tuple(jnp.zeros_like(i) if arr.shape[d] == 1 else i for d, i in enumerate(idx))
+  # A broadcast axis reads index 0 through a zero of shape (1, ..., 1), not ``zeros_like(i)``:
+  # the gather then has the shape of the axes that vary (a bias row inside a kernel's (bq, bk)
+  # tile loads bk values once, not bq * bk), and broadcasting against the score does the rest.
+  idx = tuple(jnp.zeros((1,) * jnp.ndim(i), jnp.int32) if arr.shape[d] == 1 else i
+              for d, i in enumerate(idx))
   return arr[idx]
 
 

@@ -310,6 +310,20 @@ def test_additive_bias_broadcasting(shape):
   check_attention(mod, bias=np.broadcast_to(bias, (B, HQ, SQ, SK)), seed=6)
 
 
+def test_take_gathers_only_along_the_axes_that_vary():
+  """A broadcast axis of a mod's array is read at index 0 without widening the gather: inside a
+  kernel's (bq, bk) tile a bias row is one (1, bk) load, not bq * bk of them."""
+  bias = rand(3, (B, 1, 1, SK))
+  b = jnp.asarray(1)
+  h = jnp.arange(HQ)[:, None, None]
+  i = jnp.arange(SQ)[None, :, None]
+  j = jnp.arange(SK)[None, None, :]
+  got = sm.take(bias, b, h, i, j)
+  assert got.shape == (1, 1, SK)
+  np.testing.assert_array_equal(np.broadcast_to(got, (HQ, SQ, SK)),
+                                np.broadcast_to(np.asarray(bias)[1, 0, 0], (HQ, SQ, SK)))
+
+
 def test_additive_bias_low_precision_bias_is_upcast():
   bias = rand(2, (SQ, SK)).astype(jnp.bfloat16)
   mod = additive_bias_mod(bias)

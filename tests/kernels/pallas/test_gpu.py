@@ -130,6 +130,33 @@ def test_mod_array_gradients_and_closures_bf16():
     assert rel_err(g, w) < tol(jnp.bfloat16, grad=True), (name, rel_err(g, w))
 
 
+# A bias constant along keys (B, H, Sq, 1) is left out: softmax ignores it, its gradient is 0.
+@pytest.mark.parametrize("bias_shape", [(2, 1, 1, 2048), (1, 4, 1, 2048)], ids=["row", "head_row"])
+def test_broadcast_bias_gradients_bf16_d128_triton(bias_shape):
+  """A bias broadcast over whole axes (a row of keys per sequence or per head) launches at D=128
+  on the Triton lowering and its gradient is true. Found 2026-12-03: its loads had the tile's
+  full (bq, bk) shape and the kernels asked for 256-352 KB of shared memory."""
+  q, k, v = random_qkv(23, batch=2, q_heads=4, kv_heads=2, q_len=2048, kv_len=2048,
+                       head_dim=128, dtype=jnp.bfloat16)
+  bias = jnp.asarray(np.random.default_rng(24).standard_normal(bias_shape), jnp.float32)
+  ct = jax.random.normal(jax.random.key(25), q.shape, jnp.float32)
+
+  def loss(kernel, **kw):
+    def f(q, k, v, bias):
+      mod = compose_score_mods(additive_bias_mod(bias), causal_mod())
+      return jnp.sum(kernel(q, k, v, score_mod=mod, **kw).astype(jnp.float32) * ct)
+    return f
+
+  got = jax.jit(jax.grad(loss(pallas_flash_attention, backend="triton"), argnums=(0, 1, 2, 3)))(
+      q, k, v, bias)
+  with jax.enable_x64(True):
+    up = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    ct = up(ct)
+    want = jax.grad(loss(standard_attention), argnums=(0, 1, 2, 3))(up(q), up(k), up(v), up(bias))
+  for name, g, w in zip(("q", "k", "v", "bias"), got, want):
+    assert rel_err(g, w) < tol(jnp.bfloat16, grad=True), (name, rel_err(g, w))
+
+
 # ----------------------------------------------------------------------------- dropout
 
 
