@@ -41,6 +41,14 @@ a8, a16 = make_inputs(p8), make_inputs(p16)
 ref8 = jax.jit(lambda *a: attnax_fn("jax")(*a))(*a8)
 t16, _ = timed(attnax_fn("pallas"), a16)
 print(f"bf16 default: {t16*1e3:.3f} ms {p16.kv_bytes/t16/1e9:.0f} GB/s {32/t16:.3g} tok/s", flush=True)
+def report(vname, cname, cfg):
+  try:
+    t, out = timed(attnax_fn("pallas", cfg), a8)
+    print(f"int8 {vname:12s} {cname}: {t*1e3:.3f} ms {p8.kv_bytes/t/1e9:.0f} GB/s "
+          f"{32/t:.3g} tok/s  x bf16 {t16/t:.2f}  err {rel(out, ref8):.2e}", flush=True)
+  except Exception as e:
+    print(f"int8 {vname} {cname}: FAIL {str(e).splitlines()[0][:200]}", flush=True)
+
 base = pk._dequantize
 cfgs = [("bk128 s5", pk.INT8_CONFIG), ("bk128 s4", dataclasses.replace(pk.INT8_CONFIG, num_stages=4)),
         ("bk256 s3", dataclasses.replace(pk.INT8_CONFIG, block_kv=256, num_stages=3)),
@@ -48,12 +56,7 @@ cfgs = [("bk128 s5", pk.INT8_CONFIG), ("bk128 s4", dataclasses.replace(pk.INT8_C
 for vname, fn in (("astype", base),) if os.environ.get("ONLY_PATCHED") else (("astype", base), ("magic_f32", magic_f32), ("magic_trunc", magic_trunc)):
   pk._dequantize = fn
   for cname, cfg in cfgs:
-    try:
-      t, out = timed(attnax_fn("pallas", cfg), a8)
-      print(f"int8 {vname:12s} {cname}: {t*1e3:.3f} ms {p8.kv_bytes/t/1e9:.0f} GB/s "
-            f"{32/t:.3g} tok/s  x bf16 {t16/t:.2f}  err {rel(out, ref8):.2e}", flush=True)
-    except Exception as e:
-      print(f"int8 {vname} {cname}: FAIL {str(e).splitlines()[0][:200]}", flush=True)
+    report(vname, cname, cfg)
 pk._dequantize = base
 
 # Kernel variants by source patch (diagnosis only; the library keeps the converting kernel):
@@ -85,10 +88,5 @@ for vname, vsrc in variants.items():
   pk._kernel = ns["_kernel"]
   for cname, cfg in cfgs[:2] + [("bk64 s3", dataclasses.replace(pk.INT8_CONFIG, block_kv=64, num_stages=3)),
                                 ("bk128 s3", dataclasses.replace(pk.INT8_CONFIG, num_stages=3))]:
-    try:
-      t, out = timed(attnax_fn("pallas", cfg), a8)
-      print(f"int8 {vname:12s} {cname}: {t*1e3:.3f} ms {p8.kv_bytes/t/1e9:.0f} GB/s "
-            f"{32/t:.3g} tok/s  x bf16 {t16/t:.2f}  err {rel(out, ref8):.2e}", flush=True)
-    except Exception as e:
-      print(f"int8 {vname} {cname}: FAIL {str(e).splitlines()[0][:200]}", flush=True)
+    report(vname, cname, cfg)
 pk._kernel = orig
