@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Which Triton kernel of a bias-row plan runs out of shared memory on the H200 (not yet run).
+"""Which Triton kernel of a bias-row plan runs out of shared memory on the H200.
 
 Seen 2026-12-03 (BENCHMARKS.md, seventh session): ``MosaicConfig(bwd="triton")`` on a causal
 plan with a bias row ``(B, 1, 1, S)`` failed to launch, 262144 > 232448 bytes. This times nothing:
 it runs the Triton lowering's forward, then its backward without and with the bias differentiated,
 with the default config and with one knob changed at a time, and prints ok / FAIL per run.
+
+Run 2026-12-03 (eighth session): every run failed, the forward too (262144-360448 bytes), since
+``score_mods.take`` gathered the row as a whole (bq, bk) tile. After the fix (one (1, bk) load)
+every run is ok (``benchmarks/results/2026-12-03-h200-triton-bias-row-diag.log``).
 
   PYTHONPATH=$PWD python3 benchmarks/diag_triton_bias_row.py      # GPU, about a minute
 """

@@ -157,12 +157,6 @@ def not_supported_reasons(plan_or_shapes, *, interpret: bool) -> list[str]:
 # ----------------------------------------------------------------------------- the kernel
 
 
-def _dequantize(x, dtype):
-  """int8 page values -> ``dtype`` (the per-token scales are applied to scores and probabilities)."""
-  return x.astype(dtype)
-
-
-
 def _kernel(len_ref, bt_ref, q_ref, k_ref, v_ref, *rest, spec: KernelSpec):
   plan = spec.plan
   n_scales = 2 if plan.quantized else 0
@@ -203,7 +197,7 @@ def _kernel(len_ref, bt_ref, q_ref, k_ref, v_ref, *rest, spec: KernelSpec):
       ks_ref, vs_ref = scale_refs
       k_scale = plgpu.load(ks_ref.at[page, slot], mask=valid, other=0)
       v_scale = plgpu.load(vs_ref.at[page, slot], mask=valid, other=0)
-      k, v = _dequantize(k, compute_dtype), _dequantize(v, compute_dtype)
+      k, v = k.astype(compute_dtype), v.astype(compute_dtype)
       scale = (k_scale * plan.scale)[None, :]
     sc = lax.dot_general(q, k, _NT, preferred_element_type=f32) * scale
     sc, visible = tiles.tile_scores(sc, score_fn=score_fn, mask_fn=mask_fn, b=b, h=h,
