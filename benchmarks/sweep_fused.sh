@@ -10,7 +10,7 @@
 # (s4k-d64, s4k-d256, aether-32k-clustered), paged (bench_paged.py --sweep at B=32 16k, bf16 and
 # int8 pages), fwd (the forward alone: FWD_CASES with the persistent and per-item forms beside
 # cuDNN and tokamax), modgrads (quick_mod_grads.py: differentiated mod arrays, Mosaic and Triton
-# backwards).
+# backwards), abfwd (diag_mosaic_fwd_ab.py: the forward against an earlier copy of itself).
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/attnax_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -55,6 +55,12 @@ if has fwd; then
     --cases "${FWD_CASES:-s4k,s16k,s4k-d64,s4k-d256,s4k-causal,s16k-causal}" \
     --kernels cudnn,tokamax-mosaic,attnax-mosaic-items,attnax-mosaic-persistent --modes fwd \
     --budget-s 0.3 --out "$OUT/fwd" 2>&1 | grep "^|\|^###\|done\|rror" | tail -40
+fi
+if has abfwd; then   # diag_mosaic_fwd_ab.py: the forward against benchmarks/_base_mosaic_gpu.py
+  stamp abfwd
+  ( ROOT=$PWD PY=python3; source benchmarks/carried_wheels.sh
+    timeout ${ABFWD_S:-300} python3 benchmarks/diag_mosaic_fwd_ab.py 2>&1 | quiet \
+      | tee "$OUT/abfwd.log" | grep "^|\|^###\|FAIL\|rror\|variants" | tail -60 )
 fi
 if has modgrads; then
   stamp modgrads

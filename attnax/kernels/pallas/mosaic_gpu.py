@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -69,6 +70,19 @@ MAX_HEAD_DIM = 256
 _WGMMA = plgpu.Layout.WGMMA
 _ROW = _WGMMA.reduce(1)  # one value per row of a wgmma tile
 _COL = _WGMMA.reduce(0)  # one value per column
+WG_THREADS = 128
+# The forward's named (hardware) CTA barriers, as in tokamax's sm90 kernel: 0 is __syncthreads and
+# 1-3 are Mosaic GPU's own warpgroup barriers. Two turn barriers (one per consumer), then one
+# "free" barrier per K slot and per V slot of the ring.
+_TURN_BARRIER = 4
+_FREE_BARRIER = _TURN_BARRIER + COMPUTE_WGS
+MAX_STAGES = (16 - _FREE_BARRIER) // 2
+FREE_THREADS = (COMPUTE_WGS + 1) * WG_THREADS   # both consumers arrive, the producer syncs
+
+
+def _free_barriers(stages: int):
+  """The named barriers that release K slot ``i`` and V slot ``i`` to the producer."""
+  return (lambda i: _FREE_BARRIER + i), (lambda i: _FREE_BARRIER + stages + i)
 
 
 # ----------------------------------------------------------------------------- config
@@ -382,6 +396,9 @@ def kernel_spec(plan: FlashPlan, cfg: MosaicConfig, num_stages: int | None = Non
     if not isinstance(n, int) or n < 2:   # one slot cannot overlap a load with a matmul
       raise ValueError(f"pallas_flash_attention: {name} must be an int >= 2 for the Mosaic "
                        f"lowering, got {n!r}")
+  if stages > MAX_STAGES:   # each slot of the forward's ring takes two of 16 named barriers
+    raise ValueError(f"pallas_flash_attention: num_stages must be at most {MAX_STAGES} for the "
+                     f"Mosaic forward, got {stages}")
   if cfg.bwd_dq_block_k not in (64, 128) or plan.block_k % cfg.bwd_dq_block_k:
     raise ValueError(f"pallas_flash_attention: MosaicConfig.bwd_dq_block_k must be 64 or 128 "
                      f"and divide block_k={plan.block_k}, got {cfg.bwd_dq_block_k!r}")
@@ -474,6 +491,22 @@ def _schedule(plan: FlashPlan, list_refs, row, kv_tile=None):
 # ----------------------------------------------------------------------------- forward
 
 
+def _bar(op: str, barrier_id, threads: int):
+  """``bar.arrive`` / ``bar.sync`` on a named CTA barrier (``barrier_id`` static or traced) that
+  completes once ``threads`` threads have arrived: no phase to track and no shared-memory
+  round trip, unlike an mbarrier's arrive and wait."""
+  ptx = functools.partial(mgpu.utils.inline_ptx, has_side_effects=True, convergent=True)
+  if isinstance(barrier_id, int):
+    plgpu.inline_mgpu()(lambda _: ptx(f"bar.{op} {barrier_id}, {threads};"))()
+    return
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))
+  def run(_, i):
+    ptx(f"bar.{op} $0, {threads};", i.registers[()])
+
+  run(jnp.asarray(barrier_id, jnp.int32))
+
+
 def _when(cond, fn):
   """``pl.when`` that also takes a static (Python) condition."""
   if isinstance(cond, (bool, np.bool_)):
@@ -500,7 +533,7 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
   list_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:-2]
   o_ref, lse_ref = refs[-2:]
   (qo_smems, k_smems, v_smems, lse_smems), barriers = scoped
-  (k_ready, v_ready, q_ready, k_free, v_free, turn) = barriers
+  k_ready, v_ready, q_ready = barriers
   rows, bk, stages = spec.rows, plan.block_k, spec.num_stages
   if not plan.dense:
     # Masked plans walk their q tiles last-first: the longest causal rows start first and the
@@ -510,12 +543,15 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
   row = plan.bm_index(b, h) * plan.nq + qi
   n_full, total, kv_block = _schedule(plan, list_refs, row)
   slot_of = lambda t: lax.rem(done + t, stages)
+  k_free, v_free = _free_barriers(stages)
   dtype = q_ref.dtype
   wide_out = o_ref.dtype != dtype
 
-  def take_turn():
-    plgpu.barrier_arrive(turn)
-    plgpu.barrier_wait(turn)
+  # The ping-pong: a consumer issues its P V only on its turn, which the other passes as soon
+  # as it has issued its Q K^T (FlashAttention-3's schedule, on named barriers).
+  turn_threads = COMPUTE_WGS * WG_THREADS
+  wait_turn = lambda: _bar("sync", _TURN_BARRIER + wg, turn_threads)
+  pass_turn = lambda: _bar("arrive", _TURN_BARRIER + 1 - wg, turn_threads)
 
   def _consumer():
     qo_smem, lse_smem = qo_smems.at[wg], lse_smems.at[wg]
@@ -528,7 +564,7 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
 
     _when(total > 0, lambda: plgpu.barrier_wait(k_ready.at[slot_of(0)]))
 
-    pl.when(wg == 1)(take_turn)
+    pl.when(wg == 1)(wait_turn)
 
     def step(t, carry, masked: bool):
       acc, m, l = carry
@@ -537,11 +573,11 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, qo_smem, k_smems.at[slot].transpose((1, 0)))
-        take_turn()
+        pass_turn()
         return acc_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC((rows, bk), f32))
-      plgpu.barrier_arrive(k_free.at[slot])
+      _bar("arrive", k_free(slot), FREE_THREADS)
       iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (rows, bk), d, layout=_WGMMA)
       tile = _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, rows, bk)
       score_fn, mask_fn = _mods_in_kernel(plan, op_refs, tile)
@@ -556,9 +592,8 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
       if plan.v_pad <= 128:
         l = l + p.sum(axis=1)
         acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-      plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(v_ready.at[slot])
-      plgpu.barrier_wait(turn)
+      wait_turn()
       if plan.v_pad > 128:
         l = l + p.sum(axis=1)
 
@@ -570,12 +605,18 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
         _when(t + 1 < total, lambda: plgpu.barrier_wait(k_ready.at[slot_of(t + 1)]))
 
       acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_free.at[slot])
+      _bar("arrive", v_free(slot), FREE_THREADS)
       return acc, m_new, l
 
     carry = lax.fori_loop(0, n_full, lambda t, c: step(t, c, False), (acc, m, l))
     acc, m, l = lax.fori_loop(n_full, total, lambda t, c: step(t, c, True), carry)
-    pl.when(wg == 0)(take_turn)
+    # Warpgroup 1 waits for one more turn than warpgroup 0 passes. Without a persistent K ring
+    # the LSE buffer aliases it: warpgroup 0 then also waits until warpgroup 1 has read its last
+    # K tile (its last turn comes after its last Q K^T).
+    if spec.persistent:
+      pl.when(wg == 0)(pass_turn)
+    else:
+      pl.when(wg == 0)(lambda: _bar("sync", _TURN_BARRIER + 1, turn_threads))
 
     # tiles.finalize's semantics: only l == 0 means "no visible key" (out 0, lse -inf).
     empty = l == 0.0
@@ -599,9 +640,9 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
     @pl.loop(0, total)
     def _(t):
       slot, cols = slot_of(t), pl.ds(kv_block(t) * bk, bk)
-      plgpu.barrier_wait(k_free.at[slot])
+      _bar("sync", k_free(slot), FREE_THREADS)
       plgpu.copy_gmem_to_smem(k_ref.at[b, kv_head, cols], k_smems.at[slot], k_ready.at[slot])
-      plgpu.barrier_wait(v_free.at[slot])
+      _bar("sync", v_free(slot), FREE_THREADS)
       plgpu.copy_gmem_to_smem(v_ref.at[b, kv_head, cols], v_smems.at[slot], v_ready.at[slot])
 
   if consumer:
@@ -616,7 +657,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
   SM, each walking work items ``sm, sm + num_sms, ...`` with its K/V ring running on from one
   item into the next (the producer streams the next item's tiles under this one's epilogue)."""
   plan = spec.plan
-  _, _, _, k_free, v_free, _ = scoped[1]
+  k_free, v_free = _free_barriers(spec.num_stages)
   wg = lax.axis_index("wg")
 
   def items(consumer: bool):
@@ -637,8 +678,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
     plgpu.set_max_registers(232, action="increase")
     # Every slot starts free: the producer waits on a slot's release before each fill.
     for slot in range(spec.num_stages):
-      plgpu.barrier_arrive(k_free.at[slot])
-      plgpu.barrier_arrive(v_free.at[slot])
+      _bar("arrive", k_free(slot), FREE_THREADS)
+      _bar("arrive", v_free(slot), FREE_THREADS)
     items(consumer=True)
     plgpu.wait_smem_to_gmem(0)
 
@@ -679,10 +720,7 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays, out_dtype=None):
     scratch = (_smem((COMPUTE_WGS, rows, d), q.dtype), k_and_lse,
                _smem((stages, plan.block_k, d), v.dtype))
     barriers = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=COMPUTE_WGS),
-                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=COMPUTE_WGS))
+                plgpu.Barrier(num_barriers=COMPUTE_WGS))
 
     def body(qo_smems, k_lse, v_smems, *bars):
       (k_smems, lse_smems) = k_lse

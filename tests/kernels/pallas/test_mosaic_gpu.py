@@ -104,6 +104,8 @@ def test_lowers_for_sm90(case):
         jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(qp, kp, vp, arrays)
     modules.append(exported.mlir_module())
     assert "mosaic_gpu" in modules[-1]
+    # The consumers' turns and the ring's slot releases are named barriers.
+    assert "bar.sync" in modules[-1] and "bar.arrive" in modules[-1]
     out, lse = exported.out_avals
     assert out.shape == (1, 4, plan.q_pad, plan.v_pad) and lse.shape == (1, 4, plan.q_pad)
   assert modules[0] != modules[1]   # the persistent form is another kernel, not the same one
@@ -194,6 +196,15 @@ def test_fused_backward_fits_shared_memory():
     cfg = dataclasses.replace(cfg, bwd_num_stages=12)
     assert mg.kernel_spec(plan, dataclasses.replace(cfg, deterministic=False)).bwd_stages == want
     assert mg.kernel_spec(plan, cfg).bwd_stages == 12   # the default, two-pass form
+
+
+def test_num_stages_bounds():
+  """The forward's ring takes two of the CTA's 16 named barriers per stage: 2 to MAX_STAGES."""
+  cfg, plan, *_ = _plan(*_zeros())
+  assert mg.kernel_spec(plan, cfg, num_stages=mg.MAX_STAGES).num_stages == mg.MAX_STAGES
+  for n in (1, mg.MAX_STAGES + 1):
+    with pytest.raises(ValueError, match="num_stages"):
+      mg.kernel_spec(plan, cfg, num_stages=n)
 
 
 def test_backward_reasons():
