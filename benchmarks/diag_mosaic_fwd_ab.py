@@ -74,7 +74,7 @@ def main():
     for r in range(ROUNDS):
       for k, (fn, lay) in fns.items():
         try:
-          jf = jitted.setdefault(k, jax.jit(fn))
+          jf = jitted.setdefault(k, jax.jit(lambda q, k, v, ct, fn=fn: fn(q, k, v)))
           t, out0 = ba.time_fn(jf, inp.sets[lay], budget_s=0.3)
         except Exception as e:  # noqa: BLE001
           print(f"{name} {k}: FAIL {ba._short(e, 200)}", flush=True)
