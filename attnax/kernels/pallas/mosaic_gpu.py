@@ -441,13 +441,25 @@ def _fused_bwd_stages(plan: FlashPlan) -> int:
 # ----------------------------------------------------------------------------- tile maths
 
 
-def _log2_scores(s, plan: FlashPlan, tile: _Tile, score_fn, mask_fn, b, h, masked: bool):
+def _fold_scale(plan: FlashPlan, score_fn) -> float | None:
+  """The base-2 scale ``scale * log2(e)`` when the forward can leave it to the softmax (no score
+  mod, a positive scale): the max is taken on raw scores and scaled once per row, and
+  ``exp2(s * c - m)`` is one fused multiply-add per score (FlashAttention-3's form)."""
+  c = plan.scale * LOG2E
+  return c if score_fn is None and c > 0 else None
+
+
+def _log2_scores(s, plan: FlashPlan, tile: _Tile, score_fn, mask_fn, b, h, masked: bool,
+                 raw: bool = False):
   """Scores of one tile in base-2 units: scaled, modded, and (masked tiles) ``-inf`` where hidden.
 
-  Without a score mod ``log2(e)`` is folded into the scale (one multiply per score); a score mod
-  sees natural-unit scaled scores, as in every other kernel.
+  Without a score mod ``log2(e)`` is folded into the scale (one multiply per score), or with
+  ``raw`` (see :func:`_fold_scale`) the scores are left unscaled; a score mod sees natural-unit
+  scaled scores, as in every other kernel.
   """
-  if score_fn is None:
+  if raw:
+    pass
+  elif score_fn is None:
     s = s * (plan.scale * LOG2E)
   else:
     s, _ = tiles.tile_scores(s * plan.scale, score_fn=score_fn, mask_fn=None, b=b, h=h,
@@ -581,10 +593,12 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
       iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (rows, bk), d, layout=_WGMMA)
       tile = _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, rows, bk)
       score_fn, mask_fn = _mods_in_kernel(plan, op_refs, tile)
-      s = _log2_scores(s, plan, tile, score_fn, mask_fn, b, h, masked)
-      m_new = jnp.maximum(m, s.max(axis=1))
+      c = _fold_scale(plan, score_fn)
+      s = _log2_scores(s, plan, tile, score_fn, mask_fn, b, h, masked, raw=c is not None)
+      m_new = jnp.maximum(m, s.max(axis=1) if c is None else s.max(axis=1) * c)
       alpha = jnp.exp2(m - m_new)
-      p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, (0,)))
+      m_b = lax.broadcast_in_dim(m_new, s.shape, (0,))
+      p = jnp.exp2(s - m_b if c is None else s * c - m_b)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
       l = l * alpha
       p16 = p.astype(dtype)
