@@ -528,10 +528,22 @@ def _when(cond, fn):
     pl.when(cond)(fn)
 
 
+def _walk_q(plan: FlashPlan, qi):
+  """The q tile a program's ``qi``-th item runs. Masked plans walk their q tiles last-first: the
+  longest causal rows start first and the short ones fill the tail (3-4% at S=4096 causal on
+  the H200)."""
+  return qi if plan.dense else plan.nq - 1 - qi
+
+
 def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec, scoped,
-                  consumer: bool):
+                  consumer: bool, prefetch_q: bool = False, first=None, next_item=None):
   """One work item (query head ``h``, q tile ``qi``, batch row ``b``) of a consumer warpgroup
   (``consumer``) or of the producer.
+
+  ``prefetch_q`` (a persistent program whose output has a buffer of its own): the consumers load
+  the ``first`` item's Q, and after their last Q K^T the next item's (``next_item``: head, q
+  tile, batch row, whether there is one), so that it lands under this item's last P V and
+  epilogue.
 
   An f32 ``o_ref`` (the residual :func:`attnax.kernels.tiles.residual_out_dtype` asks for when mod
   arrays are differentiated) gets P V with P's rounding residual added by a second wgmma
@@ -544,13 +556,10 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
   plan = spec.plan
   list_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:-2]
   o_ref, lse_ref = refs[-2:]
-  (qo_smems, k_smems, v_smems, lse_smems), barriers = scoped
+  (q_smems, o_smems, k_smems, v_smems, lse_smems), barriers = scoped
   k_ready, v_ready, q_ready = barriers
   rows, bk, stages = spec.rows, plan.block_k, spec.num_stages
-  if not plan.dense:
-    # Masked plans walk their q tiles last-first: the longest causal rows start first and the
-    # short ones fill the tail (3-4% at S=4096 causal on the H200).
-    qi = plan.nq - 1 - qi
+  qi = _walk_q(plan, qi)
   wg = lax.axis_index("wg")
   row = plan.bm_index(b, h) * plan.nq + qi
   n_full, total, kv_block = _schedule(plan, list_refs, row)
@@ -566,9 +575,17 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
   pass_turn = lambda: _bar("arrive", _TURN_BARRIER + 1 - wg, turn_threads)
 
   def _consumer():
-    qo_smem, lse_smem = qo_smems.at[wg], lse_smems.at[wg]
+    q_smem, o_smem, lse_smem = q_smems.at[wg], o_smems.at[wg], lse_smems.at[wg]
     q_start = qi * plan.block_q + wg * rows
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(q_start, rows)], qo_smem, q_ready.at[wg])
+
+    def load_q(h, q_tile, b):
+      q_rows = pl.ds(q_tile * plan.block_q + wg * rows, rows)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, h, q_rows], q_smem, q_ready.at[wg])
+
+    if prefetch_q:
+      _when(first, lambda: load_q(h, qi, b))
+    else:
+      load_q(h, qi, b)
     m = plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, f32), _ROW)
     l = plgpu.layout_cast(jnp.zeros((rows,), f32), _ROW)
     acc = plgpu.layout_cast(jnp.zeros((rows, plan.v_pad), f32), _WGMMA)
@@ -584,7 +601,7 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
       k_start = kv_block(t) * bk
 
       def qk(acc_ref):
-        plgpu.wgmma(acc_ref, qo_smem, k_smems.at[slot].transpose((1, 0)))
+        plgpu.wgmma(acc_ref, q_smem, k_smems.at[slot].transpose((1, 0)))
         pass_turn()
         return acc_ref[...]
 
@@ -632,21 +649,28 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
     else:
       pl.when(wg == 0)(lambda: _bar("sync", _TURN_BARRIER + 1, turn_threads))
 
+    if prefetch_q:   # every Q K^T of this item has read Q (the copy waits for the warpgroup)
+      next_h, next_qi, next_b, has_next = next_item
+      _when(has_next, lambda: load_q(next_h, _walk_q(plan, next_qi), next_b))
+      # The last item's output and LSE stores must have read their buffers.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
     # tiles.finalize's semantics: only l == 0 means "no visible key" (out 0, lse -inf).
     empty = l == 0.0
     acc = acc * lax.broadcast_in_dim(1.0 / jnp.where(empty, 1.0, l), acc.shape, (0,))
     if wide_out:
       o_ref.at[b, h, pl.ds(q_start, rows)][...] = acc
     else:
-      qo_smem[...] = acc.astype(dtype)
+      o_smem[...] = acc.astype(dtype)
     lse_smem[...] = jnp.where(empty, -jnp.inf, m * LN2 + jnp.log(l))
     plgpu.commit_smem()
     if not wide_out:
-      plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, h, pl.ds(q_start, rows)])
+      plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, pl.ds(q_start, rows)])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_start, rows)])
-    # The next work item's Q lands in this buffer: its reads must be done (the writes finish on
-    # their own; the kernel's end waits for them).
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    if not prefetch_q:
+      # The next work item's Q lands in this buffer: its reads must be done (the writes finish
+      # on their own; the kernel's end waits for them).
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   def _producer():
     kv_head = lax.div(h, jnp.int32(plan.groups))
@@ -666,26 +690,34 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
   return done + total
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped):
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped, prefetch_q: bool):
   """The forward's program: one work item, or (``spec.persistent``) a grid of one program per
   SM, each walking work items ``sm, sm + num_sms, ...`` with its K/V ring running on from one
-  item into the next (the producer streams the next item's tiles under this one's epilogue)."""
+  item into the next (the producer streams the next item's tiles under this one's epilogue,
+  and with ``prefetch_q`` the consumers the next item's Q)."""
   plan = spec.plan
   k_free, v_free = _free_barriers(spec.num_stages)
   wg = lax.axis_index("wg")
 
   def items(consumer: bool):
     tile = functools.partial(_forward_tile, q_ref, k_ref, v_ref, refs, spec=spec, scoped=scoped,
-                             consumer=consumer)
+                             consumer=consumer, prefetch_q=prefetch_q)
     if not spec.persistent:
       tile(lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch"), 0)
       return
-    grid = (plan.batch, plan.q_heads, plan.nq)   # q tiles fastest: SMs at work share K/V in L2
+    # Item i is (batch row, head, q tile) with q tiles fastest: SMs at work share K/V in L2.
+    n_items, sm, num_sms = plan.batch * plan.q_heads * plan.nq, lax.axis_index("sm"), \
+        lax.axis_size("sm")
+    coords = lambda i: (lax.rem(lax.div(i, plan.nq), plan.q_heads), lax.rem(i, plan.nq),
+                        lax.div(i, plan.nq * plan.q_heads))
 
-    @plgpu.nd_loop(grid, collective_axes="sm", init_carry=jnp.int32(0))
-    def _(info, carry):
-      b, h, qi = info.index
-      return tile(h, qi, b, carry)
+    def item(j, done):
+      i = sm + j * num_sms
+      return tile(*coords(i), done, first=j == 0,
+                  next_item=(*coords(i + num_sms), i + num_sms < n_items))
+
+    # The grid has at most one program per item: every program has one at least.
+    lax.fori_loop(0, lax.div(n_items - 1 - sm, num_sms) + 1, item, jnp.int32(0))
 
   @pl.when(wg < COMPUTE_WGS)
   def _():
@@ -723,6 +755,14 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays, out_dtype=None):
   d = q.shape[-1]
   ops = tuple(_pad_operand(x, r, plan) for x, r in zip(arrays.operands, spec.roles))
 
+  # A persistent program loads the next item's Q under this one's epilogue when the output
+  # (16-bit: staged in shared memory) has a buffer of its own beside Q, the ring and the LSE.
+  wide_out = out_dtype != q.dtype
+  q_bytes = COMPUTE_WGS * rows * d * q.dtype.itemsize
+  used = (q_bytes * (1 if wide_out else 2) + COMPUTE_WGS * rows * 4
+          + stages * plan.block_k * d * (k.dtype.itemsize + v.dtype.itemsize))
+  prefetch_q = spec.persistent and used <= _SMEM_BYTES
+
   def entry(*refs):
     k_ring = _smem((stages, plan.block_k, d), k.dtype)
     lse_buf = plgpu.SMEM((COMPUTE_WGS, rows), f32)
@@ -731,14 +771,18 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays, out_dtype=None):
     # turn only after warpgroup 1's last QK). A persistent program's producer is by then filling
     # the ring for its next item.
     k_and_lse = (k_ring, lse_buf) if spec.persistent else plgpu.RefUnion(k_ring, lse_buf)
-    scratch = (_smem((COMPUTE_WGS, rows, d), q.dtype), k_and_lse,
+    q_buf = _smem((COMPUTE_WGS, rows, d), q.dtype)
+    own_o = prefetch_q and not wide_out
+    scratch = ((q_buf, _smem((COMPUTE_WGS, rows, d), q.dtype)) if own_o else q_buf, k_and_lse,
                _smem((stages, plan.block_k, d), v.dtype))
     barriers = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=COMPUTE_WGS))
 
-    def body(qo_smems, k_lse, v_smems, *bars):
+    def body(q_o, k_lse, v_smems, *bars):
+      q_smems, o_smems = q_o if own_o else (q_o, q_o)   # else the output is staged in Q's buffer
       (k_smems, lse_smems) = k_lse
-      _forward_kernel(*refs, spec=spec, scoped=((qo_smems, k_smems, v_smems, lse_smems), bars))
+      _forward_kernel(*refs, spec=spec, prefetch_q=prefetch_q,
+                      scoped=((q_smems, o_smems, k_smems, v_smems, lse_smems), bars))
 
     pl.run_scoped(body, *scratch, *barriers, collective_axes="wg")
 
