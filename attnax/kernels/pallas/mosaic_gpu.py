@@ -358,11 +358,20 @@ class MosaicSpec:
   roles: tuple            # per mod operand: the ways its axes are indexed
   backward: tk.KernelSpec   # the Triton backward (runs when mosaic_backward is False)
   mosaic_backward: bool = False
-  bwd_stages: int = 3
+  bwd_stages: int = 3     # MosaicConfig.bwd_num_stages
   bwd_dq_cols: int = 64   # width of the dQ kernel's K/V chunks
   fused_dq: bool = False   # dQ by TMA reductions in the dK/dV kernel (else a dQ pass)
   persistent: bool = False   # the forward: one program per SM walking work items
   num_sms: int = 132
+
+  @property
+  def bwd_ring_stages(self) -> int:
+    """The depth of the backward's streamed rings: ``bwd_stages``, or in the fused form as
+    deep as its shared memory holds (a plan that falls back to the two-pass form gets the
+    configured depth back)."""
+    if self.fused_dq:
+      return min(self.bwd_stages, _fused_bwd_stages(self.plan))
+    return self.bwd_stages
 
 
 def plan_reasons(plan: FlashPlan, cfg: MosaicConfig) -> list[str]:
@@ -410,10 +419,9 @@ def kernel_spec(plan: FlashPlan, cfg: MosaicConfig, num_stages: int | None = Non
     raise ValueError("pallas_flash_attention: the Mosaic backward (MosaicConfig.bwd='mosaic') "
                      "cannot run this plan:\n  - " + "\n  - ".join(why_not))
   fused = not cfg.deterministic
-  bwd_stages = min(cfg.bwd_num_stages, _fused_bwd_stages(plan)) if fused else cfg.bwd_num_stages
   persistent = plan.dense if cfg.persistent is None else bool(cfg.persistent)
   return MosaicSpec(plan=plan, rows=rows, num_stages=stages, roles=roles, backward=bwd,
-                    mosaic_backward=not why_not, bwd_stages=bwd_stages,
+                    mosaic_backward=not why_not, bwd_stages=cfg.bwd_num_stages,
                     bwd_dq_cols=cfg.bwd_dq_block_k, fused_dq=fused, persistent=persistent,
                     num_sms=_checks.num_sms())
 
@@ -1010,7 +1018,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
   dq_ref = refs[-1]
   (q_smems, do_smems, k_smems, v_smems, *cot_stages), (q_ready, k_ready, v_ready, k_free,
                                                          v_free) = scoped
-  c, ck, stages = BWD_CHUNK, spec.bwd_dq_cols, spec.bwd_stages   # 64 q rows x ck keys a step
+  c, ck, stages = BWD_CHUNK, spec.bwd_dq_cols, spec.bwd_ring_stages   # 64 q rows x ck keys a step
   chunks = jnp.int32(plan.block_k // ck)
   h, qi, b = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
   if not plan.dense:
@@ -1107,7 +1115,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
   cot_stage = extra[-1] if cot_refs else None   # (COMPUTE_WGS, BWD_CHUNK) f32
   dq_split = _dq_split(plan) if fused else None
   ds_ready = ds_ready[0] if dq_split else None
-  c, stages, groups = BWD_CHUNK, spec.bwd_stages, plan.groups
+  c, stages, groups = BWD_CHUNK, spec.bwd_ring_stages, plan.groups
   chunks = jnp.int32(plan.block_q // c)
   hk, j, b = lax.axis_index("kv_heads"), lax.axis_index("kv_tiles"), lax.axis_index("batch")
   wg = lax.axis_index("wg")
@@ -1309,7 +1317,7 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
     q, k, v, do = (pad_to(x, x.shape[:3] + (MIN_HEAD_DIM,)) for x in (q, k, v, do))
   d = q.shape[-1]
   ops = tuple(_pad_operand(x, r, plan) for x, r in zip(arrays.operands, spec.roles))
-  c, stages, wgs = BWD_CHUNK, spec.bwd_stages, COMPUTE_WGS
+  c, stages, wgs = BWD_CHUNK, spec.bwd_ring_stages, COMPUTE_WGS
   own = lambda dtype: _smem((wgs, c, d), dtype)        # one chunk per consumer warpgroup
   ring = lambda dtype, rows=c: _smem((stages, rows, d), dtype)   # the streamed chunks
   ready = lambda n: plgpu.Barrier(num_barriers=n)

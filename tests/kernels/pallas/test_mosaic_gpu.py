@@ -190,12 +190,16 @@ def test_backward_with_mod_array_cotangents_lowers(with_rows):
 def test_fused_backward_fits_shared_memory():
   """The fused backward's Q/dO ring is as deep as shared memory allows beside its fixed buffers
   (each warpgroup's K/V chunks, dS^T (three steps of it with the head-dim split of dQ at
-  D=128) and f32 dQ staging): 2 stages at D=128, more at D=64."""
+  D=128) and f32 dQ staging): 2 stages at D=128, more at D=64. A fused plan that falls back to
+  the two-pass form (it differentiates arrays read along query positions) gets the configured
+  depth back."""
   for d, want in ((128, 2), (64, 9)):
     cfg, plan, *_ = _plan(*_zeros(d=d), score_mod=causal_mod())
     cfg = dataclasses.replace(cfg, bwd_num_stages=12)
-    assert mg.kernel_spec(plan, dataclasses.replace(cfg, deterministic=False)).bwd_stages == want
-    assert mg.kernel_spec(plan, cfg).bwd_stages == 12   # the default, two-pass form
+    fused = mg.kernel_spec(plan, dataclasses.replace(cfg, deterministic=False))
+    assert fused.bwd_ring_stages == want
+    assert dataclasses.replace(fused, fused_dq=False).bwd_ring_stages == 12
+    assert mg.kernel_spec(plan, cfg).bwd_ring_stages == 12   # the default, two-pass form
 
 
 def test_num_stages_bounds():
