@@ -8,16 +8,17 @@ variant once per round, so that clock drift falls on all of them alike):
 * ``base``: the module at ``benchmarks/_base_mosaic_gpu.py`` when that file exists (an untracked
   copy of an earlier commit's ``mosaic_gpu.py``, made for the run:
   ``git show REV:attnax/kernels/pallas/mosaic_gpu.py > benchmarks/_base_mosaic_gpu.py``);
-* ``now``: the module as it is;
-* ``noauto``: the module as it is with ``CompilerParams(unsafe_no_auto_barriers=True)`` in the
-  forward (a source patch; the library does not ship it).
+* ``now``: the module as it is, with its tuned config;
+* the others (:data:`VARIANTS`): source patches of the module (the library does not ship them)
+  or config overrides.
 
 Prints ms, TFLOP/s, the ratio to cuDNN and to tokamax, the compile time, and the error against
 cuDNN.
 
   PYTHONPATH=$PWD python3 benchmarks/diag_mosaic_fwd_ab.py   # CASES=s4k,s16k-causal ROUNDS=3
+  # VARIANTS=base,now,noauto,st2,st3,persist,items,contig (default base,now,noauto)
 """
-import importlib.util, inspect, os, sys, textwrap, time
+import dataclasses, os, sys, types
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax, jax.numpy as jnp
 import bench_attention as ba
@@ -28,27 +29,54 @@ CASES = os.environ.get("CASES", "s4k,s16k,s4k-causal,s16k-causal,s4k-d64,s4k-d25
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 
 
+NOAUTO = ("compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0)",
+          "compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0, "
+          "unsafe_no_auto_barriers=True)")
+# The full steps' blocks as the contiguous prefix alone (no list loads): right for causal plans,
+# whose full tiles are contiguous, and dense ones; a diagnosis of the per-step list loads.
+CONTIG = ("    return jnp.where(t < n_contig, start + t, jnp.where(t < n_full, listed_full, "
+          "listed_partial))",
+          "    return jnp.where(t < n_full, start + t, listed_partial)")
+# name -> (module file or None for the module as it is, source patches, MosaicConfig overrides)
+VARIANTS = {
+    "base": ("_base_mosaic_gpu.py", (), {}),
+    "now": (None, (), {}),
+    "noauto": (None, (NOAUTO,), {}),
+    "st2": (None, (), {"num_stages": 2}),
+    "st3": (None, (), {"num_stages": 3}),
+    "persist": (None, (), {"persistent": True}),
+    "items": (None, (), {"persistent": False}),
+    "contig": (None, (CONTIG,), {}),
+}
+PICK = os.environ.get("VARIANTS", "base,now,noauto").split(",")
+
+
+def load_variant(name: str):
+  """``(forward, config overrides)`` of one variant: a module built from patched source."""
+  path, patches, cfg = VARIANTS[name]
+  path = os.path.join(HERE, path) if path else mg.__file__
+  if not os.path.exists(path):
+    return None
+  src = open(path).read()
+  for old, new in patches:
+    assert src.count(old) == 1, (name, old)
+    src = src.replace(old, new)
+  mod = sys.modules[f"_variant_{name}"] = types.ModuleType(f"_variant_{name}")
+  mod.__file__ = mg.__file__   # its tuned-config table
+  exec(compile(src, f"<{name}>", "exec"), mod.__dict__)
+  return mod.forward, cfg
+
+
 def variants() -> dict:
-  out = {}
-  base = os.path.join(HERE, "_base_mosaic_gpu.py")
-  if os.path.exists(base):
-    spec = importlib.util.spec_from_file_location("_base_mosaic_gpu", base)
-    mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out["base"] = mod.forward
-  out["now"] = mg.forward
-  src = textwrap.dedent(inspect.getsource(mg.forward))
-  old = "compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0)"
-  assert src.count(old) == 1
-  ns = dict(vars(mg))
-  exec(src.replace(old, old[:-1] + ", unsafe_no_auto_barriers=True)"), ns)
-  out["noauto"] = ns["forward"]
-  return out
+  out = {n: load_variant(n) for n in PICK}
+  return {n: v for n, v in out.items() if v is not None}
 
 
-def variant_fn(forward, case, inp):
+def variant_fn(variant, case, inp):
+  forward, overrides = variant
   mod = ba._attnax_mod(case, inp)
   cfg = mg.default_config(case.head_dim, masked=mod is not None)
+  cfg = dataclasses.replace(cfg, **overrides)
   opts = {**api._PLAN_DEFAULTS, "backend": "mosaic", "config": cfg, "score_mod": mod}
 
   def fn(q, k, v):
