@@ -775,9 +775,9 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays, out_dtype=None):
     k_ring = _smem((stages, plan.block_k, d), k.dtype)
     lse_buf = plgpu.SMEM((COMPUTE_WGS, rows), f32)
     # The LSE buffer aliases the K ring when a program runs one work item: it is written after
-    # the last step, when both consumers have read every K tile (warpgroup 0 passes its final
-    # turn only after warpgroup 1's last QK). A persistent program's producer is by then filling
-    # the ring for its next item.
+    # the last step, when both consumers have read every K tile (warpgroup 0's final sync on
+    # warpgroup 1's turn barrier completes only after warpgroup 1's last QK). A persistent
+    # program's producer is by then filling the ring for its next item.
     k_and_lse = (k_ring, lse_buf) if spec.persistent else plgpu.RefUnion(k_ring, lse_buf)
     q_buf = _smem((COMPUTE_WGS, rows, d), q.dtype)
     own_o = prefetch_q and not wide_out
