@@ -58,7 +58,7 @@ from attnax.kernels.pallas.plan import NUM_LISTS, FlashPlan, PlanArrays, pad_to
 from attnax.kernels.score_mods import MASK_VALUE
 
 __all__ = ["MosaicConfig", "MosaicSpec", "TileArray", "default_config", "not_supported_reasons",
-           "plan_reasons", "backward_reasons", "forward", "backward", "MIN_HEAD_DIM",
+           "plan_reasons", "backward_reasons", "prefetches_q", "forward", "backward", "MIN_HEAD_DIM",
            "MAX_HEAD_DIM"]
 
 f32 = jnp.float32
@@ -750,6 +750,18 @@ def _smem(shape, dtype):
                                               plgpu.SwizzleTransform(swizzle)))
 
 
+def prefetches_q(spec: MosaicSpec, d: int, dtype, out_dtype) -> bool:
+  """Whether the forward (padded head dim ``d``) loads the next work item's Q under this one's
+  epilogue: a persistent program whose output (16-bit: staged in shared memory) has a buffer of
+  its own beside Q, the K/V ring and the LSE."""
+  rows, itemsize = spec.rows, jnp.dtype(dtype).itemsize
+  q_bytes = COMPUTE_WGS * rows * d * itemsize
+  wide_out = jnp.dtype(out_dtype) != jnp.dtype(dtype)
+  used = (q_bytes * (1 if wide_out else 2) + COMPUTE_WGS * rows * 4
+          + spec.num_stages * spec.plan.block_k * d * 2 * itemsize)
+  return spec.persistent and used <= _SMEM_BYTES
+
+
 def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays, out_dtype=None):
   """``(out, lse)`` on padded inputs: out ``(B, Hq, q_pad, v_pad)`` (``out_dtype``: q's or f32),
   lse f32 ``(B, Hq, q_pad)``."""
@@ -763,13 +775,8 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays, out_dtype=None):
   d = q.shape[-1]
   ops = tuple(_pad_operand(x, r, plan) for x, r in zip(arrays.operands, spec.roles))
 
-  # A persistent program loads the next item's Q under this one's epilogue when the output
-  # (16-bit: staged in shared memory) has a buffer of its own beside Q, the ring and the LSE.
   wide_out = out_dtype != q.dtype
-  q_bytes = COMPUTE_WGS * rows * d * q.dtype.itemsize
-  used = (q_bytes * (1 if wide_out else 2) + COMPUTE_WGS * rows * 4
-          + stages * plan.block_k * d * (k.dtype.itemsize + v.dtype.itemsize))
-  prefetch_q = spec.persistent and used <= _SMEM_BYTES
+  prefetch_q = prefetches_q(spec, d, q.dtype, out_dtype)
 
   def entry(*refs):
     k_ring = _smem((stages, plan.block_k, d), k.dtype)

@@ -202,6 +202,20 @@ def test_fused_backward_fits_shared_memory():
     assert mg.kernel_spec(plan, cfg).bwd_ring_stages == 12   # the default, two-pass form
 
 
+def test_persistent_forward_prefetches_q_where_shared_memory_allows():
+  """The persistent forward stages its output in a buffer of its own, so that the next item's
+  Q can land under this one's epilogue, where that buffer fits: at D=64 and 128 with the built-in
+  tiles, not at D=256 (Q, output and ring would need 256 KiB); an f32 output (stored from
+  registers) needs no buffer, so it prefetches at D=256 too; one program per item never does."""
+  for d, want in ((64, True), (128, True), (256, False)):
+    cfg, plan, *_ = _plan(*_zeros(d=d))
+    spec = mg.kernel_spec(plan, dataclasses.replace(cfg, persistent=True))
+    assert mg.prefetches_q(spec, d, bf16, bf16) is want, d
+    assert mg.prefetches_q(spec, d, bf16, jnp.float32) is True
+    items = mg.kernel_spec(plan, dataclasses.replace(cfg, persistent=False))
+    assert mg.prefetches_q(items, d, bf16, bf16) is False
+
+
 def test_num_stages_bounds():
   """The forward's ring takes two of the CTA's 16 named barriers per stage: 2 to MAX_STAGES."""
   cfg, plan, *_ = _plan(*_zeros())
