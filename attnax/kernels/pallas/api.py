@@ -130,7 +130,9 @@ class MosaicLowering(Lowering):
     return mg.forward(spec, q, k, v, arrays, out_dtype)
 
   def backward(self, spec, q, k, v, do, lse, delta, arrays: PlanArrays, diff=()):
-    if spec.mosaic_backward:
+    # (What the differentiated mod operands need is known only here; with bwd="mosaic" a call
+    # the Mosaic backward cannot run raises there.)
+    if spec.mosaic_backward and (spec.bwd_required or not mg.cotangent_reasons(spec, diff)):
       return mg.backward(spec, q, k, v, do, lse, delta, arrays, diff)
     return LOWERINGS["triton"].backward(spec.backward, q, k, v, do, lse, delta, arrays, diff)
 

@@ -28,8 +28,10 @@ The backward (:func:`backward`) is two Mosaic kernels on the same plan: dQ per q
 plan's lists, dK/dV per kv tile over the transposed lists (GQA summed in registers), with the
 mods' tile maths and their derivatives, and the cotangents of differentiated mod arrays (a vjp
 of each tile's replayed loads, summed in-warp and added by TMA reductions); the dK/dV kernel
-reads (query, key) tables from a transposed copy. Plans it cannot run (head dims above 128,
-tiles other than 128 x 128, dropout) take the Triton lowering's backward
+reads (query, key) tables from a transposed copy. Above D=128 (one 64 x D f32 accumulator is half
+a consumer's registers) the dK/dV kernel's two warpgroups share one 64-key chunk and split the work
+by gradient (dV in one, dK in the other, each computing ``S^T``), on 128 x 64 tiles. Plans it
+cannot run (other tiles, dropout) take the Triton lowering's backward
 (:func:`backward_reasons` says why; ``MosaicConfig.bwd`` forces either).
 """
 
@@ -58,7 +60,7 @@ from attnax.kernels.pallas.plan import NUM_LISTS, FlashPlan, PlanArrays, pad_to
 from attnax.kernels.score_mods import MASK_VALUE
 
 __all__ = ["MosaicConfig", "MosaicSpec", "TileArray", "default_config", "not_supported_reasons",
-           "plan_reasons", "backward_reasons", "prefetches_q", "forward", "backward",
+           "plan_reasons", "backward_reasons", "cotangent_reasons", "prefetches_q", "forward", "backward",
            "MIN_HEAD_DIM", "MAX_HEAD_DIM", "MAX_STAGES"]
 
 f32 = jnp.float32
@@ -109,7 +111,9 @@ class MosaicConfig:
   H200 (BENCHMARKS.md), the fused form is 16-19% slower than the two-pass one, so it is opt-in.
   In both forms the cotangents of differentiated mod arrays are added by TMA reductions (their
   last bits vary); per-query-row arrays and (query, key) tables are summed in the dQ pass, so a
-  plan that differentiates them runs the two-pass form.
+  plan that differentiates them runs the two-pass form. Head dims above 128 always run the
+  two-pass form (with dQ's 64 x D f32 accumulator beside dK's and dV's, the fused kernel would
+  not fit the registers).
 
   ``persistent``: the forward runs one program per SM, each walking work items with its K/V
   ring running on from one into the next, so the next item's tiles stream in under this one's
@@ -135,7 +139,9 @@ class MosaicConfig:
 _BUILTIN = {
     64: MosaicConfig(128, 128, 3),
     128: MosaicConfig(128, 128, 2),
-    256: MosaicConfig(128, 64, 2),
+    # D=256: the backward's rings are 2 deep (each step's Q and dO chunks, or K and V, take
+    # 64 KiB), beside 64 (dK/dV) or 128 KiB (dQ) of chunks the warpgroups own.
+    256: MosaicConfig(128, 64, 2, bwd_num_stages=2),
 }
 _TABLE_PATH = os.path.join(os.path.dirname(__file__), "configs", "mosaic_gpu.json")
 
@@ -165,10 +171,9 @@ def default_config(head_dim: int, dtype: Any = jnp.bfloat16, *, masked: bool = F
   d = min(k for k in _BUILTIN if k >= min(max(head_dim, MIN_HEAD_DIM), MAX_HEAD_DIM))
   kind = device_kind or _device_kind()
   tuned = _tuned_table().get(kind or "", {}).get(f"{d}/{'causal' if masked else 'dense'}")
-  if tuned:
-    bwd = {k: tuned[k] for k in ("bwd_num_stages", "bwd_dq_block_k", "persistent") if k in tuned}
-    return MosaicConfig(block_q=tuned["block_q"], block_k=tuned["block_k"],
-                        num_stages=tuned["num_stages"], **bwd)
+  if tuned:   # what the table leaves out is the built-in config's
+    fields = {f.name for f in dataclasses.fields(MosaicConfig)} - {"backward"}
+    return dataclasses.replace(_BUILTIN[d], **{k: v for k, v in tuned.items() if k in fields})
   return _BUILTIN[d]
 
 
@@ -358,6 +363,7 @@ class MosaicSpec:
   roles: tuple            # per mod operand: the ways its axes are indexed
   backward: tk.KernelSpec   # the Triton backward (runs when mosaic_backward is False)
   mosaic_backward: bool = False
+  bwd_required: bool = False   # MosaicConfig.bwd == "mosaic": no fallback to the Triton backward
   bwd_stages: int = 3     # MosaicConfig.bwd_num_stages
   bwd_dq_cols: int = 64   # width of the dQ kernel's K/V chunks
   fused_dq: bool = False   # dQ by TMA reductions in the dK/dV kernel (else a dQ pass)
@@ -418,10 +424,11 @@ def kernel_spec(plan: FlashPlan, cfg: MosaicConfig, num_stages: int | None = Non
   if cfg.bwd == "mosaic" and why_not:
     raise ValueError("pallas_flash_attention: the Mosaic backward (MosaicConfig.bwd='mosaic') "
                      "cannot run this plan:\n  - " + "\n  - ".join(why_not))
-  fused = not cfg.deterministic
+  fused = not cfg.deterministic and not _dkv_by_role(plan)
   persistent = plan.dense if cfg.persistent is None else bool(cfg.persistent)
   return MosaicSpec(plan=plan, rows=rows, num_stages=stages, roles=roles, backward=bwd,
-                    mosaic_backward=not why_not, bwd_stages=cfg.bwd_num_stages,
+                    mosaic_backward=not why_not, bwd_required=cfg.bwd == "mosaic",
+                    bwd_stages=cfg.bwd_num_stages,
                     bwd_dq_cols=cfg.bwd_dq_block_k, fused_dq=fused, persistent=persistent,
                     num_sms=_checks.num_sms())
 
@@ -831,16 +838,22 @@ BWD_CHUNK = 64   # rows per consumer warpgroup, and rows of each streamed chunk
 DS_BUFFERS = 3   # the fused backward's dS^T buffers with the head-dim split (dQ one step late)
 
 
+def _dkv_by_role(plan: FlashPlan) -> bool:
+  """Whether the dK/dV kernel's two warpgroups split the work by gradient on one shared
+  ``BWD_CHUNK``-key chunk (warpgroup 0 accumulates dV, warpgroup 1 dK; each computes ``S^T``)
+  instead of each owning a chunk with both accumulators: above D=128 one ``BWD_CHUNK x D`` f32
+  accumulator is half a consumer's registers."""
+  return max(plan.head_pad, plan.v_pad) > 128
+
+
 def backward_reasons(plan: FlashPlan) -> list[str]:
   """Why the Mosaic backward cannot run this plan (the Triton backward then runs it)."""
   reasons = []
-  if plan.block_q != COMPUTE_WGS * BWD_CHUNK or plan.block_k != COMPUTE_WGS * BWD_CHUNK:
-    reasons.append(f"the Mosaic backward takes {COMPUTE_WGS * BWD_CHUNK} x "
-                   f"{COMPUTE_WGS * BWD_CHUNK} BlockMask tiles (two warpgroups of {BWD_CHUNK} "
-                   f"rows), the plan has {plan.block_q} x {plan.block_k}")
-  if max(plan.head_pad, plan.v_pad) > 128:
-    reasons.append(f"head dim {max(plan.head_pad, plan.v_pad)} > 128: the dK and dV accumulators "
-                   f"({BWD_CHUNK} x D f32 each) do not fit a warpgroup's registers")
+  tile_k = BWD_CHUNK * (1 if _dkv_by_role(plan) else COMPUTE_WGS)
+  if plan.block_q != COMPUTE_WGS * BWD_CHUNK or plan.block_k != tile_k:
+    reasons.append(f"the Mosaic backward takes {COMPUTE_WGS * BWD_CHUNK} x {tile_k} BlockMask "
+                   f"tiles at head dim {max(plan.head_pad, plan.v_pad)} (two warpgroups of "
+                   f"{BWD_CHUNK} rows), the plan has {plan.block_q} x {plan.block_k}")
   if plan.dropout_rate or plan.softmax_threshold is not None:
     reasons.append("dropout and threshold skipping run on the Triton lowering")
   if not reasons and plan.mods.meta:
@@ -887,11 +900,13 @@ def _lowerable(fn):
   return lowered
 
 
-def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, bufs=()):
+def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, bufs=(),
+                derivative: bool = True):
   """``(s2, dmod, loads_vjp)`` of a backward tile: its base-2 scores; ``d(modded score)/d(q.k)``
-  where it is not constant; and, for the loads whose ``(operand, kind)`` (:func:`_load_kind`) is
-  one of this kernel's cotangent buffers ``bufs``, ``loads_vjp(ct) -> [(operand, kind, roles,
-  index, f32 cotangent tile)]``, ``ct`` the cotangent of ``s2`` (``None`` without such loads).
+  where it is not constant and ``derivative`` (a warpgroup that only needs P skips it); and,
+  for the loads whose ``(operand, kind)`` (:func:`_load_kind`) is one of this kernel's cotangent
+  buffers ``bufs``, ``loads_vjp(ct) -> [(operand, kind, roles, index, f32 cotangent tile)]``,
+  ``ct`` the cotangent of ``s2`` (``None`` without such loads).
 
   Without a derivative (``plan.unit_grad``: no score mod, or mods that only add) the caller
   multiplies its accumulated gradient by ``plan.scale``; with one, the derivative carries it.
@@ -907,7 +922,7 @@ def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, bu
   s2 = scores(s)
   values = [[val for val, _, _ in loads] for loads in sites]
   dmod = None
-  if not plan.unit_grad:
+  if derivative and not plan.unit_grad:
     # Elementwise mods: a jvp with tangent 1 is the derivative (a soft-cap's 1 - tanh^2 included).
     ds2 = _lowerable(lambda x: jax.jvp(lambda y: scores(y, values), (x,),
                                        (jnp.ones_like(x),))[1])(s)
@@ -987,6 +1002,29 @@ def _add_cotangents(sites, stages, cot_refs):
       reduce(stages[1], g[:, j:j + TABLE_CHUNK], ref.at[tuple(cols)])
 
 
+def _cotangent_stages(bufs) -> tuple:
+  """A kernel's shared-memory staging for the cotangents it adds (``bufs``): the rows' sums,
+  and (the dQ kernel) a table's tiles."""
+  if not bufs:
+    return ()
+  stages = (plgpu.SMEM((COMPUTE_WGS, BWD_CHUNK), f32),)
+  if any(kind == TABLE for _, kind in bufs):
+    stages += (_smem((COMPUTE_WGS, BWD_CHUNK, TABLE_CHUNK), f32),)
+  return stages
+
+
+def cotangent_reasons(spec: MosaicSpec, diff) -> list[str]:
+  """Why the Mosaic backward cannot differentiate the mod operands ``diff`` of this plan (the
+  Triton backward then runs the call): the dQ kernel's staging of their cotangents does not fit
+  its shared memory beside one slot of V (a (query, key) table at D=256)."""
+  d = max(spec.plan.head_pad, MIN_HEAD_DIM)
+  dq_bufs = [buf for buf in _cotangent_buffers(spec, diff) if buf[1] in DQ_KINDS]
+  if dq_bufs and not _dq_v_stages(spec, d, jnp.bfloat16, _cotangent_stages(dq_bufs)):
+    return [f"the dQ kernel's staging of the cotangents of a differentiated (query, key) table "
+            f"does not fit its shared memory at head dim {d}"]
+  return []
+
+
 def _table_axes(patterns) -> set[tuple[int, int]]:
   """The (query, key) axis pairs at which an operand is read as a (query, key) table."""
   return {(p.index("q"), p.index("kv")) for p in patterns if "q" in p and "kv" in p}
@@ -998,6 +1036,19 @@ def _transposed_tables(ops, roles) -> tuple:
   pair per table: :func:`backward_reasons`)."""
   return tuple(jnp.swapaxes(x, *next(iter(_table_axes(r)))) if _table_axes(r) else x
                for x, r in zip(ops, roles))
+
+
+def _dq_v_stages(spec: MosaicSpec, d: int, dtype, cot_stages=()) -> int:
+  """The depth of the dQ kernel's V ring: the K ring's, or as deep as shared memory holds
+  beside the warpgroups' Q and dO, the K ring and the cotangents' staging (at D=256, one
+  slot: V is read by the step's first matmuls, ``dP = dO V^T``, so the next step's V streams in
+  under this step's softmax and ``dQ += dS K``); 0 when not even one fits
+  (:func:`cotangent_reasons`)."""
+  itemsize, stages, ck = jnp.dtype(dtype).itemsize, spec.bwd_ring_stages, spec.bwd_dq_cols
+  nbytes = lambda x: math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+  fixed = (2 * COMPUTE_WGS * BWD_CHUNK * d + stages * ck * d) * itemsize
+  fixed += sum(nbytes(x) for x in cot_stages)
+  return max(0, min(stages, (_SMEM_BYTES - fixed) // (ck * d * itemsize)))
 
 
 def _stream(total, stages, fetch, n0=0):
@@ -1025,6 +1076,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
   (q_smems, do_smems, k_smems, v_smems, *cot_stages), (q_ready, k_ready, v_ready, k_free,
                                                          v_free) = scoped
   c, ck, stages = BWD_CHUNK, spec.bwd_dq_cols, spec.bwd_ring_stages   # 64 q rows x ck keys a step
+  v_stages = v_smems.shape[0]   # :func:`_dq_v_stages`
   chunks = jnp.int32(plan.block_k // ck)
   h, qi, b = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
   if not plan.dense:
@@ -1052,18 +1104,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
     plgpu.barrier_wait(q_ready.at[COMPUTE_WGS + wg])
 
     def step(t, dq, masked: bool):
-      slot = lax.rem(t, stages)
+      slot, v_slot = lax.rem(t, stages), lax.rem(t, v_stages)
       k_start = k_start_of(t)
       plgpu.barrier_wait(k_ready.at[slot])
 
       def scores(s_ref, dp_ref):
         plgpu.wgmma(s_ref, q_smem, k_smems.at[slot].transpose((1, 0)))
-        plgpu.barrier_wait(v_ready.at[slot])
-        plgpu.wgmma(dp_ref, do_smem, v_smems.at[slot].transpose((1, 0)))
+        plgpu.barrier_wait(v_ready.at[v_slot])
+        plgpu.wgmma(dp_ref, do_smem, v_smems.at[v_slot].transpose((1, 0)))
         return s_ref[...], dp_ref[...]
 
       s, dp = pl.run_scoped(scores, plgpu.ACC((c, ck), f32), plgpu.ACC((c, ck), f32))
-      plgpu.barrier_arrive(v_free.at[slot])
+      plgpu.barrier_arrive(v_free.at[v_slot])
       iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, ck), d, layout=_WGMMA)
       tile = _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, c, ck)
       s2, dmod, loads_vjp = _bwd_scores(s, plan, op_refs, tile, b, h, masked, bufs)
@@ -1099,8 +1151,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
       rows = (b, kv_head, pl.ds(k_start_of(t), ck))
       _when(refill, lambda: plgpu.barrier_wait(k_free.at[slot]))
       plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smems.at[slot], k_ready.at[slot])
-      _when(refill, lambda: plgpu.barrier_wait(v_free.at[slot]))
-      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smems.at[slot], v_ready.at[slot])
+      v_slot = lax.rem(t, v_stages) if v_stages < stages else slot
+      _when(t >= v_stages if v_stages < stages else refill,
+            lambda: plgpu.barrier_wait(v_free.at[v_slot]))
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smems.at[v_slot], v_ready.at[v_slot])
 
     _stream(total, stages, fetch)
 
@@ -1109,6 +1163,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
                 scoped, bufs=()):
   plan = spec.plan
   fused = spec.fused_dq
+  by_role = _dkv_by_role(plan)
   n_ops = len(plan.mods.meta)
   tlist_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:NUM_LISTS + n_ops]
   accumulators = refs[NUM_LISTS + n_ops:-2]   # f32, aliased in and out: dQ (fused), cotangents
@@ -1138,17 +1193,27 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
     """``body(g, carry)`` for each query head of the kv head's group."""
     return body(0, init) if groups == 1 else lax.fori_loop(0, groups, body, init)
 
-  @pl.when(wg < COMPUTE_WGS)
-  def _consumer():
+  def consumer(want_dk: bool, want_dv: bool):
+    """A consumer warpgroup accumulating dK and/or dV of its kv chunk over the q chunks."""
     plgpu.set_max_registers(232, action="increase")
-    k_smem, v_smem = k_smems.at[wg], v_smems.at[wg]
-    k_start = j * plan.block_k + wg * c
+    own = 0 if by_role else wg
+    k_smem, v_smem = k_smems.at[own], v_smems.at[own]
+    k_start = j * plan.block_k + (0 if by_role else wg * c)
     kv_rows = (b, hk, pl.ds(k_start, c))
-    plgpu.copy_gmem_to_smem(k_ref.at[kv_rows], k_smem, kv_ready.at[wg])
-    plgpu.copy_gmem_to_smem(v_ref.at[kv_rows], v_smem, kv_ready.at[COMPUTE_WGS + wg])
+    # Each warpgroup loads its own chunk's K and V; by role the chunk is shared: warpgroup 0
+    # (dV) loads K, all it reads, and warpgroup 1 (dK) loads V and waits for both.
+    if not by_role:
+      loads = ((k_ref, k_smem, wg), (v_ref, v_smem, COMPUTE_WGS + wg))
+      waits = (wg, COMPUTE_WGS + wg)
+    elif want_dv:
+      loads, waits = ((k_ref, k_smem, 0),), (0,)
+    else:
+      loads, waits = ((v_ref, v_smem, 1),), (0, 1)
+    for src, dst, i in loads:
+      plgpu.copy_gmem_to_smem(src.at[kv_rows], dst, kv_ready.at[i])
     zeros = plgpu.layout_cast(jnp.zeros((c, k_smem.shape[-1]), f32), _WGMMA)
-    plgpu.barrier_wait(kv_ready.at[wg])
-    plgpu.barrier_wait(kv_ready.at[COMPUTE_WGS + wg])
+    for i in waits:
+      plgpu.barrier_wait(kv_ready.at[i])
 
     # The fused form with the head-dim split: step t writes its dS^T into buffer t % DS_BUFFERS
     # and computes the previous step's dQ (both warpgroups' dS^T of step t - 1), so the barrier
@@ -1184,35 +1249,43 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
         q_start = q_start_of(t)
         plgpu.barrier_wait(q_ready.at[slot])
 
-        def scores(st_ref, dpt_ref):   # S^T = K Q^T and dP^T = V dO^T: keys x queries
+        def scores(st_ref, dpt_ref=None):   # S^T = K Q^T and dP^T = V dO^T: keys x queries
           plgpu.wgmma(st_ref, k_smem, q_smems.at[slot].transpose((1, 0)))
           plgpu.barrier_wait(do_ready.at[slot])
+          if dpt_ref is None:   # dV only: no dP^T
+            return st_ref[...], None
           plgpu.wgmma(dpt_ref, v_smem, do_smems.at[slot].transpose((1, 0)))
           return st_ref[...], dpt_ref[...]
 
-        st, dpt = pl.run_scoped(scores, plgpu.ACC((c, c), f32), plgpu.ACC((c, c), f32))
+        st, dpt = pl.run_scoped(scores, *[plgpu.ACC((c, c), f32) for _ in range(1 + want_dk)])
         q_cols = (b, h, pl.ds(q_start, c))
         lse = _row_line(lse_ref, q_cols, 1)
         lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
-        delta = _row_line(delta_ref, q_cols, 1)
         iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WGMMA)
         tile = _Tile(q_start + iota(1), k_start + iota(0), q_start, k_start, c, c,
                      transposed=True)
-        s2, dmod, loads_vjp = _bwd_scores(st, plan, op_refs, tile, b, h, masked, bufs)
+        s2, dmod, loads_vjp = _bwd_scores(st, plan, op_refs, tile, b, h, masked,
+                                          bufs if want_dk else (), derivative=want_dk)
         pt = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (1,)))
-        dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, (1,)))
-        if loads_vjp is not None:   # dst is d/d(modded score); s2 is in base 2
-          _add_cotangents(loads_vjp(dst * LN2), [cot_stage.at[wg]], cot_refs)
-        if dmod is not None:
-          dst = dst * dmod
+        dst = None
+        if want_dk:
+          delta = _row_line(delta_ref, q_cols, 1)
+          dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, (1,)))
+          if loads_vjp is not None:   # dst is d/d(modded score); s2 is in base 2
+            _add_cotangents(loads_vjp(dst * LN2), [cot_stage.at[wg]], cot_refs)
+          if dmod is not None:
+            dst = dst * dmod
 
         if not fused:
           def accumulate(refs):
             dv_ref, dk_ref = refs
-            plgpu.wgmma(dv_ref, pt.astype(dtype), do_smems.at[slot])
-            plgpu.wgmma(dk_ref, dst.astype(dtype), q_smems.at[slot])
+            if want_dv:
+              plgpu.wgmma(dv_ref, pt.astype(dtype), do_smems.at[slot])
+            if want_dk:
+              plgpu.wgmma(dk_ref, dst.astype(dtype), q_smems.at[slot])
 
-          dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+          init = lambda acc: None if acc is None else plgpu.ACC.init(acc)
+          dv, dk = pl.run_state(accumulate)((init(dv), init(dk)))
           plgpu.barrier_arrive(free.at[slot])
           return dk, dv, prev
 
@@ -1254,8 +1327,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
       return dk, dv, n + total, prev
 
     no_step = (jnp.int32(0), jnp.int32(0))
-    dk, dv, steps, (last_h, last_chunk) = over_heads(one_head,
-                                                     (zeros, zeros, jnp.int32(0), no_step))
+    dk, dv, steps, (last_h, last_chunk) = over_heads(
+        one_head, (zeros if want_dk else None, zeros if want_dv else None, jnp.int32(0), no_step))
     if dq_split:
       @pl.when(steps > 0)
       def _():   # the last step's dQ
@@ -1266,14 +1339,29 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
       # The other warpgroup reads this one's K for its dQ: both are done before dK overwrites it.
       plgpu.barrier_arrive(ds_ready.at[DS_BUFFERS])
       plgpu.barrier_wait(ds_ready.at[DS_BUFFERS])
-    if plan.unit_grad:
-      dk = dk * plan.scale
-    k_smem[...] = dk.astype(dtype)   # every wgmma reading K and V has completed
-    v_smem[...] = dv.astype(dtype)
+    # The results go out through the chunk's own buffers, once every wgmma reading them has
+    # completed. By role: dK through V's (only warpgroup 1 reads V), dV through K's, which
+    # warpgroup 1 reads until its last step: warpgroup 0 waits for it at a named barrier.
+    if by_role:
+      _bar("sync" if want_dv else "arrive", _TURN_BARRIER, COMPUTE_WGS * WG_THREADS)
+    outs = []
+    if want_dk:
+      outs.append((v_smem if by_role else k_smem, dk * plan.scale if plan.unit_grad else dk,
+                   dk_ref))
+    if want_dv:
+      outs.append((k_smem if by_role else v_smem, dv, dv_ref))
+    for buf, val, _ in outs:
+      buf[...] = val.astype(dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[kv_rows])
-    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[kv_rows])
+    for buf, _, ref in outs:
+      plgpu.copy_smem_to_gmem(buf, ref.at[kv_rows])
     plgpu.wait_smem_to_gmem(0)
+
+  if by_role:
+    pl.when(wg == 0)(lambda: consumer(want_dk=False, want_dv=True))
+    pl.when(wg == 1)(lambda: consumer(want_dk=True, want_dv=False))
+  else:
+    pl.when(wg < COMPUTE_WGS)(lambda: consumer(want_dk=True, want_dv=True))
 
   @pl.when(wg == COMPUTE_WGS)
   def _producer():
@@ -1324,7 +1412,7 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
   d = q.shape[-1]
   ops = tuple(_pad_operand(x, r, plan) for x, r in zip(arrays.operands, spec.roles))
   c, stages, wgs = BWD_CHUNK, spec.bwd_ring_stages, COMPUTE_WGS
-  own = lambda dtype: _smem((wgs, c, d), dtype)        # one chunk per consumer warpgroup
+  own = lambda dtype, n=wgs: _smem((n, c, d), dtype)    # one chunk per consumer warpgroup
   ring = lambda dtype, rows=c: _smem((stages, rows, d), dtype)   # the streamed chunks
   ready = lambda n: plgpu.Barrier(num_barriers=n)
   release = plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)
@@ -1333,10 +1421,7 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
 
   def zeros(mine):   # one kernel's f32 cotangent buffers, and its staging buffers
     shape = lambda i, kind: (arrays.operands[i].shape + (c,) if kind == LANES else ops[i].shape)
-    stages = (plgpu.SMEM((wgs, c), f32),)   # rows' sums; then a table's tiles (dQ kernel)
-    if any(kind == TABLE for _, kind in mine):
-      stages += (_smem((wgs, c, TABLE_CHUNK), f32),)
-    return tuple(jnp.zeros(shape(i, kind), f32) for i, kind in mine), (stages if mine else ())
+    return tuple(jnp.zeros(shape(i, kind), f32) for i, kind in mine), _cotangent_stages(mine)
 
   def with_accumulators(call, inputs, out_shapes, accumulators):
     """``call(*inputs, *accumulator refs) -> outputs``, the kernel adding into the f32
@@ -1352,7 +1437,8 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
                              + accumulators)
 
   dkv_cots, dkv_stage = zeros(dkv_bufs)
-  dkv_scratch = (own(k.dtype), own(v.dtype), ring(q.dtype), ring(do.dtype))
+  kv_chunks = 1 if _dkv_by_role(plan) else wgs   # by role, both warpgroups read one chunk
+  dkv_scratch = (own(k.dtype, kv_chunks), own(v.dtype, kv_chunks), ring(q.dtype), ring(do.dtype))
   dkv_barriers = (ready(2 * wgs), ready(stages), ready(stages), release)
   dkv_outs = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
   dkv = functools.partial(
@@ -1374,11 +1460,16 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
     dq = (dq * plan.scale if plan.unit_grad else dq).astype(q.dtype)
   else:
     dq_cots, dq_stage = zeros(dq_bufs)
+    v_stages = _dq_v_stages(spec, d, q.dtype, dq_stage)
+    if not v_stages:
+      raise ValueError("pallas_flash_attention: the Mosaic backward cannot run this call: "
+                       + " ".join(cotangent_reasons(spec, diff)))
     dq_call = _bwd_call(
         functools.partial(_dq_kernel, bufs=dq_bufs), spec,
         (own(q.dtype), own(do.dtype), ring(k.dtype, spec.bwd_dq_cols),
-         ring(v.dtype, spec.bwd_dq_cols)) + dq_stage,
-        (ready(2 * wgs), ready(stages), ready(stages), release, release),
+         _smem((v_stages, spec.bwd_dq_cols, d), v.dtype)) + dq_stage,
+        (ready(2 * wgs), ready(stages), ready(v_stages), release,
+         plgpu.Barrier(num_arrivals=wgs, num_barriers=v_stages)),
         jax.ShapeDtypeStruct(q.shape, q.dtype), (plan.q_heads, plan.nq, plan.batch),
         ("heads", "q_tiles", "batch"))
     dq_inputs = (q, k, v, do, lse, delta, *arrays.lists, *ops)

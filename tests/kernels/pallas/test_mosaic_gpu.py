@@ -112,9 +112,10 @@ def test_lowers_for_sm90(case):
   if not spec.mosaic_backward:
     return
   # The backward: the deterministic form (the default: a dQ pass over the lists, dK/dV over the
-  # transposed lists) and the fused dK/dV kernel with dQ by TMA reductions.
+  # transposed lists) and the fused dK/dV kernel with dQ by TMA reductions (not above D=128:
+  # there the dK/dV kernel's warpgroups split the work by gradient, and the form is two-pass).
   rows = jnp.zeros(qp.shape[:3], jnp.float32)
-  for deterministic in (False, True):
+  for deterministic in (False, True) if d <= 128 else (True,):
     spec = mg.kernel_spec(plan, dataclasses.replace(cfg, deterministic=deterministic))
     assert spec.fused_dq is not deterministic
     bwd = jax.jit(lambda q, k, v, do, lse, delta, a, spec=spec: mg.backward(
@@ -187,6 +188,38 @@ def test_backward_with_mod_array_cotangents_lowers(with_rows):
     assert mlir.count("custom_call @mosaic_gpu") == (2 if two_pass else 1)
 
 
+def test_d256_backward_lowers_with_mod_array_cotangents():
+  """At D=256 the dK/dV kernel's warpgroups split the work by gradient (dV, dK) on one 64-key
+  chunk, and the dQ kernel's V ring is one slot deep (V is read by each step's first matmuls);
+  the backward lowers with slopes, a gate and a bias row differentiated (the key-side ones in
+  the dK warpgroup). A differentiated (query, key) table's staging does not fit beside the dQ
+  kernel's chunks there: ``cotangent_reasons`` says so (the Triton backward then runs)."""
+  q, k, v = _zeros(d=256)
+  make, arrays = _cotangent_mod()
+  cfg, plan, plan_arrays, qp, kp, vp = _plan(q, k, v, score_mod=make(*arrays))
+  assert mg.backward_reasons(plan) == []
+  spec = mg.kernel_spec(plan, cfg)
+  assert (spec.bwd_ring_stages, mg._dq_v_stages(spec, 256, bf16)) == (2, 1)
+  floats = [i for i, is_float in enumerate(plan.mods.float_mask) if is_float]
+  table = next(i for i in floats if plan.mods.meta[i][0] == arrays[4].shape)
+  assert "table" in " ".join(mg.cotangent_reasons(spec, (table,)))
+  diff = tuple(i for i in floats if i != table)
+  assert len(diff) == 4 and mg.cotangent_reasons(spec, diff) == []
+  rows = jnp.zeros(qp.shape[:3], jnp.float32)
+  exported = jax.export.export(jax.jit(lambda q, k, v, do, lse, delta, a: mg.backward(
+      spec, q, k, v, do, lse, delta, a, diff)), platforms=["cuda"], disabled_checks=[
+          jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(qp, kp, vp, qp, rows,
+                                                                         rows, plan_arrays)
+  shapes = [tuple(a.shape) for a in exported.out_avals]
+  assert shapes == [qp.shape, kp.shape, vp.shape] + [plan_arrays.operands[i].shape for i in diff]
+  mlir = exported.mlir_module()
+  assert mlir.count("custom_call @mosaic_gpu") == 2 and "cp.reduce.async.bulk" in mlir
+  # At D=128 the V ring is as deep as K's.
+  cfg, plan, *_ = _plan(*_zeros(), score_mod=causal_mod())
+  spec = mg.kernel_spec(plan, cfg)
+  assert mg._dq_v_stages(spec, 128, bf16) == spec.bwd_ring_stages
+
+
 def test_fused_backward_fits_shared_memory():
   """The fused backward's Q/dO ring is as deep as shared memory allows beside its fixed buffers
   (each warpgroup's K/V chunks, dS^T (three steps of it with the head-dim split of dQ at
@@ -242,9 +275,13 @@ def test_backward_reasons():
     mg.kernel_spec(plan, dataclasses.replace(cfg, bwd="mosaic"))
   with pytest.raises(ValueError, match="bwd must be"):
     mg.kernel_spec(plan, dataclasses.replace(cfg, bwd="cuda"))
-  # Head dim 256: the accumulators do not fit.
-  cfg, plan, *_ = _plan(*_zeros(d=256))
-  assert "head dim 256" in " ".join(mg.backward_reasons(plan))
+  # Head dim 256 runs on 128 x 64 tiles (the dK/dV kernel's warpgroups split the work by
+  # gradient), two-pass even when the fused form is asked for; other tiles take Triton's.
+  cfg, plan, *_ = _plan(*_zeros(d=256), score_mod=causal_mod())
+  assert (plan.block_q, plan.block_k) == (128, 64) and mg.backward_reasons(plan) == []
+  assert not mg.kernel_spec(plan, dataclasses.replace(cfg, deterministic=False)).fused_dq
+  cfg, plan, *_ = _plan(*_zeros(d=256), block_k=128)
+  assert "128 x 64" in " ".join(mg.backward_reasons(plan))
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -267,6 +304,7 @@ GPU_CASES = {
     "padding_rows_empty": (2, 4, 4, 512, 512, 128, bf16, lambda: dict(
         score_mod=padding_mask_mod(jnp.array([0, 333])))),
     "d256": (1, 2, 2, 1024, 1024, 256, bf16, lambda: dict(score_mod=causal_mod())),
+    "d256_gqa_ragged": (2, 4, 2, 700, 1000, 256, bf16, lambda: dict(score_mod=causal_mod(300))),
     "d64_dense": (1, 4, 4, 1024, 1024, 64, f16, lambda: dict()),
 }
 
@@ -309,7 +347,7 @@ def test_persistent_forward_matches_per_item_forward(case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["causal_gqa", "docs_alibi_softcap", "ragged_sq_ne_sk",
-                                  "padding_rows_empty"])
+                                  "padding_rows_empty", "d256", "d256_gqa_ragged"])
 def test_mosaic_backward_matches_triton_backward(case):
   """The Mosaic backward against the Triton backward of the same forward (same plan, same
   rounding of the inputs): closer than either is to the float64 reference."""
@@ -380,18 +418,23 @@ def test_tuned_table_is_read():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_mod_array_cotangents_on_the_mosaic_backward(deterministic):
+@pytest.mark.parametrize("deterministic,d", [(True, 128), (False, 128), (True, 256)])
+def test_mod_array_cotangents_on_the_mosaic_backward(deterministic, d):
   """Slopes, a gate's alpha and delta, a bias row and a bias table get their gradients from the
   Mosaic backward (both forms, GQA, causal, batch 2): against float64, and against the Triton
-  backward of the same plan."""
-  b, hq, hkv, s, d = 2, 8, 2, 1024, 128
+  backward of the same plan. At D=256 (the dK/dV kernel split by gradient) without the table,
+  whose staging does not fit there."""
+  b, hq, hkv, s = 2, 8, 2, 1024
   q, k, v = random_qkv(31, batch=b, q_heads=hq, kv_heads=hkv, q_len=s, kv_len=s, head_dim=d,
                        dtype=bf16)
   make, arrays = _cotangent_mod(b, hq, hkv, s, seed=32)
+  if d > 128:
+    make, arrays = (lambda *a: make_cotangent_mod(*a, jnp.zeros((1, 1, 1, 1)))), arrays[:4]
   cfg = dataclasses.replace(mg.default_config(d, bf16, masked=True), deterministic=deterministic)
   _, plan, *_ = _plan(q, k, v, cfg, score_mod=make(*arrays))
-  assert mg.kernel_spec(plan, cfg).mosaic_backward
+  spec = mg.kernel_spec(plan, cfg)
+  floats = [i for i, is_float in enumerate(plan.mods.float_mask) if is_float]
+  assert spec.mosaic_backward and not mg.cotangent_reasons(spec, floats)
   ct = jax.random.normal(jax.random.key(33), q.shape, jnp.float32)
 
   def loss(kernel, **kw):
