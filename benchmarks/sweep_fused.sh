@@ -7,7 +7,8 @@
 # PARTS (default "tests main"): tests (pytest -m gpu of the Mosaic lowering), conformance (the
 # conformance suite's mosaic_gpu row), forms (bench_mosaic_bwd_forms.py: both forms at ring
 # depths 2 and 3), main (s4k, s4k-causal, s16k-causal), masks (window32k, docs32k, alibi8k), more
-# (s4k-d64, s4k-d256, aether-32k-clustered), paged (bench_paged.py --sweep at B=32 16k, bf16 and
+# (s4k-d64, s4k-d256, aether-32k-clustered), d256 (fwd+bwd at D=256: the Mosaic and the Triton
+# backward of the Mosaic forward), paged (bench_paged.py --sweep at B=32 16k, bf16 and
 # int8 pages), fwd (the forward alone: FWD_CASES with the persistent and per-item forms beside
 # cuDNN and tokamax), modgrads (quick_mod_grads.py: differentiated mod arrays, Mosaic and Triton
 # backwards), abfwd (diag_mosaic_fwd_ab.py: the forward against an earlier copy of itself).
@@ -19,9 +20,9 @@ T0=$(date +%s)
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 stamp() { echo "== $1 at $(( $(date +%s) - T0 ))s"; }
 quiet() { grep -v "^WARNING\|^I0000\|^W0000" | cut -c1-300; }
-bench() {   # cases budget tag
+bench() {   # cases budget tag [kernels]
   SWEEP_BUDGET_S=$2 bash benchmarks/gpu_sweep.sh bench --cases "$1" \
-    --kernels cudnn,tokamax-mosaic,flex,attnax-mosaic,attnax-mosaic-fused --modes fwd+bwd \
+    --kernels ${4:-cudnn,tokamax-mosaic,flex,attnax-mosaic,attnax-mosaic-fused} --modes fwd+bwd \
     --budget-s 0.3 --out "$OUT/$3" 2>&1 | grep "^|\|^###\|done\|rror" | tail -40
 }
 if has tests; then
@@ -69,5 +70,9 @@ if has modgrads; then
 fi
 if has main; then stamp main; bench s4k,s4k-causal,s16k-causal ${MAIN_S:-330} main; fi
 if has masks; then stamp masks; bench window32k,docs32k,alibi8k ${MASKS_S:-330} masks; fi
+if has d256; then   # the Mosaic backward at D=256 against the Triton one (attnax-mosaic-tbwd)
+  stamp d256
+  bench s4k-d256,s4k-d256-causal ${D256_S:-240} d256 cudnn,tokamax-mosaic,attnax-mosaic,attnax-mosaic-tbwd
+fi
 if has more; then stamp more; bench s4k-d64,s4k-d256,aether-32k-clustered ${MORE_S:-330} more; fi
 stamp done
