@@ -54,7 +54,7 @@ if has fwd; then
   stamp fwd
   SWEEP_BUDGET_S=${FWD_S:-300} bash benchmarks/gpu_sweep.sh bench \
     --cases "${FWD_CASES:-s4k,s16k,s4k-d64,s4k-d256,s4k-causal,s16k-causal}" \
-    --kernels cudnn,tokamax-mosaic,attnax-mosaic-items,attnax-mosaic-persistent --modes fwd \
+    --kernels ${FWD_KERNELS:-cudnn,tokamax-mosaic,attnax-mosaic-items,attnax-mosaic-persistent} --modes fwd \
     --budget-s 0.3 --out "$OUT/fwd" 2>&1 | grep "^|\|^###\|done\|rror" | tail -40
 fi
 if has abfwd; then   # diag_mosaic_fwd_ab.py: the forward against benchmarks/_base_mosaic_gpu.py

@@ -18,6 +18,7 @@ from attnax.kernels import (additive_bias_mod, alibi_mod, causal_mod, compose_sc
                             document_mask_mod, padding_mask_mod, prefix_lm_mod, sliding_window_mod,
                             softcap_mod, standard_attention)
 from attnax.kernels.gated import gated_mod
+from attnax.kernels.score_mods import array_mask_mod
 from attnax.kernels.pallas import api, mosaic_gpu as mg, pallas_flash_attention
 from attnax.kernels.pallas.plan import build_plan
 from tests.helpers import kernel_grads, random_qkv, reference_attention, rel_err, tol
@@ -306,6 +307,10 @@ GPU_CASES = {
     "d256": (1, 2, 2, 1024, 1024, 256, bf16, lambda: dict(score_mod=causal_mod())),
     "d256_gqa_ragged": (2, 4, 2, 700, 1000, 256, bf16, lambda: dict(score_mod=causal_mod(300))),
     "d64_dense": (1, 4, 4, 1024, 1024, 64, f16, lambda: dict()),
+    # A boolean (query, key) table: the dK/dV kernel reads its transposed copy.
+    "bool_table_causal": (1, 4, 2, 1024, 1024, 128, bf16, lambda: dict(
+        score_mod=compose_score_mods(causal_mod(), array_mask_mod(
+            jax.random.bernoulli(jax.random.key(5), 0.7, (1, 1, 1024, 1024)))))),
 }
 
 
