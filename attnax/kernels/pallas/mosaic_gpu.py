@@ -60,8 +60,8 @@ from attnax.kernels.pallas.plan import NUM_LISTS, FlashPlan, PlanArrays, pad_to
 from attnax.kernels.score_mods import MASK_VALUE
 
 __all__ = ["MosaicConfig", "MosaicSpec", "TileArray", "default_config", "not_supported_reasons",
-           "plan_reasons", "backward_reasons", "cotangent_reasons", "prefetches_q", "forward", "backward",
-           "MIN_HEAD_DIM", "MAX_HEAD_DIM", "MAX_STAGES"]
+           "plan_reasons", "backward_reasons", "cotangent_reasons", "prefetches_q", "forward",
+           "backward", "MIN_HEAD_DIM", "MAX_HEAD_DIM", "MAX_STAGES"]
 
 f32 = jnp.float32
 LOG2E = math.log2(math.e)
