@@ -7,8 +7,8 @@
 # PARTS (default "tests main"): tests (pytest -m gpu of the Mosaic lowering), conformance (the
 # conformance suite's mosaic_gpu row), forms (bench_mosaic_bwd_forms.py: both forms at ring
 # depths 2 and 3), main (s4k, s4k-causal, s16k-causal), masks (window32k, docs32k, alibi8k), more
-# (s4k-d64, s4k-d256, aether-32k-clustered), d256 (fwd+bwd at D=256: the Mosaic and the Triton
-# backward of the Mosaic forward), paged (bench_paged.py --sweep at B=32 16k, bf16 and
+# (s4k-d64, s4k-d256, aether-32k-clustered), d256 (fwd+bwd at D=256: the by-role Mosaic backward
+# and its shared-P^T form, D256_KERNELS), paged (bench_paged.py --sweep at B=32 16k, bf16 and
 # int8 pages), fwd (the forward alone: FWD_CASES with the persistent and per-item forms beside
 # cuDNN and tokamax), modgrads (quick_mod_grads.py: differentiated mod arrays, Mosaic and Triton
 # backwards), abfwd (diag_mosaic_fwd_ab.py: the forward against an earlier copy of itself).
@@ -70,9 +70,10 @@ if has modgrads; then
 fi
 if has main; then stamp main; bench s4k,s4k-causal,s16k-causal ${MAIN_S:-330} main; fi
 if has masks; then stamp masks; bench window32k,docs32k,alibi8k ${MASKS_S:-330} masks; fi
-if has d256; then   # the Mosaic backward at D=256 against the Triton one (attnax-mosaic-tbwd)
+if has d256; then   # the Mosaic backward at D=256: by role, and with P^T shared (sharedp)
   stamp d256
-  bench s4k-d256,s4k-d256-causal ${D256_S:-240} d256 cudnn,tokamax-mosaic,attnax-mosaic,attnax-mosaic-tbwd
+  bench s4k-d256,s4k-d256-causal ${D256_S:-240} d256 \
+    ${D256_KERNELS:-cudnn,tokamax-mosaic,attnax-mosaic,attnax-mosaic-sharedp}
 fi
 if has more; then stamp more; bench s4k-d64,s4k-d256,aether-32k-clustered ${MORE_S:-330} more; fi
 stamp done

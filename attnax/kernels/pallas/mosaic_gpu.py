@@ -115,6 +115,12 @@ class MosaicConfig:
   two-pass form (with dQ's 64 x D f32 accumulator beside dK's and dV's, the fused kernel would
   not fit the registers).
 
+  ``bwd_shared_probs``: above D=128, where the dK/dV kernel's warpgroups split the work by
+  gradient, warpgroup 0 (dV) passes its ``P^T`` (f32, times the score mod's derivative) to
+  warpgroup 1 (dK) through shared memory, so that ``S^T`` is computed once per tile (4 matmuls
+  in that kernel, not 5). Not for plans that differentiate mod arrays read along key positions
+  (their cotangents need the scores in the dK warpgroup); elsewhere it changes nothing.
+
   ``persistent``: the forward runs one program per SM, each walking work items with its K/V
   ring running on from one into the next, so the next item's tiles stream in under this one's
   epilogue. ``None`` (the default): persistent for plans without partial tiles (dense), whose
@@ -130,6 +136,7 @@ class MosaicConfig:
   bwd_dq_block_k: int = 64
   deterministic: bool = True
   persistent: bool | None = None
+  bwd_shared_probs: bool = False
 
 
 # Built-in defaults by padded head dim (block_q, block_k, num_stages), sized so that Q, the K/V ring
@@ -367,6 +374,7 @@ class MosaicSpec:
   bwd_stages: int = 3     # MosaicConfig.bwd_num_stages
   bwd_dq_cols: int = 64   # width of the dQ kernel's K/V chunks
   fused_dq: bool = False   # dQ by TMA reductions in the dK/dV kernel (else a dQ pass)
+  shared_probs: bool = False   # the by-role dK/dV kernel: P^T passed from the dV warpgroup
   persistent: bool = False   # the forward: one program per SM walking work items
   num_sms: int = 132
 
@@ -425,11 +433,14 @@ def kernel_spec(plan: FlashPlan, cfg: MosaicConfig, num_stages: int | None = Non
     raise ValueError("pallas_flash_attention: the Mosaic backward (MosaicConfig.bwd='mosaic') "
                      "cannot run this plan:\n  - " + "\n  - ".join(why_not))
   fused = not cfg.deterministic and not _dkv_by_role(plan)
+  shared_probs = (bool(cfg.bwd_shared_probs) and _dkv_by_role(plan)
+                  and bool(_probs_buffers(plan, cfg.bwd_num_stages)))
   persistent = plan.dense if cfg.persistent is None else bool(cfg.persistent)
   return MosaicSpec(plan=plan, rows=rows, num_stages=stages, roles=roles, backward=bwd,
                     mosaic_backward=not why_not, bwd_required=cfg.bwd == "mosaic",
                     bwd_stages=cfg.bwd_num_stages,
-                    bwd_dq_cols=cfg.bwd_dq_block_k, fused_dq=fused, persistent=persistent,
+                    bwd_dq_cols=cfg.bwd_dq_block_k, fused_dq=fused, shared_probs=shared_probs,
+                    persistent=persistent,
                     num_sms=_checks.num_sms())
 
 
@@ -836,6 +847,7 @@ def forward(spec: MosaicSpec, q, k, v, arrays: PlanArrays, out_dtype=None):
 
 BWD_CHUNK = 64   # rows per consumer warpgroup, and rows of each streamed chunk
 DS_BUFFERS = 3   # the fused backward's dS^T buffers with the head-dim split (dQ one step late)
+PROBS_BUFFERS = 2   # steps of P^T in flight from the dV to the dK warpgroup (bwd_shared_probs)
 
 
 def _dkv_by_role(plan: FlashPlan) -> bool:
@@ -844,6 +856,15 @@ def _dkv_by_role(plan: FlashPlan) -> bool:
   instead of each owning a chunk with both accumulators: above D=128 one ``BWD_CHUNK x D`` f32
   accumulator is half a consumer's registers."""
   return max(plan.head_pad, plan.v_pad) > 128
+
+
+def _probs_buffers(plan: FlashPlan, stages: int = 2) -> int:
+  """How many steps of the f32 ``P^T`` the by-role dK/dV kernel's shared memory holds beside
+  its K and V chunk and its Q/dO ring of ``stages`` (``MosaicConfig.bwd_shared_probs``): 2 (the
+  dV warpgroup one step ahead), 1, or 0 (the form does not fit)."""
+  c, d = BWD_CHUNK, max(plan.head_pad, plan.v_pad, MIN_HEAD_DIM)
+  left = _SMEM_BYTES - (2 + 2 * stages) * c * d * 2
+  return max(0, min(PROBS_BUFFERS, left // (c * c * 4)))
 
 
 def backward_reasons(plan: FlashPlan) -> list[str]:
@@ -1164,6 +1185,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
   plan = spec.plan
   fused = spec.fused_dq
   by_role = _dkv_by_role(plan)
+  shared = spec.shared_probs   # by role, S^T computed once: P^T passed from warpgroup 0 to 1
   n_ops = len(plan.mods.meta)
   tlist_refs, op_refs = refs[:NUM_LISTS], refs[NUM_LISTS:NUM_LISTS + n_ops]
   accumulators = refs[NUM_LISTS + n_ops:-2]   # f32, aliased in and out: dQ (fused), cotangents
@@ -1171,11 +1193,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
   cot_refs = dict(zip(bufs, accumulators[int(fused):]))
   dk_ref, dv_ref = refs[-2:]
   (k_smems, v_smems, q_smems, do_smems, *extra), (kv_ready, q_ready, do_ready, free,
-                                                    *ds_ready) = scoped
+                                                    *more_barriers) = scoped
   dq_scratch = extra[:2] if fused else ()
+  probs_smem = extra[0] if shared else None   # (buffers, BWD_CHUNK, BWD_CHUNK) f32
   cot_stage = extra[-1] if cot_refs else None   # (COMPUTE_WGS, BWD_CHUNK) f32
   dq_split = _dq_split(plan) if fused else None
-  ds_ready = ds_ready[0] if dq_split else None
+  ds_ready = more_barriers[0] if dq_split else None
+  probs_full, probs_free = more_barriers if shared else (None, None)
   c, stages, groups = BWD_CHUNK, spec.bwd_ring_stages, plan.groups
   chunks = jnp.int32(plan.block_q // c)
   hk, j, b = lax.axis_index("kv_heads"), lax.axis_index("kv_tiles"), lax.axis_index("batch")
@@ -1201,14 +1225,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
     k_start = j * plan.block_k + (0 if by_role else wg * c)
     kv_rows = (b, hk, pl.ds(k_start, c))
     # Each warpgroup loads its own chunk's K and V; by role the chunk is shared: warpgroup 0
-    # (dV) loads K, all it reads, and warpgroup 1 (dK) loads V and waits for both.
+    # (dV) loads K, all it reads, and warpgroup 1 (dK) loads V and waits for both (for V alone
+    # when it gets P^T from warpgroup 0 instead of computing S^T).
     if not by_role:
       loads = ((k_ref, k_smem, wg), (v_ref, v_smem, COMPUTE_WGS + wg))
       waits = (wg, COMPUTE_WGS + wg)
     elif want_dv:
       loads, waits = ((k_ref, k_smem, 0),), (0,)
     else:
-      loads, waits = ((v_ref, v_smem, 1),), (0, 1)
+      loads, waits = ((v_ref, v_smem, 1),), (1,) if shared else (0, 1)
     for src, dst, i in loads:
       plgpu.copy_gmem_to_smem(src.at[kv_rows], dst, kv_ready.at[i])
     zeros = plgpu.layout_cast(jnp.zeros((c, k_smem.shape[-1]), f32), _WGMMA)
@@ -1239,6 +1264,17 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
       plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[rows + ((cols,) if dq_split else ())],
                               reduction_op="add")
 
+    def probs_t(st, h, q_start, masked: bool, cot_bufs=(), derivative: bool = True):
+      """``(P^T, dmod, loads_vjp)`` of a step from its ``S^T`` (keys x queries): the mods at
+      the tile's positions and the softmax by the rows' LSE (:func:`_bwd_scores`)."""
+      lse = _row_line(lse_ref, (b, h, pl.ds(q_start, c)), 1)
+      lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)   # rows that saw no key: p = 0
+      iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WGMMA)
+      tile = _Tile(q_start + iota(1), k_start + iota(0), q_start, k_start, c, c, transposed=True)
+      s2, dmod, loads_vjp = _bwd_scores(st, plan, op_refs, tile, b, h, masked, cot_bufs,
+                                        derivative=derivative)
+      return jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (1,))), dmod, loads_vjp
+
     def one_head(g, carry):
       dk, dv, n, prev = carry
       h, n_full, total, q_start_of = schedule(g)
@@ -1259,14 +1295,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
 
         st, dpt = pl.run_scoped(scores, *[plgpu.ACC((c, c), f32) for _ in range(1 + want_dk)])
         q_cols = (b, h, pl.ds(q_start, c))
-        lse = _row_line(lse_ref, q_cols, 1)
-        lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
-        iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WGMMA)
-        tile = _Tile(q_start + iota(1), k_start + iota(0), q_start, k_start, c, c,
-                     transposed=True)
-        s2, dmod, loads_vjp = _bwd_scores(st, plan, op_refs, tile, b, h, masked,
-                                          bufs if want_dk else (), derivative=want_dk)
-        pt = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (1,)))
+        pt, dmod, loads_vjp = probs_t(st, h, q_start, masked, bufs if want_dk else (), want_dk)
         dst = None
         if want_dk:
           delta = _row_line(delta_ref, q_cols, 1)
@@ -1322,8 +1351,58 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
 
         return dk, dv, (h, lax.div(q_start, c))
 
-      acc = lax.fori_loop(0, n_full, lambda t, a: step(t, a, False), (dk, dv, prev))
-      dk, dv, prev = lax.fori_loop(n_full, total, lambda t, a: step(t, a, True), acc)
+      def shared_step(t, acc, masked: bool):
+        """A step of the by-role kernel with S^T computed once: warpgroup 0 computes P^T (times
+        the mod's derivative) into probs buffer ``step % buffers``, then dV; warpgroup 1 computes
+        dP^T, reads that P^T, then dK. Warpgroup 0 runs up to ``buffers`` steps ahead."""
+        dk, dv, prev = acc
+        step_n, slot, q_start = n + t, lax.rem(n + t, stages), q_start_of(t)
+        buf = lax.rem(step_n, probs_smem.shape[0])
+        q_cols = (b, h, pl.ds(q_start, c))
+        if want_dv:
+          plgpu.barrier_wait(q_ready.at[slot])
+
+          def scores(st_ref):
+            plgpu.wgmma(st_ref, k_smem, q_smems.at[slot].transpose((1, 0)))
+            return st_ref[...]
+
+          st = pl.run_scoped(scores, plgpu.ACC((c, c), f32))
+          pt, dmod, _ = probs_t(st, h, q_start, masked)
+          _when(step_n >= probs_smem.shape[0],
+                lambda: plgpu.barrier_wait(probs_free.at[buf]))   # warpgroup 1 has read it
+          probs_smem.at[buf][...] = pt if dmod is None else pt * dmod
+          plgpu.barrier_arrive(probs_full.at[buf])
+          plgpu.barrier_wait(do_ready.at[slot])
+
+          def accumulate(dv_ref):
+            plgpu.wgmma(dv_ref, pt.astype(dtype), do_smems.at[slot])
+
+          dv = pl.run_state(accumulate)(plgpu.ACC.init(dv))
+        else:
+          plgpu.barrier_wait(do_ready.at[slot])
+
+          def dp_scores(dpt_ref):
+            plgpu.wgmma(dpt_ref, v_smem, do_smems.at[slot].transpose((1, 0)))
+            return dpt_ref[...]
+
+          dpt = pl.run_scoped(dp_scores, plgpu.ACC((c, c), f32))
+          delta = _row_line(delta_ref, q_cols, 1)
+          plgpu.barrier_wait(probs_full.at[buf])
+          pt = plgpu.load(probs_smem.at[buf], layout=_WGMMA)
+          plgpu.barrier_arrive(probs_free.at[buf])
+          dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, (1,)))
+          plgpu.barrier_wait(q_ready.at[slot])
+
+          def accumulate(dk_ref):
+            plgpu.wgmma(dk_ref, dst.astype(dtype), q_smems.at[slot])
+
+          dk = pl.run_state(accumulate)(plgpu.ACC.init(dk))
+        plgpu.barrier_arrive(free.at[slot])
+        return dk, dv, prev
+
+      body = shared_step if shared else step
+      acc = lax.fori_loop(0, n_full, lambda t, a: body(t, a, False), (dk, dv, prev))
+      dk, dv, prev = lax.fori_loop(n_full, total, lambda t, a: body(t, a, True), acc)
       return dk, dv, n + total, prev
 
     no_step = (jnp.int32(0), jnp.int32(0))
@@ -1341,8 +1420,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
       plgpu.barrier_wait(ds_ready.at[DS_BUFFERS])
     # The results go out through the chunk's own buffers, once every wgmma reading them has
     # completed. By role: dK through V's (only warpgroup 1 reads V), dV through K's, which
-    # warpgroup 1 reads until its last step: warpgroup 0 waits for it at a named barrier.
-    if by_role:
+    # warpgroup 1 reads until its last step (unless it gets P^T instead of computing S^T):
+    # warpgroup 0 waits for it at a named barrier.
+    if by_role and not shared:
       _bar("sync" if want_dv else "arrive", _TURN_BARRIER, COMPUTE_WGS * WG_THREADS)
     outs = []
     if want_dk:
@@ -1397,6 +1477,17 @@ def _bwd_call(kernel, spec: MosaicSpec, scratch, barriers, out_type, grid, grid_
                                                            reduction_scratch_bytes=0))
 
 
+def _backward_form(spec: MosaicSpec, bufs) -> MosaicSpec:
+  """The spec the backward runs with the cotangent buffers ``bufs``: per-query-row and table
+  cotangents are summed in the dQ pass (so no fused form), key-side ones in the dK warpgroup
+  from its own S^T (so no shared P^T)."""
+  if spec.fused_dq and any(kind in DQ_KINDS for _, kind in bufs):
+    spec = dataclasses.replace(spec, fused_dq=False)
+  if spec.shared_probs and any(kind not in DQ_KINDS for _, kind in bufs):
+    spec = dataclasses.replace(spec, shared_probs=False)
+  return spec
+
+
 def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff=()):
   """``(dq, dk, dv, d_ops)`` on padded inputs (``delta = rowsum(out * dout) - dlse``, f32);
   ``d_ops`` the f32 cotangents of the mod arrays ``arrays.operands[i]`` for ``i`` in ``diff``,
@@ -1404,8 +1495,7 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
   and (query, key) tables are differentiated in the dQ pass: with such loads the fused form runs
   as the two-pass one."""
   bufs = _cotangent_buffers(spec, diff)
-  if spec.fused_dq and any(kind in DQ_KINDS for _, kind in bufs):
-    spec = dataclasses.replace(spec, fused_dq=False)
+  spec = _backward_form(spec, bufs)
   plan = spec.plan
   if plan.head_pad < MIN_HEAD_DIM:
     q, k, v, do = (pad_to(x, x.shape[:3] + (MIN_HEAD_DIM,)) for x in (q, k, v, do))
@@ -1440,6 +1530,10 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
   kv_chunks = 1 if _dkv_by_role(plan) else wgs   # by role, both warpgroups read one chunk
   dkv_scratch = (own(k.dtype, kv_chunks), own(v.dtype, kv_chunks), ring(q.dtype), ring(do.dtype))
   dkv_barriers = (ready(2 * wgs), ready(stages), ready(stages), release)
+  if spec.shared_probs:   # P^T steps in flight, each with a "written" and a "read" barrier
+    n_probs = _probs_buffers(plan, stages)
+    dkv_scratch += (_smem((n_probs, c, c), f32),)
+    dkv_barriers += (ready(n_probs), ready(n_probs))
   dkv_outs = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
   dkv = functools.partial(
       _bwd_call, functools.partial(_dkv_kernel, bufs=dkv_bufs), spec, out_type=dkv_outs,

@@ -21,7 +21,8 @@ from attnax.kernels.gated import gated_mod
 from attnax.kernels.score_mods import array_mask_mod
 from attnax.kernels.pallas import api, mosaic_gpu as mg, pallas_flash_attention
 from attnax.kernels.pallas.plan import build_plan
-from tests.helpers import kernel_grads, random_qkv, reference_attention, rel_err, tol
+from tests.helpers import (kernel_grads, random_qkv, reference_attention, reference_grads, rel_err,
+                           tol)
 from tests.kernels.pallas.test_gpu import check_against_reference
 
 bf16, f16 = jnp.bfloat16, jnp.float16
@@ -221,6 +222,46 @@ def test_d256_backward_lowers_with_mod_array_cotangents():
   assert mg._dq_v_stages(spec, 128, bf16) == spec.bwd_ring_stages
 
 
+def _export_backward(spec, qp, kp, vp, arrays, diff=()):
+  rows = jnp.zeros(qp.shape[:3], jnp.float32)
+  return jax.export.export(jax.jit(lambda q, k, v, do, lse, delta, a: mg.backward(
+      spec, q, k, v, do, lse, delta, a, diff)), platforms=["cuda"], disabled_checks=[
+          jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(qp, kp, vp, qp, rows,
+                                                                         rows, arrays)
+
+
+def test_d256_backward_with_shared_probs_lowers():
+  """``bwd_shared_probs``: at D=256 the dV warpgroup passes P^T (times the soft-cap's
+  derivative here) to the dK warpgroup through two f32 buffers, so S^T is computed once; the
+  backward lowers for sm90 as another dK/dV kernel. A plan that differentiates a key-side mod
+  array (a gate's delta) runs the by-role form instead (the dK warpgroup needs S^T for its
+  cotangent), and at D=128 (no split by role) the knob changes nothing."""
+  q, k, v = _zeros(d=256)
+  keys = jax.random.split(jax.random.key(0), 2)
+  alpha, delta = jax.random.normal(keys[0], (1, 4, 512)), jax.random.normal(keys[1], (1, 2, 512))
+  mod = compose_score_mods(softcap_mod(30.0), gated_mod(alpha, delta), causal_mod())
+  cfg, plan, arrays, qp, kp, vp = _plan(q, k, v, score_mod=mod)
+  assert not plan.unit_grad and mg._probs_buffers(plan) == 2
+  shared = mg.kernel_spec(plan, dataclasses.replace(cfg, bwd_shared_probs=True))
+  by_role = mg.kernel_spec(plan, cfg)
+  assert shared.shared_probs and not by_role.shared_probs
+  modules = {}
+  for name, spec in (("shared", shared), ("by_role", by_role)):
+    exported = _export_backward(spec, qp, kp, vp, arrays)
+    assert [a.shape for a in exported.out_avals] == [qp.shape, kp.shape, vp.shape]
+    modules[name] = exported.mlir_module()
+    assert modules[name].count("custom_call @mosaic_gpu") == 2
+  assert modules["shared"] != modules["by_role"]
+  # delta (per key position) differentiated: the by-role form runs, with its cotangent.
+  i_delta = next(i for i, (shape, _) in enumerate(plan.mods.meta) if shape == delta.shape)
+  assert mg._backward_form(shared, mg._cotangent_buffers(shared, (i_delta,))) == by_role
+  exported = _export_backward(shared, qp, kp, vp, arrays, (i_delta,))
+  assert tuple(exported.out_avals[3].shape) == delta.shape
+  assert "cp.reduce.async.bulk" in exported.mlir_module()
+  cfg, plan, *_ = _plan(*_zeros(), score_mod=causal_mod())
+  assert not mg.kernel_spec(plan, dataclasses.replace(cfg, bwd_shared_probs=True)).shared_probs
+
+
 def test_fused_backward_fits_shared_memory():
   """The fused backward's Q/dO ring is as deep as shared memory allows beside its fixed buffers
   (each warpgroup's K/V chunks, dS^T (three steps of it with the head-dim split of dQ at
@@ -390,6 +431,37 @@ def test_fused_backward_matches_deterministic_backward(case):
     assert rel_err(g, w) < tol(dtype), (name, rel_err(g, w))
   for g, w in zip(*grads[True]):
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["d256", "d256_gqa_ragged", "d256_softcap_docs"])
+def test_shared_probs_backward_matches_by_role_backward(case):
+  """``bwd_shared_probs`` (P^T passed from the dV to the dK warpgroup) against the by-role dK/dV
+  kernel that computes S^T in both: the same gradients, bit for bit where the mods add (the same
+  arithmetic in the same order), to rounding with a soft-cap (its derivative multiplies P^T
+  before dP^T - delta instead of after); both against the float64 reference."""
+  if case == "d256_softcap_docs":
+    b, hq, hkv, sq, sk, d, dtype = 1, 4, 2, 1024, 1024, 256, bf16
+    kw = lambda: dict(score_mod=compose_score_mods(softcap_mod(20.0), causal_mod(),
+                                                   document_mask_mod(
+                                                       jnp.repeat(jnp.arange(4), 256)[None])))
+  else:
+    b, hq, hkv, sq, sk, d, dtype, kw = GPU_CASES[case]
+  q, k, v = random_qkv(hash(case) % 1000 + 4, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq,
+                       kv_len=sk, head_dim=d, dtype=dtype)
+  cfg = dataclasses.replace(mg.default_config(d, dtype, masked=True), bwd="mosaic")
+  ct = jax.random.normal(jax.random.key(10), q.shape[:3] + v.shape[-1:], jnp.float32).astype(dtype)
+  grads = [kernel_grads(pallas_flash_attention, q, k, v, ct, backend="mosaic",
+                        config=dataclasses.replace(cfg, bwd_shared_probs=shared), **kw())
+           for shared in (True, False)]
+  ref = reference_grads(q, k, v, ct, **kw())
+  for name, g, w, r in zip("qkv", *grads, ref):
+    assert not np.isnan(np.asarray(g, np.float32)).any(), name
+    if "softcap" in case:
+      assert rel_err(g, w) < tol(dtype), (name, rel_err(g, w))
+    else:
+      np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    assert rel_err(g, r) < tol(dtype, grad=True), (name, rel_err(g, r))
 
 
 @pytest.mark.gpu
