@@ -9,7 +9,7 @@
 # depths 2 and 3), main (s4k, s4k-causal, s16k-causal), masks (window32k, docs32k, alibi8k), more
 # (s4k-d64, s4k-d256, aether-32k-clustered), d256 (fwd+bwd at D=256: the by-role Mosaic backward
 # and its shared-P^T form, D256_KERNELS), paged (bench_paged.py --sweep at B=32 16k, bf16 and
-# int8 pages), fwd (the forward alone: FWD_CASES with the persistent and per-item forms beside
+# int8 pages), fwd (the forward alone: FWD_CASES, the default forward and its overlapped form beside
 # cuDNN and tokamax), modgrads (quick_mod_grads.py: differentiated mod arrays, Mosaic and Triton
 # backwards), abfwd (diag_mosaic_fwd_ab.py: the forward against an earlier copy of itself).
 cd "$(dirname "$0")/.." || exit 1
@@ -54,7 +54,7 @@ if has fwd; then
   stamp fwd
   SWEEP_BUDGET_S=${FWD_S:-300} bash benchmarks/gpu_sweep.sh bench \
     --cases "${FWD_CASES:-s4k,s16k,s4k-d64,s4k-d256,s4k-causal,s16k-causal}" \
-    --kernels ${FWD_KERNELS:-cudnn,tokamax-mosaic,attnax-mosaic-items,attnax-mosaic-persistent} --modes fwd \
+    --kernels ${FWD_KERNELS:-cudnn,tokamax-mosaic,attnax-mosaic,attnax-mosaic-overlap} --modes fwd \
     --budget-s 0.3 --out "$OUT/fwd" 2>&1 | grep "^|\|^###\|done\|rror" | tail -40
 fi
 if has abfwd; then   # diag_mosaic_fwd_ab.py: the forward against benchmarks/_base_mosaic_gpu.py

@@ -121,6 +121,11 @@ class MosaicConfig:
   in that kernel, not 5). Not for plans that differentiate mod arrays read along key positions
   (their cotangents need the scores in the dK warpgroup); elsewhere it changes nothing.
 
+  ``overlap``: the forward's intra-warpgroup overlap (FlashAttention-3): each kv step issues
+  ``Q K_t^T`` and the previous step's ``P V`` together and computes step ``t``'s softmax while
+  that ``P V`` runs (the warpgroups' ping-pong stays). Opt-in until measured on the GPU; not
+  with the f32 residual output (differentiated mod arrays), which runs the plain loop.
+
   ``persistent``: the forward runs one program per SM, each walking work items with its K/V
   ring running on from one into the next, so the next item's tiles stream in under this one's
   epilogue. ``None`` (the default): persistent for plans without partial tiles (dense), whose
@@ -137,6 +142,7 @@ class MosaicConfig:
   deterministic: bool = True
   persistent: bool | None = None
   bwd_shared_probs: bool = False
+  overlap: bool = False
 
 
 # Built-in defaults by padded head dim (block_q, block_k, num_stages), sized so that Q, the K/V ring
@@ -376,6 +382,7 @@ class MosaicSpec:
   fused_dq: bool = False   # dQ by TMA reductions in the dK/dV kernel (else a dQ pass)
   shared_probs: bool = False   # the by-role dK/dV kernel: P^T passed from the dV warpgroup
   persistent: bool = False   # the forward: one program per SM walking work items
+  overlap: bool = False   # the forward: Q K_t^T and P V_{t-1} issued together (FA3)
   num_sms: int = 132
 
   @property
@@ -440,7 +447,7 @@ def kernel_spec(plan: FlashPlan, cfg: MosaicConfig, num_stages: int | None = Non
                     mosaic_backward=not why_not, bwd_required=cfg.bwd == "mosaic",
                     bwd_stages=cfg.bwd_num_stages,
                     bwd_dq_cols=cfg.bwd_dq_block_k, fused_dq=fused, shared_probs=shared_probs,
-                    persistent=persistent,
+                    persistent=persistent, overlap=bool(cfg.overlap),
                     num_sms=_checks.num_sms())
 
 
@@ -593,6 +600,7 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
   k_free, v_free = _free_barriers(stages)
   dtype = q_ref.dtype
   wide_out = o_ref.dtype != dtype
+  overlap = spec.overlap and not wide_out   # (the f32 residual's second P V: the plain loop)
 
   # The ping-pong: a consumer issues its P V only on its turn, which the other passes as soon
   # as it has issued its Q K^T (FlashAttention-3's schedule, on named barriers).
@@ -616,15 +624,27 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
     l = plgpu.layout_cast(jnp.zeros((rows,), f32), _ROW)
     acc = plgpu.layout_cast(jnp.zeros((rows, plan.v_pad), f32), _WGMMA)
     plgpu.barrier_wait(q_ready.at[wg])
+    if not overlap:   # (the overlapped loop waits for each K tile and turn in its step)
+      _when(total > 0, lambda: plgpu.barrier_wait(k_ready.at[slot_of(0)]))
+      pl.when(wg == 1)(wait_turn)
 
-    _when(total > 0, lambda: plgpu.barrier_wait(k_ready.at[slot_of(0)]))
-
-    pl.when(wg == 1)(wait_turn)
+    def probs(s, t, m, masked: bool):
+      """``(p, alpha, m_new)`` of kv step ``t``'s raw scores ``s``: the mods, then the online
+      softmax's unnormalised probabilities (base 2) against the running max ``m``."""
+      k_start = kv_block(t) * bk
+      iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (rows, bk), d, layout=_WGMMA)
+      tile = _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, rows, bk)
+      score_fn, mask_fn = _mods_in_kernel(plan, op_refs, tile)
+      c = _fold_scale(plan, score_fn)
+      s = _log2_scores(s, plan, tile, score_fn, mask_fn, b, h, masked, raw=c is not None)
+      m_new = jnp.maximum(m, s.max(axis=1) if c is None else s.max(axis=1) * c)
+      m_b = lax.broadcast_in_dim(m_new, s.shape, (0,))
+      p = jnp.exp2(s - m_b if c is None else s * c - m_b)
+      return p, jnp.exp2(m - m_new), m_new
 
     def step(t, carry, masked: bool):
       acc, m, l = carry
       slot = slot_of(t)
-      k_start = kv_block(t) * bk
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, k_smems.at[slot].transpose((1, 0)))
@@ -633,15 +653,7 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
 
       s = pl.run_scoped(qk, plgpu.ACC((rows, bk), f32))
       _bar("arrive", k_free(slot), FREE_THREADS)
-      iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (rows, bk), d, layout=_WGMMA)
-      tile = _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, rows, bk)
-      score_fn, mask_fn = _mods_in_kernel(plan, op_refs, tile)
-      c = _fold_scale(plan, score_fn)
-      s = _log2_scores(s, plan, tile, score_fn, mask_fn, b, h, masked, raw=c is not None)
-      m_new = jnp.maximum(m, s.max(axis=1) if c is None else s.max(axis=1) * c)
-      alpha = jnp.exp2(m - m_new)
-      m_b = lax.broadcast_in_dim(m_new, s.shape, (0,))
-      p = jnp.exp2(s - m_b if c is None else s * c - m_b)
+      p, alpha, m_new = probs(s, t, m, masked)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
       l = l * alpha
       p16 = p.astype(dtype)
@@ -665,15 +677,76 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
       _bar("arrive", v_free(slot), FREE_THREADS)
       return acc, m_new, l
 
-    carry = lax.fori_loop(0, n_full, lambda t, c: step(t, c, False), (acc, m, l))
-    acc, m, l = lax.fori_loop(n_full, total, lambda t, c: step(t, c, True), carry)
-    # Warpgroup 1 waits for one more turn than warpgroup 0 passes. Without a persistent K ring
-    # the LSE buffer aliases it: warpgroup 0 then also waits until warpgroup 1 has read its last
-    # K tile (its last turn comes after its last Q K^T).
-    if spec.persistent:
-      pl.when(wg == 0)(pass_turn)
+    def overlapped(acc_ref):
+      """FlashAttention-3's intra-warpgroup overlap (``overlap``): step ``t`` issues Q K_t^T
+      and the previous step's P V together, then computes step ``t``'s softmax while that P V
+      runs. The turn passes once Q K_t^T is done (so the other warpgroup's matmuls queue behind
+      this one's P V, and warpgroup 0 can tell when warpgroup 1 has read its last K tile)."""
+
+      def ostep(t, carry, masked: bool):
+        m, l, p16 = carry
+        slot, prev = slot_of(t), slot_of(t - 1)
+        pl.when((t > 0) | (wg == 1))(wait_turn)   # warpgroup 0 starts
+        plgpu.barrier_wait(k_ready.at[slot])
+
+        def qk_then_softmax(s_ref):
+          plgpu.wgmma(s_ref, q_smem, k_smems.at[slot].transpose((1, 0)))
+
+          @pl.when(t > 0)
+          def _():
+            plgpu.barrier_wait(v_ready.at[prev])
+            plgpu.wgmma(acc_ref, p16, v_smems.at[prev])
+
+          @pl.when(t == 0)
+          def _():   # no P V in flight yet
+            plgpu.wgmma_wait(0)
+          s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)   # Q K_t^T done, P V may run on
+          pass_turn()
+          _bar("arrive", k_free(slot), FREE_THREADS)
+          return probs(s, t, m, masked)
+
+        p, alpha, m_new = pl.run_scoped(qk_then_softmax, plgpu.ACC((rows, bk), f32))
+        acc = plgpu.wgmma_accumulator_load(acc_ref, wait_n=0)   # the previous P V is done
+        pl.when(t > 0)(lambda: _bar("arrive", v_free(prev), FREE_THREADS))
+        acc_ref[...] = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
+        return m_new, l * alpha + p.sum(axis=1), p.astype(dtype)
+
+      p16 = plgpu.layout_cast(jnp.zeros((rows, bk), dtype), _WGMMA)
+      carry = lax.fori_loop(0, n_full, lambda t, c: ostep(t, c, False), (m, l, p16))
+      m_last, l_last, p16 = lax.fori_loop(n_full, total, lambda t, c: ostep(t, c, True), carry)
+
+      @pl.when(total > 0)
+      def _():   # the last step's P V
+        last = slot_of(total - 1)
+        plgpu.barrier_wait(v_ready.at[last])
+        plgpu.wgmma(acc_ref, p16, v_smems.at[last])
+        plgpu.wgmma_wait(0)
+        _bar("arrive", v_free(last), FREE_THREADS)
+
+      return m_last, l_last
+
+    if overlap:
+      def run_overlapped(acc_ref):
+        acc_ref[...] = acc
+        m_l = overlapped(acc_ref)
+        return m_l + (plgpu.wgmma_accumulator_load(acc_ref, wait_n=0),)
+
+      m, l, acc = pl.run_scoped(run_overlapped, plgpu.ACC((rows, plan.v_pad), f32))
+      # Warpgroup 1 passes one turn more than warpgroup 0 waits for (wg 0's first step does
+      # not wait): warpgroup 0 takes it here, after warpgroup 1's last Q K^T has completed
+      # (so an LSE buffer that aliases the K ring is free, and a persistent program's next item
+      # starts with no turn outstanding).
+      _when(total > 0, lambda: pl.when(wg == 0)(wait_turn))
     else:
-      pl.when(wg == 0)(lambda: _bar("sync", _TURN_BARRIER + 1, turn_threads))
+      carry = lax.fori_loop(0, n_full, lambda t, c: step(t, c, False), (acc, m, l))
+      acc, m, l = lax.fori_loop(n_full, total, lambda t, c: step(t, c, True), carry)
+      # Warpgroup 1 waits for one more turn than warpgroup 0 passes. Without a persistent K
+      # ring the LSE buffer aliases it: warpgroup 0 then also waits until warpgroup 1 has read
+      # its last K tile (its last turn comes after its last Q K^T).
+      if spec.persistent:
+        pl.when(wg == 0)(pass_turn)
+      else:
+        pl.when(wg == 0)(lambda: _bar("sync", _TURN_BARRIER + 1, turn_threads))
 
     if prefetch_q:   # every Q K^T of this item has read Q (the copy waits for the warpgroup)
       next_h, next_qi, next_b, has_next = next_item

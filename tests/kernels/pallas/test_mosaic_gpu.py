@@ -132,6 +132,38 @@ def test_lowers_for_sm90(case):
     assert ("cp.reduce.async.bulk" in mlir) is not deterministic
 
 
+@pytest.mark.parametrize("case", ["dense", "causal", "d256_dense", "d64_window_alibi",
+                                  "bias_f32_residual"])
+def test_overlapped_forward_lowers(case):
+  """``MosaicConfig(overlap=True)`` (Q K_t^T and the previous step's P V issued together, the
+  softmax under that P V) lowers for sm90 as another kernel, in both forward forms; it waits
+  for one wgmma group of two. The f32 residual output (two P V matmuls a step) runs the plain
+  loop, so there the module is the plain one's kernel."""
+  d = {"d256_dense": 256, "d64_window_alibi": 64}.get(case, 128)
+  q, k, v = _zeros(d=d)
+  kw = {"causal": dict(score_mod=causal_mod()),
+        "d64_window_alibi": dict(score_mod=compose_score_mods(alibi_mod(4),
+                                                              sliding_window_mod(200))),
+        "bias_f32_residual": dict(score_mod=additive_bias_mod(jnp.ones((1, 4, 1, 512))))}
+  cfg, plan, arrays, qp, kp, vp = _plan(q, k, v, **kw.get(case, {}))
+  out_dtype = jnp.float32 if case == "bias_f32_residual" else None
+  for persistent in (False, True):
+    mlir = {}
+    for overlap in (False, True):
+      spec = mg.kernel_spec(plan, dataclasses.replace(cfg, persistent=persistent,
+                                                      overlap=overlap))
+      assert spec.overlap is overlap
+      exported = jax.export.export(
+          jax.jit(lambda q, k, v, a, spec=spec: mg.forward(spec, q, k, v, a, out_dtype)),
+          platforms=["cuda"], disabled_checks=[
+              jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(qp, kp, vp, arrays)
+      mlir[overlap] = exported.mlir_module()
+      assert exported.out_avals[0].shape == (1, 4, plan.q_pad, plan.v_pad)
+    waits_one = "wgmma.wait_group.sync.aligned 1" in mlir[True]
+    assert waits_one is (out_dtype is None)
+    assert "wgmma.wait_group.sync.aligned 1" not in mlir[False]
+
+
 def _cotangent_mod(b=1, hq=4, hkv=2, s=512, seed=0):
   """A causal plan whose float arrays are read in every way the Mosaic backward differentiates:
   ALiBi slopes (one entry per head), a gate's alpha (per query row) and delta (per key column,
@@ -462,6 +494,34 @@ def test_shared_probs_backward_matches_by_role_backward(case):
     else:
       np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
     assert rel_err(g, r) < tol(dtype, grad=True), (name, rel_err(g, r))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["dense", "causal_gqa", "ragged_sq_ne_sk", "padding_rows_empty",
+                                  "docs_alibi_softcap", "d256", "d64_dense", "window_f16"])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_overlapped_forward_matches_plain_forward(case, persistent):
+  """``MosaicConfig(overlap=True)`` does the plain loop's arithmetic in the same order (each
+  step's output scaled by alpha before its P V is added): the same output and LSE, bit for bit,
+  in both forward forms, with more work items than SMs; and against the reference."""
+  b, hq, hkv, sq, sk, d, dtype, kw = GPU_CASES[case]
+  b, hq, hkv = b * 2, hq * 8, hkv * 8
+  q, k, v = random_qkv(hash(case) % 1000 + 5, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq,
+                       kv_len=sk, head_dim=d, dtype=dtype)
+  extra = kw()
+  if "padding" in case:
+    extra = dict(score_mod=padding_mask_mod(jnp.array([0, 333, 512, 17])))
+  cfg = dataclasses.replace(mg.default_config(d, dtype, masked=bool(extra)),
+                            persistent=persistent)
+  outs = [pallas_flash_attention(q, k, v, backend="mosaic", return_lse=True,
+                                 config=dataclasses.replace(cfg, overlap=o), **extra)
+          for o in (False, True)]
+  for got, want in zip(outs[1], outs[0]):
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  (out, lse), (ref, ref_lse) = outs[1], reference_attention(q, k, v, return_lse=True, **extra)
+  assert rel_err(out, ref) < tol(dtype), rel_err(out, ref)
+  fin = np.isfinite(ref_lse)
+  assert np.array_equal(np.isfinite(np.asarray(lse)), fin)
 
 
 @pytest.mark.gpu
