@@ -6,11 +6,13 @@ Inputs come from the host (no random-number kernels in the profile) and the step
 replays each kernel itself, with cold caches. ``KIND``: ``attnax`` (``backend="mosaic"``, the
 default config), ``attnax-fused`` (``deterministic=False``) or ``cudnn``; ``MASK``: ``dense`` or
 ``causal``. B=4, H=16, S=4096, D=128 bf16 unless ``--seq``, ``--batch``, ``--head-dim`` say
-otherwise. ``--time N`` times N steps with wall-clock instead (outside ncu).
+otherwise; ``--overlap`` and ``--shared-probs`` set those MosaicConfig knobs. ``--time N`` times
+N steps with wall-clock instead (outside ncu).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import jax
@@ -29,7 +31,8 @@ def step_fn(kind: str, causal: bool):
     import attnax.kernels as K
     from attnax.kernels.pallas import mosaic_gpu as mg
     cfg = mg.default_config(ARGS.head_dim, masked=causal)
-    cfg = dataclasses.replace(cfg, deterministic=kind != "attnax-fused")
+    cfg = dataclasses.replace(cfg, deterministic=kind != "attnax-fused", overlap=ARGS.overlap,
+                              bwd_shared_probs=ARGS.shared_probs)
     mod = K.causal_mod() if causal else None
     attn = lambda q, k, v: K.pallas_flash_attention(q, k, v, score_mod=mod, backend="mosaic",
                                                     config=cfg)
@@ -50,6 +53,9 @@ def main():
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--head-dim", type=int, default=128)
   p.add_argument("--time", type=int, default=0)
+  p.add_argument("--overlap", action="store_true", help="MosaicConfig(overlap=True)")
+  p.add_argument("--shared-probs", action="store_true",
+                 help="MosaicConfig(bwd_shared_probs=True) (head dims above 128)")
   global ARGS
   ARGS = p.parse_args()
   fn, layout = step_fn(ARGS.kind, ARGS.mask == "causal")
@@ -68,7 +74,7 @@ def main():
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(q, k, v, do))
     times.append(time.perf_counter() - t0)
-  print(f"{ARGS.kind} {ARGS.mask}: best {min(times) * 1e3:.3f} ms, median "
+  print(f"{ARGS.kind} {ARGS.mask} {sys.argv[3:]}: best {min(times) * 1e3:.3f} ms, median "
         f"{sorted(times)[len(times) // 2] * 1e3:.3f} ms")
 
 

@@ -11,15 +11,21 @@ NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -
 echo "ncu: $NCU"; "$NCU" --version | tail -1
 ARGS=${ARGS:-}
 prof() { timeout "${2:-120}" "$PY" benchmarks/profile_ncu.py $1 $ARGS; }
-if [ -n "${DUMP:-1}" ]; then
-  for kind in ${DUMP_KINDS:-attnax}; do
-    MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO="$OUT/dump-$kind" \
-      timeout 200 "$PY" benchmarks/profile_ncu.py $kind dense $ARGS > "$OUT/dump-$kind.log" 2>&1
-    echo "dump $kind rc=$?"; grep -h -i "registers\|spill\|stack" "$OUT/dump-$kind"/* \
-      "$OUT/dump-$kind.log" 2>/dev/null | sort | uniq -c | head -20
-  done
-fi
-for spec in ${TIMES:-"attnax dense" "attnax causal" "cudnn dense" "cudnn causal"}; do
+# DUMPS: "kind:mask[:flag,flag]" (flags: overlap, shared-probs, head-dim=N), ptxas's report of each
+# Mosaic kernel (registers, spills, and wgmma serialisation warnings) and its SASS.
+DUMPS=${DUMPS-"attnax:dense attnax:dense:overlap attnax:dense:head-dim=256 attnax:dense:head-dim=256,shared-probs"}
+n=0
+for spec in $DUMPS; do
+  IFS=: read -r kind mask flags <<< "$spec"; n=$((n + 1))
+  extra=$(echo "$flags" | tr ',' '\n' | sed '/^$/d; s/^/--/; s/=/ /' | tr '\n' ' ')
+  dir="$OUT/dump-$n"
+  MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO="$dir" \
+    timeout 200 "$PY" benchmarks/profile_ncu.py $kind $mask $extra $ARGS > "$dir.log" 2>&1
+  echo "dump $n ($spec) rc=$?"; grep -h -i "registers\|spill\|stack\|serializ\|performance" \
+    "$dir"/* "$dir.log" 2>/dev/null | sort | uniq -c | head -20
+done
+for spec in ${TIMES:-"attnax dense" "attnax dense --overlap" "attnax causal" \
+    "attnax causal --overlap" "cudnn dense" "cudnn causal"}; do
   prof "$spec --time 30" 200 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tail -2
 done
 for spec in ${PROFILES:-attnax:dense cudnn:dense attnax:causal}; do
