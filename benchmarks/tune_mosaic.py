@@ -1,11 +1,14 @@
 """Autotune the Mosaic GPU forward of pallas_flash_attention; write the per-device config table.
 
-For each (head dim, mask kind) it times every candidate :class:`MosaicConfig` (tile width and K/V
-pipeline depth) on a representative shape, checks its output against cuDNN, and keeps the fastest.
+For each (head dim, mask kind) it times every candidate :class:`MosaicConfig` (tile width, K/V
+pipeline depth, the intra-warpgroup overlap) on a representative shape, checks its output against
+cuDNN, and keeps the fastest. ``--dtype float16`` tunes f16 on its own (keys
+``"{d}/float16/{kind}"``); bf16's keys ``"{d}/{kind}"`` serve both dtypes otherwise.
 The result goes to ``attnax/kernels/pallas/configs/mosaic_gpu.json`` under the device kind (e.g.
 ``"NVIDIA H200"``), which :func:`attnax.kernels.pallas.mosaic_gpu.default_config` reads at run time.
 
   python3 benchmarks/tune_mosaic.py --out $OUT/mosaic            # tune, write JSON to --out
+  python3 benchmarks/tune_mosaic.py --out $OUT/mosaic --dtype float16   # f16 entries of its own
   python3 benchmarks/tune_mosaic.py --out $OUT/mosaic --quick    # D=128 only, fewer candidates
   python3 benchmarks/tune_mosaic.py --out $OUT/mosaic --backward # backward knobs, same table
   cp $OUT/mosaic/mosaic_gpu.json attnax/kernels/pallas/configs/  # then commit it
@@ -51,21 +54,35 @@ SMEM_BYTES = 232448   # per block on sm90 (227 KiB)
 
 
 def candidates(d: int, quick: bool):
-  """Configs whose Q tiles, K/V ring and LSE fit shared memory (2-byte elements)."""
+  """Configs whose Q tiles, K/V ring and LSE fit shared memory (2-byte elements), with and
+  without the intra-warpgroup overlap."""
   for bk in (64, 128):
     for st in (2, 3, 4):
       smem = 2 * 64 * d * 2 + st * 2 * bk * d * 2 + 256   # the LSE aliases the K ring
       if smem <= SMEM_BYTES and not (quick and st == 4):
-        yield mg.MosaicConfig(block_q=128, block_k=bk, num_stages=st)
+        for overlap in (False, True):
+          yield mg.MosaicConfig(block_q=128, block_k=bk, num_stages=st, overlap=overlap)
 
 
 def bwd_candidates(base: mg.MosaicConfig, d: int):
-  """Backward knobs (ring depth, dQ chunk width) whose dQ and dK/dV buffers fit shared memory."""
+  """Backward knobs (ring depth, dQ chunk width) whose dQ and dK/dV buffers fit shared memory;
+  above D=128 (2-deep rings, the dK/dV kernel split by gradient) S^T computed twice or shared."""
+  if d > 128:
+    for shared in (False, True):
+      yield dataclasses.replace(base, bwd_num_stages=2, bwd_dq_block_k=64,
+                                bwd_shared_probs=shared)
+    return
   for st in (2, 3, 4):
     for dq_k in (64, 128):
       own = 2 * 2 * 64 * d * 2                              # two 64-row chunks per warpgroup
       if own + 2 * st * max(dq_k, 64) * d * 2 <= SMEM_BYTES:
         yield dataclasses.replace(base, bwd_num_stages=st, bwd_dq_block_k=dq_k)
+
+
+def table_key(d: int, dtype, kind: str) -> str:
+  """The config table's key (:func:`attnax.kernels.pallas.mosaic_gpu.default_config`)."""
+  name = jnp.dtype(dtype).name
+  return f"{d}/{kind}" if name == "bfloat16" else f"{d}/{name}/{kind}"
 
 
 def tune_backward(args):
@@ -75,14 +92,15 @@ def tune_backward(args):
   s, h = args.seq, 16
   table = json.load(open(mg._TABLE_PATH)).get(dev.device_kind, {})
   rows = []
-  for d in [int(x) for x in args.dims.split(",") if int(x) <= 128]:
+  dtype = jnp.dtype(args.dtype)
+  for d in [int(x) for x in args.dims.split(",")]:
     b = max(1, 16384 // s)
     key = jax.random.key(d)
-    q, k, v, ct = (jax.random.normal(kk, (b, h, s, d), jnp.bfloat16)
+    q, k, v, ct = (jax.random.normal(kk, (b, h, s, d), dtype)
                    for kk in jax.random.split(key, 4))
     for kind in ("dense", "causal"):
       mod = causal_mod() if kind == "causal" else None
-      base = mg.default_config(d, masked=mod is not None)
+      base = mg.default_config(d, dtype, masked=mod is not None)
 
       def grads(cfg):
         def loss(q, k, v):
@@ -106,16 +124,20 @@ def tune_backward(args):
         except Exception as e:  # noqa: BLE001 - a config that does not fit is skipped
           print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
           continue
-        print(f"  stages={cfg.bwd_num_stages} dq_block_k={cfg.bwd_dq_block_k}: {t*1e3:.3f} ms "
+        print(f"  stages={cfg.bwd_num_stages} dq_block_k={cfg.bwd_dq_block_k} shared_probs="
+              f"{cfg.bwd_shared_probs}: {t*1e3:.3f} ms "
               f"({fl/t/1e12:.0f} TF/s, {t_tri/t:.3f}x triton bwd) compile {c:.1f} s "
               f"rel err vs triton bwd {err:.2g}", flush=True)
         rows.append(dict(d=d, kind=kind, stages=cfg.bwd_num_stages, dq_block_k=cfg.bwd_dq_block_k,
-                         ms=t * 1e3, triton_bwd_ms=t_tri * 1e3, compile_s=c, err=err))
+                         shared_probs=cfg.bwd_shared_probs, ms=t * 1e3,
+                         triton_bwd_ms=t_tri * 1e3, compile_s=c, err=err))
         if err < 2e-2 and (best is None or t < best[0]):
           best = (t, cfg)
-      if best is not None and f"{d}/{kind}" in table:
-        table[f"{d}/{kind}"].update(bwd_num_stages=best[1].bwd_num_stages,
-                                    bwd_dq_block_k=best[1].bwd_dq_block_k)
+      if best is not None and table_key(d, dtype, kind) in table:
+        knobs = dict(bwd_num_stages=best[1].bwd_num_stages, bwd_dq_block_k=best[1].bwd_dq_block_k)
+        if d > 128:
+          knobs["bwd_shared_probs"] = best[1].bwd_shared_probs
+        table[table_key(d, dtype, kind)].update(knobs)
   with open(os.path.join(args.out, "mosaic_gpu.json"), "w") as f:
     json.dump({dev.device_kind: table}, f, indent=1, sort_keys=True)
   with open(os.path.join(args.out, "tune_bwd_rows.json"), "w") as f:
@@ -129,6 +151,7 @@ def main():
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--seq", type=int, default=4096)
   ap.add_argument("--dims", default="64,128,256")
+  ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
   ap.add_argument("--backward", action="store_true",
                   help="tune the backward's knobs on the current forward table instead")
   args = ap.parse_args()
@@ -139,11 +162,13 @@ def main():
   print("device", dev.device_kind, "jax", jax.__version__, flush=True)
   s, h = args.seq, 16
   dims = [128] if args.quick else [int(x) for x in args.dims.split(",")]
-  table, rows = {}, []
+  dtype = jnp.dtype(args.dtype)
+  # This run's entries go over the current table's (the other dtype's and the backward knobs stay).
+  table, rows = json.load(open(mg._TABLE_PATH)).get(dev.device_kind, {}), []
   for d in dims:
     b = max(1, 16384 // s)
     key = jax.random.key(d)
-    q, k, v = (jax.random.normal(kk, (b, h, s, d), jnp.bfloat16) for kk in jax.random.split(key, 3))
+    q, k, v = (jax.random.normal(kk, (b, h, s, d), dtype) for kk in jax.random.split(key, 3))
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     for kind in ("dense", "causal"):
       causal = kind == "causal"
@@ -169,18 +194,20 @@ def main():
           print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
           continue
         ratio = t_cudnn / t
-        print(f"  bk={cfg.block_k} stages={cfg.num_stages}: {t*1e3:.3f} ms "
+        print(f"  bk={cfg.block_k} stages={cfg.num_stages} overlap={cfg.overlap}: {t*1e3:.3f} ms "
               f"({fl/t/1e12:.0f} TF/s, {ratio:.3f}x cudnn) compile {c:.1f} s max|err| {err:.3g}",
               flush=True)
-        rows.append(dict(d=d, kind=kind, block_k=cfg.block_k, stages=cfg.num_stages, ms=t * 1e3,
+        rows.append(dict(d=d, kind=kind, block_k=cfg.block_k, stages=cfg.num_stages,
+                         overlap=cfg.overlap, ms=t * 1e3,
                          ratio_cudnn=ratio, ratio_triton=t_tri / t, compile_s=c, err=err,
                          cudnn_ms=t_cudnn * 1e3, triton_ms=t_tri * 1e3))
         if err < 0.05 and (best is None or t < best[0]):
           best = (t, cfg)
       if best is not None:
         cfg = best[1]
-        table[f"{d}/{kind}"] = dict(block_q=cfg.block_q, block_k=cfg.block_k,
-                                    num_stages=cfg.num_stages)
+        table.setdefault(table_key(d, dtype, kind), {}).update(
+            block_q=cfg.block_q, block_k=cfg.block_k, num_stages=cfg.num_stages,
+            overlap=cfg.overlap)
   result = {dev.device_kind: table}
   with open(os.path.join(args.out, "mosaic_gpu.json"), "w") as f:
     json.dump(result, f, indent=1, sort_keys=True)

@@ -178,12 +178,14 @@ def _device_kind() -> str | None:
 
 def default_config(head_dim: int, dtype: Any = jnp.bfloat16, *, masked: bool = False,
                    device_kind: str | None = None) -> MosaicConfig:
-  """The :class:`MosaicConfig` for a (padded) head dim: tuned for this device kind if the table
-  has it (``masked``: the call has a mask, so the plan has partial tiles), else built in."""
-  del dtype   # bf16 and f16 share a table
+  """The :class:`MosaicConfig` for a (padded) head dim and dtype: tuned for this device kind if
+  the table has it (``masked``: the call has a mask, so the plan has partial tiles), else built
+  in. The table's keys are ``"{head dim}/{dtype}/{dense|causal}"`` where a dtype was tuned on
+  its own, else ``"{head dim}/{dense|causal}"`` (bf16's entry, which f16 shares)."""
   d = min(k for k in _BUILTIN if k >= min(max(head_dim, MIN_HEAD_DIM), MAX_HEAD_DIM))
-  kind = device_kind or _device_kind()
-  tuned = _tuned_table().get(kind or "", {}).get(f"{d}/{'causal' if masked else 'dense'}")
+  entries = _tuned_table().get(device_kind or _device_kind() or "", {})
+  mask_kind = "causal" if masked else "dense"
+  tuned = entries.get(f"{d}/{jnp.dtype(dtype).name}/{mask_kind}", entries.get(f"{d}/{mask_kind}"))
   if tuned:   # what the table leaves out is the built-in config's
     fields = {f.name for f in dataclasses.fields(MosaicConfig)} - {"backward"}
     return dataclasses.replace(_BUILTIN[d], **{k: v for k, v in tuned.items() if k in fields})

@@ -548,13 +548,25 @@ def test_tuned_table_is_read():
     table = json.load(f)
   kind, entries = next(iter(table.items()))
   for key, want in entries.items():
-    d, mask = key.split("/")
-    cfg = mg.default_config(int(d), masked=mask != "dense", device_kind=kind)
+    d, *dtype, mask = key.split("/")
+    cfg = mg.default_config(int(d), *dtype, masked=mask != "dense", device_kind=kind)
     for field, value in dataclasses.asdict(mg._BUILTIN[int(d)]).items():
       assert getattr(cfg, field) == want.get(field, value), (key, field)
   assert "bwd_num_stages" not in entries["256/causal"]
   assert mg.default_config(256, masked=True, device_kind=kind).bwd_num_stages == 2
   assert mg.default_config(128, device_kind="no such GPU") == mg._BUILTIN[128]
+
+
+def test_tuned_table_dtype_entries(monkeypatch):
+  """An entry tuned for one dtype (``"128/float16/dense"``) is that dtype's; the others take
+  the head dim's shared entry (``"128/dense"``, bf16's), then the built-in config."""
+  table = {"GPU X": {"128/dense": {"num_stages": 3},
+                     "128/float16/dense": {"num_stages": 4, "overlap": True}}}
+  monkeypatch.setattr(mg, "_tuned_table", lambda: table)
+  get = lambda dtype, **kw: mg.default_config(128, dtype, device_kind="GPU X", **kw)
+  assert (get(bf16).num_stages, get(bf16).overlap) == (3, False)
+  assert (get(f16).num_stages, get(f16).overlap) == (4, True)
+  assert get(f16, masked=True) == mg._BUILTIN[128]
 
 
 @pytest.mark.gpu
