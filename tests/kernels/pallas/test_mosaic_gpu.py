@@ -403,17 +403,24 @@ def test_persistent_forward_matches_per_item_forward(case):
   """The persistent forward (one program per SM, the ring running across work items) does the
   per-item forward's arithmetic in the same order: the same output and LSE, bit for bit, on
   plans with more work items than SMs (the ring wraps across items), uneven ones and empty rows."""
+  _check_forward_forms(case, 3, "persistent")
+
+
+def _check_forward_forms(case, seed, knob, **fixed):
+  """Two forward forms (``MosaicConfig.<knob>`` off and on, the rest as ``fixed``) on a
+  ``GPU_CASES`` plan widened to more work items than the H200's 132 SMs (same GQA): the same
+  output and LSE bit for bit, and both against the reference."""
   b, hq, hkv, sq, sk, d, dtype, kw = GPU_CASES[case]
-  b, hq, hkv = b * 2, hq * 8, hkv * 8   # more work items than the H200's 132 SMs, same GQA
-  q, k, v = random_qkv(hash(case) % 1000 + 3, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq,
+  b, hq, hkv = b * 2, hq * 8, hkv * 8
+  q, k, v = random_qkv(hash(case) % 1000 + seed, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq,
                        kv_len=sk, head_dim=d, dtype=dtype)
   extra = kw()
   if "padding" in case:
     extra = dict(score_mod=padding_mask_mod(jnp.array([0, 333, 512, 17])))
-  cfg = mg.default_config(d, dtype, masked=bool(extra))
+  cfg = dataclasses.replace(mg.default_config(d, dtype, masked=bool(extra)), **fixed)
   outs = [pallas_flash_attention(q, k, v, backend="mosaic", return_lse=True,
-                                 config=dataclasses.replace(cfg, persistent=p), **extra)
-          for p in (False, True)]
+                                 config=dataclasses.replace(cfg, **{knob: on}), **extra)
+          for on in (False, True)]
   for got, want in zip(outs[1], outs[0]):
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
   (out, lse), (ref, ref_lse) = outs[1], reference_attention(q, k, v, return_lse=True, **extra)
@@ -503,25 +510,8 @@ def test_shared_probs_backward_matches_by_role_backward(case):
 def test_overlapped_forward_matches_plain_forward(case, persistent):
   """``MosaicConfig(overlap=True)`` does the plain loop's arithmetic in the same order (each
   step's output scaled by alpha before its P V is added): the same output and LSE, bit for bit,
-  in both forward forms, with more work items than SMs; and against the reference."""
-  b, hq, hkv, sq, sk, d, dtype, kw = GPU_CASES[case]
-  b, hq, hkv = b * 2, hq * 8, hkv * 8
-  q, k, v = random_qkv(hash(case) % 1000 + 5, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq,
-                       kv_len=sk, head_dim=d, dtype=dtype)
-  extra = kw()
-  if "padding" in case:
-    extra = dict(score_mod=padding_mask_mod(jnp.array([0, 333, 512, 17])))
-  cfg = dataclasses.replace(mg.default_config(d, dtype, masked=bool(extra)),
-                            persistent=persistent)
-  outs = [pallas_flash_attention(q, k, v, backend="mosaic", return_lse=True,
-                                 config=dataclasses.replace(cfg, overlap=o), **extra)
-          for o in (False, True)]
-  for got, want in zip(outs[1], outs[0]):
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-  (out, lse), (ref, ref_lse) = outs[1], reference_attention(q, k, v, return_lse=True, **extra)
-  assert rel_err(out, ref) < tol(dtype), rel_err(out, ref)
-  fin = np.isfinite(ref_lse)
-  assert np.array_equal(np.isfinite(np.asarray(lse)), fin)
+  in both forward forms; and against the reference."""
+  _check_forward_forms(case, 5, "overlap", persistent=persistent)
 
 
 @pytest.mark.gpu
