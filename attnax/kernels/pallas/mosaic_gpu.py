@@ -683,39 +683,55 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
       """FlashAttention-3's intra-warpgroup overlap (``overlap``): step ``t`` issues Q K_t^T
       and the previous step's P V together, then computes step ``t``'s softmax while that P V
       runs. The turn passes once Q K_t^T is done (so the other warpgroup's matmuls queue behind
-      this one's P V, and warpgroup 0 can tell when warpgroup 1 has read its last K tile)."""
+      this one's P V, and warpgroup 0 can tell when warpgroup 1 has read its last K tile).
+      Step 0 is peeled off (no P V behind it), so no wgmma is issued under a condition while
+      another is in flight."""
 
-      def ostep(t, carry, masked: bool):
-        m, l, p16 = carry
-        slot, prev = slot_of(t), slot_of(t - 1)
-        pl.when((t > 0) | (wg == 1))(wait_turn)   # warpgroup 0 starts
+      def qk(t, m, masked: bool, pv=None):
+        """Q K_t^T, with ``pv()`` (the previous step's P V) issued behind it, and step ``t``'s
+        softmax once Q K_t^T is done: ``(p, alpha, m_new)``."""
+        slot = slot_of(t)
         plgpu.barrier_wait(k_ready.at[slot])
 
-        def qk_then_softmax(s_ref):
+        def body(s_ref):
           plgpu.wgmma(s_ref, q_smem, k_smems.at[slot].transpose((1, 0)))
-
-          @pl.when(t > 0)
-          def _():
-            plgpu.barrier_wait(v_ready.at[prev])
-            plgpu.wgmma(acc_ref, p16, v_smems.at[prev])
-
-          @pl.when(t == 0)
-          def _():   # no P V in flight yet
-            plgpu.wgmma_wait(0)
-          s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)   # Q K_t^T done, P V may run on
+          if pv is not None:
+            pv()
+          s = plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if pv is None else 1)
           pass_turn()
           _bar("arrive", k_free(slot), FREE_THREADS)
           return probs(s, t, m, masked)
 
-        p, alpha, m_new = pl.run_scoped(qk_then_softmax, plgpu.ACC((rows, bk), f32))
+        return pl.run_scoped(body, plgpu.ACC((rows, bk), f32))
+
+      def first():   # step 0; masking a FULL tile changes none of its scores
+        pl.when(wg == 1)(wait_turn)   # warpgroup 0 starts
+        p, alpha, m_new = qk(0, m, True)
+        return m_new, l * alpha + p.sum(axis=1), p.astype(dtype)
+
+      def ostep(t, carry, masked: bool):
+        m, l, p16 = carry
+        prev = slot_of(t - 1)
+        wait_turn()
+
+        def pv():
+          plgpu.barrier_wait(v_ready.at[prev])
+          plgpu.wgmma(acc_ref, p16, v_smems.at[prev])
+
+        p, alpha, m_new = qk(t, m, masked, pv)
         acc = plgpu.wgmma_accumulator_load(acc_ref, wait_n=0)   # the previous P V is done
-        pl.when(t > 0)(lambda: _bar("arrive", v_free(prev), FREE_THREADS))
+        _bar("arrive", v_free(prev), FREE_THREADS)
         acc_ref[...] = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
         return m_new, l * alpha + p.sum(axis=1), p.astype(dtype)
 
-      p16 = plgpu.layout_cast(jnp.zeros((rows, bk), dtype), _WGMMA)
-      carry = lax.fori_loop(0, n_full, lambda t, c: ostep(t, c, False), (m, l, p16))
-      m_last, l_last, p16 = lax.fori_loop(n_full, total, lambda t, c: ostep(t, c, True), carry)
+      none = (m, l, plgpu.layout_cast(jnp.zeros((rows, bk), dtype), _WGMMA))
+      if isinstance(total, int):   # dense plans: static
+        carry = first() if total else none
+      else:
+        carry = lax.cond(total > 0, first, lambda: none)
+      split = max(n_full, 1) if isinstance(n_full, int) else jnp.maximum(n_full, 1)
+      carry = lax.fori_loop(1, split, lambda t, c: ostep(t, c, False), carry)
+      m_last, l_last, p16 = lax.fori_loop(split, total, lambda t, c: ostep(t, c, True), carry)
 
       @pl.when(total > 0)
       def _():   # the last step's P V
