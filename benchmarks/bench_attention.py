@@ -398,19 +398,21 @@ def build_attnax(name: str, **options):
 
 
 def build_mosaic(bwd: str = "auto", deterministic: bool = True, persistent: bool | None = None,
-                 shared_probs: bool = False, overlap: bool = False):
+                 shared_probs: bool = False, overlap: bool = False, balanced_walk: bool = False):
   """The Mosaic lowering with its tuned config and the backward on ``bwd`` (mosaic | triton);
   ``deterministic=False``: the Mosaic backward's dQ by reductions in the dK/dV kernel instead of
   its dQ pass; ``persistent``: MosaicConfig.persistent (``None``: as the config says);
   ``shared_probs``: MosaicConfig.bwd_shared_probs (above D=128); ``overlap``:
-  MosaicConfig.overlap (the forward's intra-warpgroup overlap)."""
+  MosaicConfig.overlap (the forward's intra-warpgroup overlap); ``balanced_walk``:
+  MosaicConfig.balanced_walk (with ``persistent=True``: masked plans' snake walk)."""
   def build(case, inp, on_gpu):
     from attnax.kernels.pallas import mosaic_gpu as mg
     kern = _attnax("pallas_flash_attention")
     mod = _attnax_mod(case, inp)
     cfg = mg.default_config(case.head_dim, masked=mod is not None)   # as backend="mosaic" picks
     cfg = dataclasses.replace(cfg, bwd=bwd, deterministic=deterministic,
-                              bwd_shared_probs=shared_probs, overlap=overlap)
+                              bwd_shared_probs=shared_probs, overlap=overlap,
+                              balanced_walk=balanced_walk)
     if persistent is not None:
       cfg = dataclasses.replace(cfg, persistent=persistent)
     kw = dict(backend="mosaic", config=cfg)
@@ -733,6 +735,10 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("attnax-mosaic-overlap", "bhsd", build_mosaic(overlap=True),
            'pallas_flash_attention(backend="mosaic"), MosaicConfig(overlap=True): Q K_t^T and '
            'P V_(t-1) issued together, the softmax under that P V',
+           gpu_only=True),
+    Kernel("attnax-mosaic-balanced", "bhsd", build_mosaic(persistent=True, balanced_walk=True),
+           'pallas_flash_attention(backend="mosaic"), MosaicConfig(persistent=True, '
+           'balanced_walk=True): masked plans walked longest row first in a snake order',
            gpu_only=True),
     Kernel("attnax-mosaic-items", "bhsd", build_mosaic(persistent=False),
            'pallas_flash_attention(backend="mosaic"), MosaicConfig(persistent=False): one '

@@ -53,15 +53,18 @@ def flops(b, h, s, d, causal):
 SMEM_BYTES = 232448   # per block on sm90 (227 KiB)
 
 
-def candidates(d: int, quick: bool):
+def candidates(d: int, quick: bool, masked: bool = False):
   """Configs whose Q tiles, K/V ring and LSE fit shared memory (2-byte elements), with and
-  without the intra-warpgroup overlap."""
+  without the intra-warpgroup overlap; for masked plans also persistent with the snake walk."""
+  walks = ((None, False), (True, True)) if masked else ((None, False),)
   for bk in (64, 128):
     for st in (2, 3, 4):
       smem = 2 * 64 * d * 2 + st * 2 * bk * d * 2 + 256   # the LSE aliases the K ring
       if smem <= SMEM_BYTES and not (quick and st == 4):
         for overlap in (False, True):
-          yield mg.MosaicConfig(block_q=128, block_k=bk, num_stages=st, overlap=overlap)
+          for persistent, balanced in walks:
+            yield mg.MosaicConfig(block_q=128, block_k=bk, num_stages=st, overlap=overlap,
+                                  persistent=persistent, balanced_walk=balanced)
 
 
 def bwd_candidates(base: mg.MosaicConfig, d: int):
@@ -183,7 +186,7 @@ def main():
       print(f"D={d} {kind}: cudnn {t_cudnn*1e3:.3f} ms ({fl/t_cudnn/1e12:.0f} TF/s), triton "
             f"{t_tri*1e3:.3f} ms ({t_cudnn/t_tri:.2f}x cudnn)", flush=True)
       best = None
-      for cfg in candidates(d, args.quick):
+      for cfg in candidates(d, args.quick, masked=causal):
         fn = lambda q, k, v, cfg=cfg: pallas_flash_attention(q, k, v, score_mod=mod,
                                                              backend="mosaic", config=cfg)
         try:
@@ -194,11 +197,12 @@ def main():
           print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
           continue
         ratio = t_cudnn / t
-        print(f"  bk={cfg.block_k} stages={cfg.num_stages} overlap={cfg.overlap}: {t*1e3:.3f} ms "
+        print(f"  bk={cfg.block_k} stages={cfg.num_stages} overlap={cfg.overlap} "
+              f"balanced_walk={cfg.balanced_walk}: {t*1e3:.3f} ms "
               f"({fl/t/1e12:.0f} TF/s, {ratio:.3f}x cudnn) compile {c:.1f} s max|err| {err:.3g}",
               flush=True)
         rows.append(dict(d=d, kind=kind, block_k=cfg.block_k, stages=cfg.num_stages,
-                         overlap=cfg.overlap, ms=t * 1e3,
+                         overlap=cfg.overlap, balanced_walk=cfg.balanced_walk, ms=t * 1e3,
                          ratio_cudnn=ratio, ratio_triton=t_tri / t, compile_s=c, err=err,
                          cudnn_ms=t_cudnn * 1e3, triton_ms=t_tri * 1e3))
         if err < 0.05 and (best is None or t < best[0]):
@@ -207,7 +211,7 @@ def main():
         cfg = best[1]
         table.setdefault(table_key(d, dtype, kind), {}).update(
             block_q=cfg.block_q, block_k=cfg.block_k, num_stages=cfg.num_stages,
-            overlap=cfg.overlap)
+            overlap=cfg.overlap, persistent=cfg.persistent, balanced_walk=cfg.balanced_walk)
   result = {dev.device_kind: table}
   with open(os.path.join(args.out, "mosaic_gpu.json"), "w") as f:
     json.dump(result, f, indent=1, sort_keys=True)

@@ -126,6 +126,12 @@ class MosaicConfig:
   that ``P V`` runs (the warpgroups' ping-pong stays). Opt-in until measured on the GPU; not
   with the f32 residual output (differentiated mod arrays), which runs the plain loop.
 
+  ``balanced_walk``: a persistent forward of a masked plan deals its work items to the programs
+  longest row first (q tiles slowest, in the plan's last-first order) in a snake order (round
+  ``r`` gives item ``r * P + p`` to program ``p``, or to ``P - 1 - p`` in odd rounds), so that
+  every program gets a like share of causal rows' uneven work. Dense plans keep the q-tile-fastest
+  walk (their items cost the same, and it shares K/V in L2). Opt-in until measured on the GPU.
+
   ``persistent``: the forward runs one program per SM, each walking work items with its K/V
   ring running on from one into the next, so the next item's tiles stream in under this one's
   epilogue. ``None`` (the default): persistent for plans without partial tiles (dense), whose
@@ -143,6 +149,7 @@ class MosaicConfig:
   persistent: bool | None = None
   bwd_shared_probs: bool = False
   overlap: bool = False
+  balanced_walk: bool = False
 
 
 # Built-in defaults by padded head dim (block_q, block_k, num_stages), sized so that Q, the K/V ring
@@ -385,6 +392,7 @@ class MosaicSpec:
   shared_probs: bool = False   # the by-role dK/dV kernel: P^T passed from the dV warpgroup
   persistent: bool = False   # the forward: one program per SM walking work items
   overlap: bool = False   # the forward: Q K_t^T and P V_{t-1} issued together (FA3)
+  balanced_walk: bool = False   # the persistent forward of a masked plan: the snake walk
   num_sms: int = 132
 
   @property
@@ -450,6 +458,7 @@ def kernel_spec(plan: FlashPlan, cfg: MosaicConfig, num_stages: int | None = Non
                     bwd_stages=cfg.bwd_num_stages,
                     bwd_dq_cols=cfg.bwd_dq_block_k, fused_dq=fused, shared_probs=shared_probs,
                     persistent=persistent, overlap=bool(cfg.overlap),
+                    balanced_walk=bool(cfg.balanced_walk) and not plan.dense,
                     num_sms=_checks.num_sms())
 
 
@@ -807,6 +816,15 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
   return done + total
 
 
+def snake_walk(n_items, num_sms, sm):
+  """``(index, count)``: program ``sm``'s ``j``-th item is ``index(j)`` for ``j < count``, round
+  ``j`` dealing items ``j * P .. (j + 1) * P - 1`` to programs ``0 .. P - 1``, then backwards."""
+  index = lambda j: j * num_sms + jnp.where(lax.rem(j, 2) == 0, sm, num_sms - 1 - sm)
+  full = lax.div(n_items, num_sms)   # complete rounds; the last one may be partial
+  partial = lax.rem(index(full), num_sms) < lax.rem(n_items, num_sms)
+  return index, full + partial.astype(jnp.int32)
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped, prefetch_q: bool):
   """The forward's program: one work item, or (``spec.persistent``) a grid of one program per
   SM, each walking work items ``sm, sm + num_sms, ...`` with its K/V ring running on from one
@@ -822,19 +840,28 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: MosaicSpec, scoped, prefet
     if not spec.persistent:
       tile(lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch"), 0)
       return
-    # Item i is (batch row, head, q tile) with q tiles fastest: SMs at work share K/V in L2.
     n_items, sm, num_sms = plan.batch * plan.q_heads * plan.nq, lax.axis_index("sm"), \
         lax.axis_size("sm")
-    coords = lambda i: (lax.rem(lax.div(i, plan.nq), plan.q_heads), lax.rem(i, plan.nq),
-                        lax.div(i, plan.nq * plan.q_heads))
+    if spec.balanced_walk:
+      # Item i is (q tile, batch row, head) with q tiles slowest (_walk_q: longest rows first);
+      # round j deals items j * P ... (j + 1) * P - 1 to the programs forwards, then backwards.
+      rows = plan.batch * plan.q_heads
+      coords = lambda i: (lax.rem(lax.rem(i, rows), plan.q_heads), lax.div(i, rows),
+                          lax.div(lax.rem(i, rows), plan.q_heads))
+      index, count = snake_walk(n_items, num_sms, sm)
+    else:
+      # Item i is (batch row, head, q tile) with q tiles fastest: SMs at work share K/V in L2.
+      coords = lambda i: (lax.rem(lax.div(i, plan.nq), plan.q_heads), lax.rem(i, plan.nq),
+                          lax.div(i, plan.nq * plan.q_heads))
+      index = lambda j: sm + j * num_sms
+      # The grid has at most one program per item: every program has one at least.
+      count = lax.div(n_items - 1 - sm, num_sms) + 1
 
     def item(j, done):
-      i = sm + j * num_sms
-      return tile(*coords(i), done, first=j == 0,
-                  next_item=(*coords(i + num_sms), i + num_sms < n_items))
+      i, nxt = index(j), index(j + 1)
+      return tile(*coords(i), done, first=j == 0, next_item=(*coords(nxt), nxt < n_items))
 
-    # The grid has at most one program per item: every program has one at least.
-    lax.fori_loop(0, lax.div(n_items - 1 - sm, num_sms) + 1, item, jnp.int32(0))
+    lax.fori_loop(0, count, item, jnp.int32(0))
 
   @pl.when(wg < COMPUTE_WGS)
   def _():

@@ -164,6 +164,45 @@ def test_overlapped_forward_lowers(case):
     assert "wgmma.wait_group.sync.aligned 1" not in mlir[False]
 
 
+@pytest.mark.parametrize("n_items,num_sms", [(1024, 132), (264, 132), (50, 50), (133, 132)])
+def test_snake_walk_deals_every_item_once_and_evens_causal_rows(n_items, num_sms):
+  """``balanced_walk``'s order: every work item goes to exactly one program; on causal rows
+  (items sorted longest first, row cost falling linearly) the heaviest program carries at most
+  a few percent more than the mean, where the q-tile-fastest walk gives some programs far more."""
+  jobs = {}
+  for sm in range(num_sms):
+    index, count = mg.snake_walk(jnp.int32(n_items), jnp.int32(num_sms), jnp.int32(sm))
+    jobs[sm] = [int(index(jnp.int32(j))) for j in range(int(count))]
+  assert sorted(i for items in jobs.values() for i in items) == list(range(n_items))
+  if n_items >= 4 * num_sms:
+    nq = 32   # q tiles per row; items sorted longest first: cost nq - (i // rows)
+    rows = n_items // nq
+    cost = lambda i: nq - i // rows
+    snake = [sum(map(cost, items)) for items in jobs.values()]
+    mean = sum(snake) / num_sms
+    assert max(snake) / mean < 1.05, max(snake) / mean
+    # The interleaved walk over q-tile-fastest items (cost nq - i % nq):
+    interleaved = [sum(nq - i % nq for i in range(sm, n_items, num_sms)) for sm in range(num_sms)]
+    assert max(interleaved) / mean > max(snake) / mean
+
+
+def test_balanced_walk_lowers_for_masked_persistent_plans():
+  """``MosaicConfig(persistent=True, balanced_walk=True)`` lowers for sm90 on a causal plan (with
+  and without the overlap); a dense plan keeps the q-tile-fastest walk."""
+  cfg, plan, arrays, qp, kp, vp = _plan(*_zeros(), score_mod=causal_mod())
+  for overlap in (False, True):
+    spec = mg.kernel_spec(plan, dataclasses.replace(cfg, persistent=True, balanced_walk=True,
+                                                    overlap=overlap))
+    assert spec.balanced_walk and spec.persistent
+    exported = jax.export.export(
+        jax.jit(lambda q, k, v, a, spec=spec: mg.forward(spec, q, k, v, a)),
+        platforms=["cuda"], disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(qp, kp, vp, arrays)
+    assert "mosaic_gpu" in exported.mlir_module()
+  cfg, plan, *_ = _plan(*_zeros())
+  assert not mg.kernel_spec(plan, dataclasses.replace(cfg, balanced_walk=True)).balanced_walk
+
+
 def _cotangent_mod(b=1, hq=4, hkv=2, s=512, seed=0):
   """A causal plan whose float arrays are read in every way the Mosaic backward differentiates:
   ALiBi slopes (one entry per head), a gate's alpha (per query row) and delta (per key column,
@@ -512,6 +551,15 @@ def test_overlapped_forward_matches_plain_forward(case, persistent):
   step's output scaled by alpha before its P V is added): the same output and LSE, bit for bit,
   in both forward forms; and against the reference."""
   _check_forward_forms(case, 5, "overlap", persistent=persistent)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["causal_gqa", "ragged_sq_ne_sk", "padding_rows_empty",
+                                  "docs_alibi_softcap", "window_f16", "d256"])
+def test_balanced_walk_matches_interleaved_walk(case):
+  """The persistent forward's snake walk (``balanced_walk``) does each item's arithmetic as the
+  q-tile-fastest walk does: the same output and LSE, bit for bit; and against the reference."""
+  _check_forward_forms(case, 6, "balanced_walk", persistent=True)
 
 
 @pytest.mark.gpu
