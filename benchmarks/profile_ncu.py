@@ -5,7 +5,7 @@
 Inputs come from the host (no random-number kernels in the profile) and the step runs once: ncu
 replays each kernel itself, with cold caches. ``KIND``: ``attnax`` (``backend="mosaic"``, the
 default config), ``attnax-fused`` (``deterministic=False``) or ``cudnn``; ``MASK``: ``dense`` or
-``causal``. B=4, H=16, S=4096, D=128 bf16 unless ``--seq``, ``--batch``, ``--head-dim`` say
+``causal`` or ``alibi`` (ALiBi + causal). B=4, H=16, S=4096, D=128 bf16 unless ``--seq``, ``--batch``, ``--head-dim`` say
 otherwise; ``--overlap`` and ``--shared-probs`` set those MosaicConfig knobs. ``--time N`` times
 N steps with wall-clock instead (outside ncu).
 """
@@ -20,8 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def step_fn(kind: str, causal: bool):
+def step_fn(kind: str, mask: str):
+  causal = mask != "dense"
   if kind == "cudnn":
+    if mask == "alibi":
+      raise SystemExit("cudnn: no ALiBi here (profile its causal step instead)")
     attn = lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="cudnn")
     layout = "bshd"
@@ -33,7 +36,8 @@ def step_fn(kind: str, causal: bool):
     cfg = mg.default_config(ARGS.head_dim, masked=causal)
     cfg = dataclasses.replace(cfg, deterministic=kind != "attnax-fused", overlap=ARGS.overlap,
                               bwd_shared_probs=ARGS.shared_probs)
-    mod = K.causal_mod() if causal else None
+    mod = {"dense": None, "causal": K.causal_mod(),
+           "alibi": K.compose_score_mods(K.alibi_mod(num_heads=ARGS.heads), K.causal_mod())}[mask]
     attn = lambda q, k, v: K.pallas_flash_attention(q, k, v, score_mod=mod, backend="mosaic",
                                                     config=cfg)
     layout = "bhsd"
@@ -47,7 +51,7 @@ def step_fn(kind: str, causal: bool):
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("kind", choices=("attnax", "attnax-fused", "cudnn"))
-  p.add_argument("mask", choices=("dense", "causal"))
+  p.add_argument("mask", choices=("dense", "causal", "alibi"))
   p.add_argument("--seq", type=int, default=4096)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--heads", type=int, default=16)
@@ -58,7 +62,7 @@ def main():
                  help="MosaicConfig(bwd_shared_probs=True) (head dims above 128)")
   global ARGS
   ARGS = p.parse_args()
-  fn, layout = step_fn(ARGS.kind, ARGS.mask == "causal")
+  fn, layout = step_fn(ARGS.kind, ARGS.mask)
   b, h, s, d = ARGS.batch, ARGS.heads, ARGS.seq, ARGS.head_dim
   shape = (b, h, s, d) if layout == "bhsd" else (b, s, h, d)
   rng = np.random.default_rng(0)

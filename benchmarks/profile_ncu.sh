@@ -13,7 +13,7 @@ ARGS=${ARGS:-}
 prof() { timeout "${2:-120}" "$PY" benchmarks/profile_ncu.py $1 $ARGS; }
 # DUMPS: "kind:mask[:flag,flag]" (flags: overlap, shared-probs, head-dim=N), ptxas's report of each
 # Mosaic kernel (registers, spills, and wgmma serialisation warnings) and its SASS.
-DUMPS=${DUMPS-"attnax:dense attnax:dense:overlap attnax:dense:head-dim=256 attnax:dense:head-dim=256,shared-probs"}
+DUMPS=${DUMPS-"attnax:dense attnax:dense:overlap attnax:causal attnax:alibi attnax:dense:head-dim=256 attnax:dense:head-dim=256,shared-probs"}
 n=0
 for spec in $DUMPS; do
   IFS=: read -r kind mask flags <<< "$spec"; n=$((n + 1))
