@@ -119,14 +119,15 @@ class MosaicConfig:
   gradient, warpgroup 0 (dV) passes its ``P^T`` (f32, times the score mod's derivative) to
   warpgroup 1 (dK) through shared memory, so that ``S^T`` is computed once per tile (4 matmuls
   in that kernel, not 5). Not for plans that differentiate mod arrays read along key positions
-  (their cotangents need the scores in the dK warpgroup); elsewhere it changes nothing.
+  (their cotangents need the scores in the dK warpgroup); elsewhere it changes nothing. Opt-in
+  until measured on the GPU.
 
   ``overlap``: the forward's intra-warpgroup overlap (FlashAttention-3): each kv step issues
   ``Q K_t^T`` and the previous step's ``P V`` together and computes step ``t``'s softmax while
   that ``P V`` runs (the warpgroups' ping-pong stays). Opt-in until measured on the GPU; not
   with the f32 residual output (differentiated mod arrays), which runs the plain loop.
 
-  ``balanced_walk``: a persistent forward of a masked plan deals its work items to the programs
+  ``balanced_walk`` (with ``persistent=True``): a persistent forward of a masked plan deals its work items to the programs
   longest row first (q tiles slowest, in the plan's last-first order) in a snake order (round
   ``r`` gives item ``r * P + p`` to program ``p``, or to ``P - 1 - p`` in odd rounds), so that
   every program gets a like share of causal rows' uneven work. Dense plans keep the q-tile-fastest
@@ -155,7 +156,7 @@ class MosaicConfig:
 # Built-in defaults by padded head dim (block_q, block_k, num_stages), sized so that Q, the K/V ring
 # and the output fit the 227 KiB of shared memory and the accumulators the registers. A tuned
 # table per device kind (configs/mosaic_gpu.json, written by benchmarks/tune_mosaic.py) overrides
-# them per (head dim, dense | masked).
+# them per (head dim, dtype, dense | masked).
 _BUILTIN = {
     64: MosaicConfig(128, 128, 3),
     128: MosaicConfig(128, 128, 2),
