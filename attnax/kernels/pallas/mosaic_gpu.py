@@ -127,11 +127,12 @@ class MosaicConfig:
   that ``P V`` runs (the warpgroups' ping-pong stays). Opt-in until measured on the GPU; not
   with the f32 residual output (differentiated mod arrays), which runs the plain loop.
 
-  ``balanced_walk`` (with ``persistent=True``): a persistent forward of a masked plan deals its work items to the programs
-  longest row first (q tiles slowest, in the plan's last-first order) in a snake order (round
-  ``r`` gives item ``r * P + p`` to program ``p``, or to ``P - 1 - p`` in odd rounds), so that
-  every program gets a like share of causal rows' uneven work. Dense plans keep the q-tile-fastest
-  walk (their items cost the same, and it shares K/V in L2). Opt-in until measured on the GPU.
+  ``balanced_walk`` (with ``persistent=True``): a persistent forward of a masked plan deals its
+  work items to the programs longest row first (q tiles slowest, in the plan's last-first
+  order) in a snake order (round ``r`` gives item ``r * P + p`` to program ``p``, or to
+  ``P - 1 - p`` in odd rounds), so that every program gets a like share of causal rows' uneven
+  work. Dense plans keep the q-tile-fastest walk (their items cost the same, and it shares K/V
+  in L2). Opt-in until measured on the GPU.
 
   ``persistent``: the forward runs one program per SM, each walking work items with its K/V
   ring running on from one into the next, so the next item's tiles stream in under this one's
@@ -459,7 +460,7 @@ def kernel_spec(plan: FlashPlan, cfg: MosaicConfig, num_stages: int | None = Non
                     bwd_stages=cfg.bwd_num_stages,
                     bwd_dq_cols=cfg.bwd_dq_block_k, fused_dq=fused, shared_probs=shared_probs,
                     persistent=persistent, overlap=bool(cfg.overlap),
-                    balanced_walk=bool(cfg.balanced_walk) and not plan.dense,
+                    balanced_walk=bool(cfg.balanced_walk) and persistent and not plan.dense,
                     num_sms=_checks.num_sms())
 
 
@@ -977,7 +978,7 @@ def _dkv_by_role(plan: FlashPlan) -> bool:
   return max(plan.head_pad, plan.v_pad) > 128
 
 
-def _probs_buffers(plan: FlashPlan, stages: int = 2) -> int:
+def _probs_buffers(plan: FlashPlan, stages: int) -> int:
   """How many steps of the f32 ``P^T`` the by-role dK/dV kernel's shared memory holds beside
   its K and V chunk and its Q/dO ring of ``stages`` (``MosaicConfig.bwd_shared_probs``): 2 (the
   dV warpgroup one step ahead), 1, or 0 (the form does not fit)."""
