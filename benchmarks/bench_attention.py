@@ -704,6 +704,24 @@ def _flex_build(case, inp, on_gpu):
   raise Unsupported("FlexAttention is timed by flex_cell")  # never called: engine="torch"
 
 
+# The Mosaic lowering's other forms: (row suffix, build_mosaic options, what the row runs).
+MOSAIC_VARIANTS = (
+    ("tbwd", dict(bwd="triton"), "the Triton backward (MosaicConfig.bwd)"),
+    ("fused", dict(bwd="mosaic", deterministic=False),
+     "MosaicConfig(deterministic=False): dQ by TMA reductions in the dK/dV kernel"),
+    ("sharedp", dict(shared_probs=True),
+     "MosaicConfig(bwd_shared_probs=True): above D=128, S^T computed once in the dK/dV kernel"),
+    ("overlap", dict(overlap=True),
+     "MosaicConfig(overlap=True): Q K_t^T and P V_(t-1) issued together, the softmax under "
+     "that P V"),
+    ("balanced", dict(persistent=True, balanced_walk=True),
+     "MosaicConfig(persistent=True, balanced_walk=True): masked plans walked longest row first "
+     "in a snake order"),
+    ("items", dict(persistent=False),
+     "MosaicConfig(persistent=False): one program per work item"),
+    ("persistent", dict(persistent=True), "MosaicConfig(persistent=True)"),
+)
+
 KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("cudnn", "bshd", build_jax_nn("cudnn"),
            'jax.nn.dot_product_attention(implementation="cudnn")', gpu_only=True,
@@ -721,32 +739,9 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
            engine="torch"),
     Kernel("attnax-mosaic", "bhsd", build_attnax("pallas_flash_attention", backend="mosaic"),
            'attnax.kernels.pallas_flash_attention(backend="mosaic")', gpu_only=True),
-    Kernel("attnax-mosaic-tbwd", "bhsd", build_mosaic("triton"),
-           'pallas_flash_attention(backend="mosaic"), the Triton backward (MosaicConfig.bwd)',
-           gpu_only=True),
-    Kernel("attnax-mosaic-fused", "bhsd", build_mosaic("mosaic", deterministic=False),
-           'pallas_flash_attention(backend="mosaic"), MosaicConfig(deterministic=False): dQ by '
-           'TMA reductions in the dK/dV kernel',
-           gpu_only=True),
-    Kernel("attnax-mosaic-sharedp", "bhsd", build_mosaic(shared_probs=True),
-           'pallas_flash_attention(backend="mosaic"), MosaicConfig(bwd_shared_probs=True): '
-           'above D=128, S^T computed once in the dK/dV kernel',
-           gpu_only=True),
-    Kernel("attnax-mosaic-overlap", "bhsd", build_mosaic(overlap=True),
-           'pallas_flash_attention(backend="mosaic"), MosaicConfig(overlap=True): Q K_t^T and '
-           'P V_(t-1) issued together, the softmax under that P V',
-           gpu_only=True),
-    Kernel("attnax-mosaic-balanced", "bhsd", build_mosaic(persistent=True, balanced_walk=True),
-           'pallas_flash_attention(backend="mosaic"), MosaicConfig(persistent=True, '
-           'balanced_walk=True): masked plans walked longest row first in a snake order',
-           gpu_only=True),
-    Kernel("attnax-mosaic-items", "bhsd", build_mosaic(persistent=False),
-           'pallas_flash_attention(backend="mosaic"), MosaicConfig(persistent=False): one '
-           'program per work item',
-           gpu_only=True),
-    Kernel("attnax-mosaic-persistent", "bhsd", build_mosaic(persistent=True),
-           'pallas_flash_attention(backend="mosaic"), MosaicConfig(persistent=True)',
-           gpu_only=True),
+    *(Kernel(f"attnax-mosaic-{suffix}", "bhsd", build_mosaic(**options),
+             f'pallas_flash_attention(backend="mosaic"), {note}', gpu_only=True)
+      for suffix, options, note in MOSAIC_VARIANTS),
     Kernel("attnax-triton", "bhsd", build_attnax("pallas_flash_attention", backend="triton"),
            'attnax.kernels.pallas_flash_attention(backend="triton")', gpu_only=True),
     Kernel("attnax-pallas", "bhsd", build_attnax("pallas_flash_attention"),
