@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""The Mosaic forward against an earlier version of itself, in one process (H200 diagnosis).
+"""The Mosaic kernels against an earlier version of themselves, in one process (H200 diagnosis).
 
-Times, per case, cuDNN, tokamax's Mosaic kernel and forward variants of
+Times, per case, cuDNN, tokamax's Mosaic kernel and variants of
 ``attnax.kernels.pallas.mosaic_gpu`` on the same inputs and the same plan, in rounds (every
 variant once per round, so that clock drift falls on all of them alike):
 
@@ -12,21 +12,31 @@ variant once per round, so that clock drift falls on all of them alike):
 * the others (:data:`VARIANTS`): source patches of the module (the library does not ship them)
   or config overrides.
 
+``MODE=fwd`` (the default) times the forward; ``MODE=fwd+bwd`` the forward and the backward of
+a fixed cotangent (each variant's own ``forward`` and ``backward``; cuDNN and tokamax through
+``jax.vjp``), its error the worst of the output's and the gradients' against cuDNN's.
+
 Prints ms, TFLOP/s, the ratio to cuDNN and to tokamax, the compile time, and the error against
 cuDNN.
 
   PYTHONPATH=$PWD python3 benchmarks/diag_mosaic_fwd_ab.py   # CASES=s4k,s16k-causal ROUNDS=3
   # VARIANTS=base,now,noauto,st2,st3,persist,items,contig (default base,now,noauto)
+  MODE=fwd+bwd CASES=s4k,s4k-causal,alibi8k VARIANTS=base,now python3 benchmarks/diag_mosaic_fwd_ab.py
 """
 import dataclasses, os, sys, types
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax, jax.numpy as jnp
 import bench_attention as ba
+from attnax.kernels import tiles
 from attnax.kernels.pallas import api, mosaic_gpu as mg
+from attnax.kernels.pallas.plan import pad_to
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = os.environ.get("CASES", "s4k,s16k,s4k-causal,s16k-causal,s4k-d64,s4k-d256").split(",")
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
+MODE = os.environ.get("MODE", "fwd")
+if MODE not in ("fwd", "fwd+bwd"):
+  raise SystemExit(f"MODE must be fwd or fwd+bwd, got {MODE!r}")
 
 
 NOAUTO = ("compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0)",
@@ -64,7 +74,7 @@ def load_variant(name: str):
   mod = sys.modules[f"_variant_{name}"] = types.ModuleType(f"_variant_{name}")
   mod.__file__ = mg.__file__   # its tuned-config table
   exec(compile(src, f"<{name}>", "exec"), mod.__dict__)
-  return mod.forward, cfg
+  return mod, cfg
 
 
 def variants() -> dict:
@@ -73,17 +83,38 @@ def variants() -> dict:
 
 
 def variant_fn(variant, case, inp):
-  forward, overrides = variant
+  """``fn(q, k, v, ct)``: the variant's output (fwd), or its output and q, k, v gradients for
+  the cotangent ``ct`` (fwd+bwd)."""
+  module, overrides = variant
   mod = ba._attnax_mod(case, inp)
   cfg = mg.default_config(case.head_dim, masked=mod is not None)
   cfg = dataclasses.replace(cfg, **overrides)
   opts = {**api._PLAN_DEFAULTS, "backend": "mosaic", "config": cfg, "score_mod": mod}
 
-  def fn(q, k, v):
+  def fn(q, k, v, ct):
     _, spec, arrays, qp, kp, vp = api._plan(q, k, v, **opts)
-    out, _ = forward(spec, qp, kp, vp, arrays)
-    return out[:, :, :spec.plan.q_len, :spec.plan.v_dim]
+    plan = spec.plan
+    out, lse = module.forward(spec, qp, kp, vp, arrays)
+    crop = lambda x, n, d: x[:, :, :n, :d]
+    if MODE == "fwd":
+      return crop(out, plan.q_len, plan.v_dim)
+    do = pad_to(ct.astype(q.dtype), out.shape)
+    delta = tiles.backward_delta(out, do)
+    dq, dk, dv, _ = module.backward(spec, qp, kp, vp, do, lse, delta, arrays)
+    return (crop(out, plan.q_len, plan.v_dim), crop(dq, plan.q_len, plan.head_dim),
+            crop(dk, plan.kv_len, plan.head_dim), crop(dv, plan.kv_len, plan.v_dim))
   return fn
+
+
+def peer_fn(fn):
+  """A peer's ``fn(q, k, v)`` as the timed ``fn(q, k, v, ct)`` of the mode."""
+  if MODE == "fwd":
+    return lambda q, k, v, ct: fn(q, k, v)
+
+  def fb(q, k, v, ct):
+    o, pull = jax.vjp(fn, q, k, v)
+    return (o,) + tuple(pull(ct))
+  return fb
 
 
 def main():
@@ -93,8 +124,8 @@ def main():
   for name in CASES:
     case = cases[name]
     inp = ba.Inputs(case, jnp.bfloat16, {"bhsd", "bshd"})
-    fns = {"cudnn": (ba.KERNELS["cudnn"].build(case, inp, True), "bshd"),
-           "tokamax": (ba.KERNELS["tokamax-mosaic"].build(case, inp, True), "bshd")}
+    fns = {"cudnn": (peer_fn(ba.KERNELS["cudnn"].build(case, inp, True)), "bshd"),
+           "tokamax": (peer_fn(ba.KERNELS["tokamax-mosaic"].build(case, inp, True)), "bshd")}
     for v, fwd in fwds.items():
       fns[v] = (variant_fn(fwd, case, inp), "bhsd")
     jitted, ms, comp, err = {}, {k: [] for k in fns}, {}, {}
@@ -102,7 +133,7 @@ def main():
     for r in range(ROUNDS):
       for k, (fn, lay) in fns.items():
         try:
-          jf = jitted.setdefault(k, jax.jit(lambda q, k, v, ct, fn=fn: fn(q, k, v)))
+          jf = jitted.setdefault(k, jax.jit(fn))
           t, out0 = ba.time_fn(jf, inp.sets[lay], budget_s=0.3)
         except Exception as e:  # noqa: BLE001
           print(f"{name} {k}: FAIL {ba._short(e, 200)}", flush=True)
@@ -111,16 +142,16 @@ def main():
         ms[k].append(t.median_s * 1e3)
         if r == 0:
           comp[k] = t.compile_s
-          o = ba._to_bhsd(out0, lay)
+          o = [ba._to_bhsd(x, lay) for x in (out0 if MODE == "fwd+bwd" else (out0,))]
           if ref is None:
             ref = o
-          err[k] = float(ba._errs(o, ref)[0])
+          err[k] = max(float(ba._errs(x, r)[0]) for x, r in zip(o, ref))
       fns = {k: f for k, f in fns.items() if f[0] is not None}
     best = {k: min(v) for k, v in ms.items() if v}
     print(f"### {name}: B={case.batch} H={case.heads} S={case.seq} D={case.head_dim}, "
-          f"{case.kind}; best of {ROUNDS} rounds", flush=True)
+          f"{case.kind}; {MODE}, best of {ROUNDS} rounds", flush=True)
     for k, t in best.items():
-      tf = case.flops("fwd") / (t * 1e-3) / 1e12
+      tf = case.flops(MODE) / (t * 1e-3) / 1e12
       rel = lambda peer: f"{best[peer] / t:.3f}" if peer in best else "n/a"
       print(f"| {k:8s} | {t:.3f} ms | {tf:.0f} TFLOP/s | x cuDNN {rel('cudnn')} | "
             f"x tokamax {rel('tokamax')} | compile {comp.get(k, 0):.1f} s | "

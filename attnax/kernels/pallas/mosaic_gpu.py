@@ -474,6 +474,12 @@ def _dq_split(plan: FlashPlan) -> int | None:
   return cols if cols % 64 == 0 else None
 
 
+def _q_ring_slot_bytes(d: int) -> int:
+  """Shared memory per slot of the dK/dV kernel's ring: a 16-bit Q and dO chunk and the
+  chunk's f32 LSE and delta rows."""
+  return 2 * BWD_CHUNK * (d * 2 + 4)
+
+
 def _fused_bwd_stages(plan: FlashPlan) -> int:
   """The deepest Q/dO ring the fused backward's shared memory holds beside its fixed buffers
   (each warpgroup's K and V chunks, its dS^T (DS_BUFFERS of them with the head-dim split) and
@@ -481,7 +487,7 @@ def _fused_bwd_stages(plan: FlashPlan) -> int:
   c, d, wgs = BWD_CHUNK, max(plan.head_pad, MIN_HEAD_DIM), COMPUTE_WGS
   split = _dq_split(plan)
   fixed = wgs * c * (2 * d * 2 + (DS_BUFFERS if split else 1) * c * 2 + (split or d) * 4)
-  return max(2, (_SMEM_BYTES - fixed) // (2 * c * d * 2))
+  return max(2, (_SMEM_BYTES - fixed) // _q_ring_slot_bytes(d))
 
 
 # ----------------------------------------------------------------------------- tile maths
@@ -983,7 +989,7 @@ def _probs_buffers(plan: FlashPlan, stages: int) -> int:
   its K and V chunk and its Q/dO ring of ``stages`` (``MosaicConfig.bwd_shared_probs``): 2 (the
   dV warpgroup one step ahead), 1, or 0 (the form does not fit)."""
   c, d = BWD_CHUNK, max(plan.head_pad, plan.v_pad, MIN_HEAD_DIM)
-  left = _SMEM_BYTES - (2 + 2 * stages) * c * d * 2
+  left = _SMEM_BYTES - 2 * c * d * 2 - stages * _q_ring_slot_bytes(d)
   return max(0, min(PROBS_BUFFERS, left // (c * c * 4)))
 
 
@@ -1312,8 +1318,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
   dq_ref = accumulators[0] if fused else None
   cot_refs = dict(zip(bufs, accumulators[int(fused):]))
   dk_ref, dv_ref = refs[-2:]
-  (k_smems, v_smems, q_smems, do_smems, *extra), (kv_ready, q_ready, do_ready, free,
-                                                    *more_barriers) = scoped
+  (k_smems, v_smems, q_smems, do_smems, lse_smems, delta_smems, *extra), (
+      kv_ready, q_ready, do_ready, free, *more_barriers) = scoped
   dq_scratch = extra[:2] if fused else ()
   probs_smem = extra[0] if shared else None   # (buffers, BWD_CHUNK, BWD_CHUNK) f32
   cot_stage = extra[-1] if cot_refs else None   # (COMPUTE_WGS, BWD_CHUNK) f32
@@ -1384,10 +1390,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
       plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[rows + ((cols,) if dq_split else ())],
                               reduction_op="add")
 
-    def probs_t(st, h, q_start, masked: bool, cot_bufs=(), derivative: bool = True):
+    def probs_t(st, h, slot, q_start, masked: bool, cot_bufs=(), derivative: bool = True):
       """``(P^T, dmod, loads_vjp)`` of a step from its ``S^T`` (keys x queries): the mods at
       the tile's positions and the softmax by the rows' LSE (:func:`_bwd_scores`)."""
-      lse = _row_line(lse_ref, (b, h, pl.ds(q_start, c)), 1)
+      lse = plgpu.load(lse_smems.at[slot], (), layout=_COL)
       lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)   # rows that saw no key: p = 0
       iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WGMMA)
       tile = _Tile(q_start + iota(1), k_start + iota(0), q_start, k_start, c, c, transposed=True)
@@ -1415,10 +1421,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
 
         st, dpt = pl.run_scoped(scores, *[plgpu.ACC((c, c), f32) for _ in range(1 + want_dk)])
         q_cols = (b, h, pl.ds(q_start, c))
-        pt, dmod, loads_vjp = probs_t(st, h, q_start, masked, bufs if want_dk else (), want_dk)
+        pt, dmod, loads_vjp = probs_t(st, h, slot, q_start, masked,
+                                      bufs if want_dk else (), want_dk)
         dst = None
         if want_dk:
-          delta = _row_line(delta_ref, q_cols, 1)
+          delta = plgpu.load(delta_smems.at[slot], (), layout=_COL)
           dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, (1,)))
           if loads_vjp is not None:   # dst is d/d(modded score); s2 is in base 2
             _add_cotangents(loads_vjp(dst * LN2), [cot_stage.at[wg]], cot_refs)
@@ -1478,7 +1485,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
         dk, dv, prev = acc
         step_n, slot, q_start = n + t, lax.rem(n + t, stages), q_start_of(t)
         buf = lax.rem(step_n, probs_smem.shape[0])
-        q_cols = (b, h, pl.ds(q_start, c))
         if want_dv:
           plgpu.barrier_wait(q_ready.at[slot])
 
@@ -1487,7 +1493,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
             return st_ref[...]
 
           st = pl.run_scoped(scores, plgpu.ACC((c, c), f32))
-          pt, dmod, _ = probs_t(st, h, q_start, masked)
+          pt, dmod, _ = probs_t(st, h, slot, q_start, masked)
           _when(step_n >= probs_smem.shape[0],
                 lambda: plgpu.barrier_wait(probs_free.at[buf]))   # warpgroup 1 has read it
           probs_smem.at[buf][...] = pt if dmod is None else pt * dmod
@@ -1506,7 +1512,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
             return dpt_ref[...]
 
           dpt = pl.run_scoped(dp_scores, plgpu.ACC((c, c), f32))
-          delta = _row_line(delta_ref, q_cols, 1)
+          delta = plgpu.load(delta_smems.at[slot], (), layout=_COL)
           plgpu.barrier_wait(probs_full.at[buf])
           pt = plgpu.load(probs_smem.at[buf], layout=_WGMMA)
           plgpu.barrier_arrive(probs_free.at[buf])
@@ -1573,8 +1579,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
       def fetch(t, slot, refill):
         rows = (b, h, pl.ds(q_start_of(t), c))
         _when(refill, lambda: plgpu.barrier_wait(free.at[slot]))
+        # Each chunk's LSE and delta rows land with its Q and dO (two copies per barrier).
         plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smems.at[slot], q_ready.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[rows], lse_smems.at[slot], q_ready.at[slot])
         plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smems.at[slot], do_ready.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[rows], delta_smems.at[slot], do_ready.at[slot])
 
       _stream(total, stages, fetch, n)
       return n + total
@@ -1648,8 +1657,12 @@ def backward(spec: MosaicSpec, q, k, v, do, lse, delta, arrays: PlanArrays, diff
 
   dkv_cots, dkv_stage = zeros(dkv_bufs)
   kv_chunks = 1 if _dkv_by_role(plan) else wgs   # by role, both warpgroups read one chunk
-  dkv_scratch = (own(k.dtype, kv_chunks), own(v.dtype, kv_chunks), ring(q.dtype), ring(do.dtype))
-  dkv_barriers = (ready(2 * wgs), ready(stages), ready(stages), release)
+  # The Q/dO ring carries each chunk's LSE and delta rows, loaded by TMA with them (FA3's
+  # form): read per step from global memory they were a load's latency after each S^T.
+  dkv_scratch = (own(k.dtype, kv_chunks), own(v.dtype, kv_chunks), ring(q.dtype), ring(do.dtype),
+                 plgpu.SMEM((stages, c), f32), plgpu.SMEM((stages, c), f32))
+  with_rows = plgpu.Barrier(num_arrivals=2, num_barriers=stages)   # a chunk and its rows
+  dkv_barriers = (ready(2 * wgs), with_rows, with_rows, release)
   if spec.shared_probs:   # P^T steps in flight, each with a "written" and a "read" barrier
     n_probs = _probs_buffers(plan, stages)
     dkv_scratch += (_smem((n_probs, c, c), f32),)
