@@ -261,13 +261,18 @@ class TileArray(ops_lib.RefArray):
   """
 
   def __init__(self, ref, shape, dtype, tile: _Tile, record: set | None = None,
-               cache: list | None = None, replay: bool = False):
+               cache: list | None = None, replay: bool = False,
+               hoist: "tuple[frozenset, list, bool] | None" = None):
     super().__init__(ref, shape, dtype)
     self.tile, self.record = tile, record
     # ``cache``: each load's ``(value, roles, index)`` is appended to it, or (``replay``) values
     # are taken from it in order instead of loading: a jvp or vjp cannot trace Mosaic loads, so
     # the backward loads first and replays inside.
     self.cache, self.replay = cache, replay
+    # ``hoist = (invariant roles, values, filling)`` (:class:`_InvariantLoads`): loads indexed
+    # only by those roles append their unbroadcast value to ``values`` (``filling``, before the
+    # loop) or take the next one from it (inside the loop) instead of loading.
+    self.invariant, self.hoisted, self.filling = hoist if hoist else (frozenset(), None, False)
 
   def __getitem__(self, idx):
     if not isinstance(idx, tuple):
@@ -308,16 +313,21 @@ class TileArray(ops_lib.RefArray):
       return self.cache.pop(0)
     index = tuple(index)
     q_axis = 1 if tile.transposed else 0
-    line = lambda axis: lax.broadcast_in_dim(
-        plgpu.load(self.ref, index, layout=_COL if axis else _ROW, optimized=False), shape, (axis,))
-    if "q" in roles and "kv" in roles:
-      val = plgpu.load(self.ref, index, layout=_WGMMA, optimized=False)
-    elif "q" in roles:
-      val = line(q_axis)
-    elif "kv" in roles:
-      val = line(1 - q_axis)
+    # A line (one value per query or per key) varies along one axis of the register tile.
+    axis = (None if ("q" in roles) == ("kv" in roles) else q_axis if "q" in roles
+            else 1 - q_axis)
+    hoisted = self.hoisted is not None and set(roles) <= self.invariant
+    if hoisted and not self.filling:
+      raw = self.hoisted.pop(0)
+    elif "q" in roles and "kv" in roles:
+      raw = plgpu.load(self.ref, index, layout=_WGMMA, optimized=False)
+    elif axis is not None:
+      raw = plgpu.load(self.ref, index, layout=_COL if axis else _ROW, optimized=False)
     else:
-      val = self.ref[index]
+      raw = self.ref[index]
+    if hoisted and self.filling:
+      self.hoisted.append(raw)
+    val = raw if axis is None else lax.broadcast_in_dim(raw, shape, (axis,))
     val = val != 0 if self.dtype == jnp.bool_ else val
     if self.cache is not None:
       self.cache.append((val, tuple(roles), index))
@@ -331,16 +341,47 @@ class TileArray(ops_lib.RefArray):
 
 
 def _mods_in_kernel(plan: FlashPlan, refs, tile: _Tile, records=None, caches=None,
-                    replay=False):
-  """``(score_fn, mask_fn)`` reading the mods' arrays per tile (``records``: only record how)."""
+                    replay=False, invariant: "_InvariantLoads | None" = None):
+  """``(score_fn, mask_fn)`` reading the mods' arrays per tile (``records``: only record how;
+  ``invariant``: the loop's invariant loads, made before it)."""
   meta = plan.mods.meta
   if records is not None:
     arrays = [TileArray(None, s, d, tile, rec) for rec, (s, d) in zip(records, meta)]
   else:
     caches = caches or [None] * len(meta)
-    arrays = [TileArray(r, s, d, tile, cache=c, replay=replay)
-              for r, (s, d), c in zip(refs, meta, caches)]
+    hoists = invariant.hoists() if invariant is not None else [None] * len(meta)
+    arrays = [TileArray(r, s, d, tile, cache=c, replay=replay, hoist=x)
+              for r, (s, d), c, x in zip(refs, meta, caches, hoists)]
   return plan.mods.rebuild(arrays)
+
+
+class _InvariantLoads:
+  """The mod-array loads that do not change along a kernel's loop, made once before it.
+
+  Those are the loads indexed only by scalars (``slopes[h]``) and by the axis the loop does not
+  walk: the query rows of a work item in the forward and dQ kernels (``axis="q"``), the key rows
+  in the dK/dV kernel (``axis="kv"``). Inside the loop each would be a global load per step,
+  whose latency falls between a step's ``S`` and its softmax (the compiler cannot move loads
+  across the loop's barriers). Building one runs the mods once before the loop on a tile at the
+  loop's fixed rows (its scores unused: dead code) and keeps each such load's value, per
+  operand, in order; the loop's tile arrays take them in that order. A FULL step's mods make a prefix of a masked
+  step's loads (the score mod runs before the mask), so one list serves both loops.
+  """
+
+  def __init__(self, plan: FlashPlan, refs, tile: _Tile, b, h, axis: str):
+    """Loads them: ``tile`` is at the loop's fixed rows (``axis``), anywhere along the other."""
+    self.invariant = frozenset({"one", "scalar", axis})
+    self.values = [[] for _ in plan.mods.meta]
+    self.filling = True
+    score_fn, mask_fn = _mods_in_kernel(plan, refs, tile, invariant=self)
+    s = plgpu.layout_cast(jnp.zeros((tile.rows, tile.cols), f32), _WGMMA)
+    _log2_scores(s, plan, tile, score_fn, mask_fn, b, h, masked=True)
+    self.filling = False
+
+  def hoists(self) -> list:
+    """Per operand, the :class:`TileArray` ``hoist`` argument: filling the values (while
+    loading) or taking them from a copy (each trace of the loop's body)."""
+    return [(self.invariant, v if self.filling else list(v), self.filling) for v in self.values]
 
 
 def _operand_roles(plan: FlashPlan, rows: int, cols: int,
@@ -642,6 +683,12 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
     m = plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, f32), _ROW)
     l = plgpu.layout_cast(jnp.zeros((rows,), f32), _ROW)
     acc = plgpu.layout_cast(jnp.zeros((rows, plan.v_pad), f32), _WGMMA)
+    iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (rows, bk), d, layout=_WGMMA)
+    tile_at = lambda k_start: _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start,
+                                    rows, bk)
+    # (Made while Q's copy is in flight.)
+    invariant = (_InvariantLoads(plan, op_refs, tile_at(0), b, h, "q")
+                 if plan.mods.meta else None)
     plgpu.barrier_wait(q_ready.at[wg])
     if not overlap:   # (the overlapped loop waits for each K tile and turn in its step)
       _when(total > 0, lambda: plgpu.barrier_wait(k_ready.at[slot_of(0)]))
@@ -650,10 +697,8 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
     def probs(s, t, m, masked: bool):
       """``(p, alpha, m_new)`` of kv step ``t``'s raw scores ``s``: the mods, then the online
       softmax's unnormalised probabilities (base 2) against the running max ``m``."""
-      k_start = kv_block(t) * bk
-      iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (rows, bk), d, layout=_WGMMA)
-      tile = _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, rows, bk)
-      score_fn, mask_fn = _mods_in_kernel(plan, op_refs, tile)
+      tile = tile_at(kv_block(t) * bk)
+      score_fn, mask_fn = _mods_in_kernel(plan, op_refs, tile, invariant=invariant)
       c = _fold_scale(plan, score_fn)
       s = _log2_scores(s, plan, tile, score_fn, mask_fn, b, h, masked, raw=c is not None)
       m_new = jnp.maximum(m, s.max(axis=1) if c is None else s.max(axis=1) * c)
@@ -1048,7 +1093,7 @@ def _lowerable(fn):
 
 
 def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, bufs=(),
-                derivative: bool = True):
+                derivative: bool = True, invariant: "_InvariantLoads | None" = None):
   """``(s2, dmod, loads_vjp)`` of a backward tile: its base-2 scores; ``d(modded score)/d(q.k)``
   where it is not constant and ``derivative`` (a warpgroup that only needs P skips it); and,
   for the loads whose ``(operand, kind)`` (:func:`_load_kind`) is one of this kernel's cotangent
@@ -1063,7 +1108,7 @@ def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, bu
   def scores(x, values=None):
     caches = sites if values is None else [list(v) for v in values]
     score_fn, mask_fn = _mods_in_kernel(plan, op_refs, tile, caches=caches,
-                                        replay=values is not None)
+                                        replay=values is not None, invariant=invariant)
     return _log2_scores(x, plan, tile, score_fn, mask_fn, b, h, masked)
 
   s2 = scores(s)
@@ -1247,6 +1292,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
     lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)   # rows that saw no key: p = 0
     delta = _row_line(delta_ref, q_rows, 0)
     dq = plgpu.layout_cast(jnp.zeros((c, q_smem.shape[-1]), f32), _WGMMA)
+    iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, ck), d, layout=_WGMMA)
+    tile_at = lambda k_start: _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, c,
+                                    ck)
+    invariant = (_InvariantLoads(plan, op_refs, tile_at(0), b, h, "q")
+                 if plan.mods.meta else None)
     plgpu.barrier_wait(q_ready.at[wg])
     plgpu.barrier_wait(q_ready.at[COMPUTE_WGS + wg])
 
@@ -1263,9 +1313,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
 
       s, dp = pl.run_scoped(scores, plgpu.ACC((c, ck), f32), plgpu.ACC((c, ck), f32))
       plgpu.barrier_arrive(v_free.at[v_slot])
-      iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, ck), d, layout=_WGMMA)
-      tile = _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, c, ck)
-      s2, dmod, loads_vjp = _bwd_scores(s, plan, op_refs, tile, b, h, masked, bufs)
+      s2, dmod, loads_vjp = _bwd_scores(s, plan, op_refs, tile_at(k_start), b, h, masked, bufs,
+                                        invariant=invariant)
       p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (0,)))
       ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, (0,)))
       if loads_vjp is not None:
@@ -1390,20 +1439,25 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
       plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[rows + ((cols,) if dq_split else ())],
                               reduction_op="add")
 
-    def probs_t(st, h, slot, q_start, masked: bool, cot_bufs=(), derivative: bool = True):
+    iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WGMMA)
+    tile_at = lambda q_start: _Tile(q_start + iota(1), k_start + iota(0), q_start, k_start, c,
+                                    c, transposed=True)
+
+    def probs_t(st, h, slot, q_start, masked: bool, invariant, cot_bufs=(),
+                derivative: bool = True):
       """``(P^T, dmod, loads_vjp)`` of a step from its ``S^T`` (keys x queries): the mods at
       the tile's positions and the softmax by the rows' LSE (:func:`_bwd_scores`)."""
       lse = plgpu.load(lse_smems.at[slot], (), layout=_COL)
       lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)   # rows that saw no key: p = 0
-      iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WGMMA)
-      tile = _Tile(q_start + iota(1), k_start + iota(0), q_start, k_start, c, c, transposed=True)
-      s2, dmod, loads_vjp = _bwd_scores(st, plan, op_refs, tile, b, h, masked, cot_bufs,
-                                        derivative=derivative)
+      s2, dmod, loads_vjp = _bwd_scores(st, plan, op_refs, tile_at(q_start), b, h, masked,
+                                        cot_bufs, derivative=derivative, invariant=invariant)
       return jnp.exp2(s2 - lax.broadcast_in_dim(lse2, s2.shape, (1,))), dmod, loads_vjp
 
     def one_head(g, carry):
       dk, dv, n, prev = carry
       h, n_full, total, q_start_of = schedule(g)
+      invariant = (_InvariantLoads(plan, op_refs, tile_at(0), b, h, "kv")
+                   if plan.mods.meta else None)
 
       def step(t, acc, masked: bool):
         dk, dv, prev = acc
@@ -1421,7 +1475,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
 
         st, dpt = pl.run_scoped(scores, *[plgpu.ACC((c, c), f32) for _ in range(1 + want_dk)])
         q_cols = (b, h, pl.ds(q_start, c))
-        pt, dmod, loads_vjp = probs_t(st, h, slot, q_start, masked,
+        pt, dmod, loads_vjp = probs_t(st, h, slot, q_start, masked, invariant,
                                       bufs if want_dk else (), want_dk)
         dst = None
         if want_dk:
@@ -1493,7 +1547,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
             return st_ref[...]
 
           st = pl.run_scoped(scores, plgpu.ACC((c, c), f32))
-          pt, dmod, _ = probs_t(st, h, slot, q_start, masked)
+          pt, dmod, _ = probs_t(st, h, slot, q_start, masked, invariant)
           _when(step_n >= probs_smem.shape[0],
                 lambda: plgpu.barrier_wait(probs_free.at[buf]))   # warpgroup 1 has read it
           probs_smem.at[buf][...] = pt if dmod is None else pt * dmod

@@ -7,12 +7,14 @@ the references at realistic shapes.
 """
 
 import dataclasses
+import functools
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 from attnax.kernels import (additive_bias_mod, alibi_mod, causal_mod, compose_score_mods,
                             document_mask_mod, padding_mask_mod, prefix_lm_mod, sliding_window_mod,
@@ -204,6 +206,76 @@ def test_balanced_walk_lowers_for_masked_persistent_plans():
   cfg, plan, *_ = _plan(*_zeros())
   assert not mg.kernel_spec(plan, dataclasses.replace(cfg, persistent=True,
                                                       balanced_walk=True)).balanced_walk
+
+
+class _HostRef:
+  """A mod operand that the stubbed loads of ``test_invariant_mod_loads_...`` read on the host,
+  recording each read's index."""
+
+  def __init__(self, x, reads):
+    self.x, self.reads = x, reads
+
+  def __getitem__(self, idx):
+    self.reads.append(idx)
+    return self.x[tuple(slice(i.start, i.start + i.size) if isinstance(i, pl.Slice) else i
+                        for i in idx)]
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class _TwoEntriesMod:
+  """``score + w[h] - w[0] / 2``: two loop-invariant loads of one array (their order matters)."""
+  w: jax.Array
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    return score + self.w[h] - 0.5 * self.w[0]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_invariant_mod_loads_are_made_once_before_the_loop(monkeypatch, transposed):
+  """``_InvariantLoads``: the loads that do not change along a kernel's loop (ALiBi's slope, a
+  document id per query row in the forward/dQ loop over keys, per key row in the dK/dV loop
+  over queries) are made once before it; each step then loads only along the walked axis, and
+  its scores equal (bit for bit) those with every load in the step, and the mods evaluated on
+  whole arrays. Run on the host: Mosaic's loads are replaced by reads of the operands."""
+  reads = []
+  monkeypatch.setattr(mg.plgpu, "load", lambda ref, idx, layout=None, optimized=True: ref[idx])
+  monkeypatch.setattr(mg.plgpu, "layout_cast", lambda x, layout: x)
+  ids = jnp.repeat(jnp.arange(4), 128)[None]
+  mod = compose_score_mods(alibi_mod(4), _TwoEntriesMod(jax.random.normal(jax.random.key(1), (4,))),
+                           document_mask_mod(ids), causal_mod())
+  cfg, plan, arrays, *_ = _plan(*_zeros(s=512), score_mod=mod)
+  spec = mg.kernel_spec(plan, cfg)
+  refs = [_HostRef(mg._pad_operand(x, r, plan), reads) for x, r in zip(arrays.operands, spec.roles)]
+  c, b, h, fixed = 64, jnp.int32(0), jnp.int32(3), 192   # the loop's fixed rows start at 192
+  iota = lambda d: jax.lax.broadcasted_iota(jnp.int32, (c, c), d)
+  if transposed:   # the dK/dV kernel: keys x queries, the loop walks the queries
+    tile_at = lambda q0: mg._Tile(q0 + iota(1), fixed + iota(0), q0, fixed, c, c, True)
+    axis = "kv"
+  else:            # the forward and dQ kernels: the loop walks the keys
+    tile_at = lambda k0: mg._Tile(fixed + iota(0), k0 + iota(1), fixed, k0, c, c)
+    axis = "q"
+  invariant = mg._InvariantLoads(plan, refs, tile_at(0), b, h, axis)
+  # The prologue: the slope, w[h], w[0], the fixed rows' ids (and the other side's, unused).
+  assert len(reads) == 5
+  score_fn, mask_fn = plan.mods.rebuild(arrays.operands)
+  for other, masked in itertools.product((128, 192), (False, True)):
+    tile = tile_at(other)
+    s = jax.random.normal(jax.random.key(other + masked), (c, c))
+    got = []
+    for inv in (invariant, None):
+      reads.clear()
+      got.append(mg._log2_scores(s, plan, tile, *mg._mods_in_kernel(plan, refs, tile,
+                                                                    invariant=inv),
+                                 b, h, masked))
+      if inv is not None:   # only the walked side's ids, on masked steps (the mask's load)
+        assert len(reads) == int(masked), reads
+        assert all(other in [i.start for i in idx if isinstance(i, pl.Slice)] for idx in reads)
+      else:                 # the scalars every step, both sides' ids on masked steps
+        assert len(reads) == (5 if masked else 3), reads
+    want = mg._log2_scores(s, plan, tile, score_fn, mask_fn, b, h, masked)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(got[1]))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want))
 
 
 def _cotangent_mod(b=1, hq=4, hkv=2, s=512, seed=0):
