@@ -11,7 +11,9 @@
 # and its shared-P^T form, D256_KERNELS), paged (bench_paged.py --sweep at B=32 16k, bf16 and
 # int8 pages), fwd (the forward alone: FWD_CASES, the default forward and its overlapped form beside
 # cuDNN and tokamax), modgrads (quick_mod_grads.py: differentiated mod arrays, Mosaic and Triton
-# backwards), abfwd (diag_mosaic_fwd_ab.py: the forward against an earlier copy of itself).
+# backwards), abfwd (diag_mosaic_fwd_ab.py: the kernels against an earlier copy of themselves,
+# benchmarks/_base_mosaic_gpu.py, made here by `git show REV:attnax/kernels/pallas/mosaic_gpu.py`;
+# MODE=fwd+bwd times forward and backward).
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/attnax_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
