@@ -145,7 +145,7 @@ def main():
           o = [ba._to_bhsd(x, lay) for x in (out0 if MODE == "fwd+bwd" else (out0,))]
           if ref is None:
             ref = o
-          err[k] = max(float(ba._errs(x, r)[0]) for x, r in zip(o, ref))
+          err[k] = max(float(ba._errs(x, w)[0]) for x, w in zip(o, ref))
       fns = {k: f for k, f in fns.items() if f[0] is not None}
     best = {k: min(v) for k, v in ms.items() if v}
     print(f"### {name}: B={case.batch} H={case.heads} S={case.seq} D={case.head_dim}, "
