@@ -20,7 +20,7 @@ Prints ms, TFLOP/s, the ratio to cuDNN and to tokamax, the compile time, and the
 cuDNN.
 
   PYTHONPATH=$PWD python3 benchmarks/diag_mosaic_fwd_ab.py   # CASES=s4k,s16k-causal ROUNDS=3
-  # VARIANTS=base,now,noauto,st2,st3,persist,items,contig (default base,now,noauto)
+  # VARIANTS=base,now,noauto,st2,st3,persist,items,contig,nolines (default base,now,noauto)
   MODE=fwd+bwd CASES=s4k,s4k-causal,alibi8k VARIANTS=base,now python3 benchmarks/diag_mosaic_fwd_ab.py
 """
 import dataclasses, os, sys, types
@@ -47,6 +47,8 @@ NOAUTO = ("compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scra
 CONTIG = ("    return jnp.where(t < n_contig, start + t, jnp.where(t < n_full, listed_full, "
           "listed_partial))",
           "    return jnp.where(t < n_full, start + t, listed_partial)")
+# The mods evaluated on whole index tiles, not on lines (attnax.kernels.pallas.lines).
+NOLINES = ("LINED_INDICES = True", "LINED_INDICES = False")
 # name -> (module file or None for the module as it is, source patches, MosaicConfig overrides)
 VARIANTS = {
     "base": ("_base_mosaic_gpu.py", (), {}),
@@ -57,6 +59,7 @@ VARIANTS = {
     "persist": (None, (), {"persistent": True}),
     "items": (None, (), {"persistent": False}),
     "contig": (None, (CONTIG,), {}),
+    "nolines": (None, (NOLINES,), {}),
 }
 PICK = os.environ.get("VARIANTS", "base,now,noauto").split(",")
 

@@ -58,6 +58,7 @@ from attnax.kernels import tiles
 from attnax.kernels.pallas import triton as tk
 from attnax.kernels.pallas.plan import NUM_LISTS, FlashPlan, PlanArrays, pad_to
 from attnax.kernels.score_mods import MASK_VALUE
+from attnax.kernels.pallas import lines as lines_lib
 
 __all__ = ["MosaicConfig", "MosaicSpec", "TileArray", "default_config", "not_supported_reasons",
            "plan_reasons", "backward_reasons", "cotangent_reasons", "prefetches_q", "forward",
@@ -80,6 +81,9 @@ _TURN_BARRIER = 4
 _FREE_BARRIER = _TURN_BARRIER + COMPUTE_WGS
 MAX_STAGES = (16 - _FREE_BARRIER) // 2
 FREE_THREADS = (COMPUTE_WGS + 1) * WG_THREADS   # both consumers arrive, the producer syncs
+# The mods' index arithmetic on lines (one value per row / column) until it meets the scores
+# (:mod:`attnax.kernels.pallas.lines`); False evaluates the mods on whole index tiles.
+LINED_INDICES = True
 
 
 def _free_barriers(stages: int):
@@ -240,6 +244,9 @@ class _Tile:
   rows: int
   cols: int
   transposed: bool = False
+  # ``lines(0)`` / ``lines(1)`` make q_idx / kv_idx as lines (:func:`_tile_at`), for the lined
+  # evaluation of the mods (:func:`_log2_scores`); None evaluates them on the index tiles.
+  lines: Any = None
 
   @property
   def q_len(self) -> int:
@@ -375,7 +382,7 @@ class _InvariantLoads:
     self.filling = True
     score_fn, mask_fn = _mods_in_kernel(plan, refs, tile, invariant=self)
     s = plgpu.layout_cast(jnp.zeros((tile.rows, tile.cols), f32), _WGMMA)
-    _log2_scores(s, plan, tile, score_fn, mask_fn, b, h, masked=True)
+    _log2_scores(s, plan, tile, score_fn, mask_fn, b, h, masked=True, lined=False)
     self.filling = False
 
   def hoists(self) -> list:
@@ -542,14 +549,46 @@ def _fold_scale(plan: FlashPlan, score_fn) -> float | None:
   return c if score_fn is None and c > 0 else None
 
 
+def _tile_at(plan: FlashPlan, q_start, k_start, rows: int, cols: int,
+             transposed: bool = False) -> _Tile:
+  """The register tile at ``(q_start, k_start)``: queries x keys, or keys x queries
+  (``transposed``, the dK/dV kernel's), its positions as index tiles and as lines."""
+  q_axis = int(transposed)
+  iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (rows, cols), d, layout=_WGMMA)
+  line = lambda d: plgpu.broadcasted_iota(jnp.int32, ((rows, cols)[d],), 0,
+                                          layout=_COL if d else _ROW)
+  # (Made on use: an unused iota leaves the layout inference without a solution.)
+  lines = None if not LINED_INDICES else lambda which: (
+      lines_lib.position(q_start, line(q_axis), q_axis, (rows, cols), plan.q_pad) if which == 0
+      else lines_lib.position(k_start, line(1 - q_axis), 1 - q_axis, (rows, cols), plan.kv_pad))
+  return _Tile(q_start + iota(q_axis), k_start + iota(1 - q_axis), q_start, k_start, rows, cols,
+               transposed, lines)
+
+
 def _log2_scores(s, plan: FlashPlan, tile: _Tile, score_fn, mask_fn, b, h, masked: bool,
-                 raw: bool = False):
+                 raw: bool = False, lined: bool = True):
   """Scores of one tile in base-2 units: scaled, modded, and (masked tiles) ``-inf`` where hidden.
 
   Without a score mod ``log2(e)`` is folded into the scale (one multiply per score), or with
   ``raw`` (see :func:`_fold_scale`) the scores are left unscaled; a score mod sees natural-unit
   scaled scores, as in every other kernel.
+
+  With ``lined`` and the tile's lines the mods run through :func:`lines_lib.lined`: their index
+  arithmetic stays on lines until it meets the scores. (Not where mod-array loads are cached or
+  hoisted for replay: those must be values of the kernel's own trace.)
   """
+  if lined and tile.lines is not None and (score_fn is not None or masked):
+    index_tiles = (tile.q_idx, tile.kv_idx)
+
+    def on_index_tiles(s, q_idx, kv_idx):
+      tile.q_idx, tile.kv_idx = q_idx, kv_idx   # the mods' arrays know positions by identity
+      try:
+        return _log2_scores(s, plan, tile, score_fn, mask_fn, b, h, masked, raw, lined=False)
+      finally:
+        tile.q_idx, tile.kv_idx = index_tiles
+
+    return lines_lib.lined(on_index_tiles, (tile.rows, tile.cols),
+                           {1: lambda: tile.lines(0), 2: lambda: tile.lines(1)})(s, *index_tiles)
   if raw:
     pass
   elif score_fn is None:
@@ -683,9 +722,7 @@ def _forward_tile(q_ref, k_ref, v_ref, refs, h, qi, b, done, *, spec: MosaicSpec
     m = plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, f32), _ROW)
     l = plgpu.layout_cast(jnp.zeros((rows,), f32), _ROW)
     acc = plgpu.layout_cast(jnp.zeros((rows, plan.v_pad), f32), _WGMMA)
-    iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (rows, bk), d, layout=_WGMMA)
-    tile_at = lambda k_start: _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start,
-                                    rows, bk)
+    tile_at = lambda k_start: _tile_at(plan, q_start, k_start, rows, bk)
     # (Made while Q's copy is in flight.)
     invariant = (_InvariantLoads(plan, op_refs, tile_at(0), b, h, "q")
                  if plan.mods.meta else None)
@@ -1103,13 +1140,16 @@ def _bwd_scores(s, plan: FlashPlan, op_refs, tile: _Tile, b, h, masked: bool, bu
   Without a derivative (``plan.unit_grad``: no score mod, or mods that only add) the caller
   multiplies its accumulated gradient by ``plan.scale``; with one, the derivative carries it.
   """
+  if not bufs and (not derivative or plan.unit_grad):   # the scores alone: nothing replayed
+    score_fn, mask_fn = _mods_in_kernel(plan, op_refs, tile, invariant=invariant)
+    return _log2_scores(s, plan, tile, score_fn, mask_fn, b, h, masked), None, None
   sites = [[] for _ in plan.mods.meta]   # per operand: (value, roles, index) of each load
 
   def scores(x, values=None):
     caches = sites if values is None else [list(v) for v in values]
     score_fn, mask_fn = _mods_in_kernel(plan, op_refs, tile, caches=caches,
                                         replay=values is not None, invariant=invariant)
-    return _log2_scores(x, plan, tile, score_fn, mask_fn, b, h, masked)
+    return _log2_scores(x, plan, tile, score_fn, mask_fn, b, h, masked, lined=False)
 
   s2 = scores(s)
   values = [[val for val, _, _ in loads] for loads in sites]
@@ -1292,9 +1332,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mos
     lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)   # rows that saw no key: p = 0
     delta = _row_line(delta_ref, q_rows, 0)
     dq = plgpu.layout_cast(jnp.zeros((c, q_smem.shape[-1]), f32), _WGMMA)
-    iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, ck), d, layout=_WGMMA)
-    tile_at = lambda k_start: _Tile(q_start + iota(0), k_start + iota(1), q_start, k_start, c,
-                                    ck)
+    tile_at = lambda k_start: _tile_at(plan, q_start, k_start, c, ck)
     invariant = (_InvariantLoads(plan, op_refs, tile_at(0), b, h, "q")
                  if plan.mods.meta else None)
     plgpu.barrier_wait(q_ready.at[wg])
@@ -1439,9 +1477,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: Mo
       plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[rows + ((cols,) if dq_split else ())],
                               reduction_op="add")
 
-    iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WGMMA)
-    tile_at = lambda q_start: _Tile(q_start + iota(1), k_start + iota(0), q_start, k_start, c,
-                                    c, transposed=True)
+    tile_at = lambda q_start: _tile_at(plan, q_start, k_start, c, c, transposed=True)
 
     def probs_t(st, h, slot, q_start, masked: bool, invariant, cot_bufs=(),
                 derivative: bool = True):
