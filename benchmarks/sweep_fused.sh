@@ -47,7 +47,7 @@ fi
 if has paged; then
   stamp paged
   timeout ${PAGED_TESTS_S:-120} python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" \
-    tests/kernels/paged/test_gpu.py -k "${PAGED_K:-int8}" > "$OUT/paged_tests.log" 2>&1
+    tests/kernels/paged/test_gpu.py -k "${PAGED_K-int8}" > "$OUT/paged_tests.log" 2>&1
   echo "paged tests rc=$?"; quiet < "$OUT/paged_tests.log" | grep -i "passed\|failed\|error" | tail -8
   [ "${PAGED_S:-200}" -gt 0 ] && timeout ${PAGED_S:-200} python3 benchmarks/bench_paged.py --sweep --sweep-points "Sq=1 B=32 ctx=16k" \
     --budget-s 0.2 --out "$OUT/paged" 2>&1 | quiet | grep "GB/s\|best\|rror" | tail -40
