@@ -32,6 +32,7 @@ from jax.extend import core as jex_core
 
 __all__ = ["Lines", "position", "lined", "materialize"]
 
+
 @dataclasses.dataclass(frozen=True)
 class Lines:
   """``const + lines[0][:, None] + lines[1][None, :]`` over a ``shape`` tile (absent terms None).
@@ -246,7 +247,9 @@ def _compare(name, prim, params, a, b, shape):
 def _eval(jaxpr, consts, args, shape):
   env = dict(zip(jaxpr.constvars, consts, strict=True))
   env.update(zip(jaxpr.invars, args, strict=True))
-  read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
+  # (A literal keeps its jaxpr type: a weakly typed Python scalar would not match an int8 line.)
+  read = lambda v: (np.asarray(v.val, v.aval.dtype) if isinstance(v, jex_core.Literal)
+                    else env[v])
 
   def full(v):
     return materialize(v) if isinstance(v, Lines) else v

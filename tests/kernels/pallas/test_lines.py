@@ -153,3 +153,31 @@ def test_unread_index_arguments_are_never_made():
       s, q_tile, k_tile)
   np.testing.assert_array_equal(out, jnp.where(k_tile < 20, s, 0.0))
   assert made == []
+
+
+def test_loaded_lines_keep_their_dtype_and_order():
+  # What the kernel's mod arrays return: a line of values broadcast over the tile (an int8 line
+  # times a literal, a bf16 line plus one): evaluated on the line, with the literals in the lines'
+  # types, bit-exact.
+  codes = jnp.asarray(np.arange(COLS) % 100 - 50, jnp.int8)
+  bias = jnp.asarray(np.linspace(-1, 1, ROWS), jnp.bfloat16)
+
+  def fn(s, q, k):
+    c = lax.broadcast_in_dim(codes, s.shape, (1,))
+    b = lax.broadcast_in_dim(bias, s.shape, (0,))
+    return jnp.where(k <= q + 40, s + (c * 2).astype(jnp.float32) + (b + 1).astype(jnp.float32),
+                     -jnp.inf)
+
+  for start in (0, 96):
+    want, got, s, *_ = _both(fn, start, start + 32)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  shape = (ROWS, COLS)
+  q = lambda: lines.position(jnp.int32(0), jnp.arange(ROWS, dtype=jnp.int32), 0, shape, 4096)
+  k = lambda: lines.position(jnp.int32(32), jnp.arange(COLS, dtype=jnp.int32), 1, shape, 4096)
+  zeros = jnp.zeros(shape, jnp.int32)
+  # As written: 9 whole-tile ops (add, compare, multiply, 2 conversions, bf16 add, 2 adds,
+  # select); on lines the multiply, the bf16 add, both conversions and the index add run per row
+  # or column: 4 (compare, 2 adds, select).
+  assert _tile_ops(fn, s, zeros, zeros) == 9
+  assert _tile_ops(lambda s, a, b: lines.lined(fn, shape, {1: q, 2: k})(s, a, b),
+                   s, zeros, zeros) == 4
