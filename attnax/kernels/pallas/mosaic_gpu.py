@@ -55,10 +55,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from attnax.kernels import _checks
 from attnax.kernels import operands as ops_lib
 from attnax.kernels import tiles
+from attnax.kernels.pallas import lines as lines_lib
 from attnax.kernels.pallas import triton as tk
 from attnax.kernels.pallas.plan import NUM_LISTS, FlashPlan, PlanArrays, pad_to
 from attnax.kernels.score_mods import MASK_VALUE
-from attnax.kernels.pallas import lines as lines_lib
 
 __all__ = ["MosaicConfig", "MosaicSpec", "TileArray", "default_config", "not_supported_reasons",
            "plan_reasons", "backward_reasons", "cotangent_reasons", "prefetches_q", "forward",
