@@ -75,3 +75,17 @@ def kernel_grads(kernel, q, k, v, cotangent, **kwargs):
   f = lambda q, k, v: jnp.sum(kernel(q, k, v, **kwargs).astype(jnp.float32)
                               * cotangent.astype(jnp.float32))
   return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+
+def whole_tile_ops(jaxpr, shape) -> int:
+  """Equations of ``jaxpr`` with a ``shape`` result (broadcasts and iotas aside), jit calls
+  included: a kernel tile's per-element work."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    if sub is not None:
+      n += whole_tile_ops(sub.jaxpr, shape)
+    elif (eqn.primitive.name not in ("broadcast_in_dim", "iota") and eqn.outvars
+          and getattr(eqn.outvars[0].aval, "shape", None) == tuple(shape)):
+      n += 1
+  return n

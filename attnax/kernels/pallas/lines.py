@@ -22,6 +22,7 @@ are bit-exact.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -30,7 +31,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-__all__ = ["Lines", "position", "lined", "materialize"]
+__all__ = ["Lines", "position", "lined", "materialize", "replay", "bind"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,20 +63,26 @@ class Lines:
 
 def position(start: Any, iota: jax.Array, axis: int, shape: tuple, length: int) -> Lines:
   """``start + iota`` along ``axis`` of a ``shape`` tile (``iota`` 1-D int32), every value below
-  ``length``."""
+  ``length`` (so each of the two terms is too: their bound is ``2 * length``)."""
   lines = (iota, None) if axis == 0 else (None, iota)
   return Lines(tuple(shape), jnp.dtype(jnp.int32), start, lines, 2 * int(length))
 
 
-def materialize(x: Lines) -> jax.Array:
-  """The tile itself: the constant folded into a line (once per row or column), then one op per
-  element where both lines are present."""
+def _folded(x: Lines) -> tuple:
+  """``(row line, column line, constant)`` with the constant added into a line where there is
+  one (once per row or column, not per element)."""
   l0, l1 = x.lines
   c = x.const
   if c is not None and l0 is not None:
     l0, c = _cast(l0 + c, x.dtype), None
   elif c is not None and l1 is not None:
     l1, c = _cast(l1 + c, x.dtype), None
+  return l0, l1, c
+
+
+def materialize(x: Lines) -> jax.Array:
+  """The tile itself: one op per element where both lines are present."""
+  l0, l1, c = _folded(x)
   out = None
   for axis, line in enumerate((l0, l1)):
     if line is not None:
@@ -225,13 +232,7 @@ def _compare(name, prim, params, a, b, shape):
     return None
   # a OP b <=> (a - b) OP 0: exact for eq/ne (subtraction is a bijection mod 2**32) and for
   # bounded values (no wrap). As (const + row) OP (-col): one compare per element.
-  d = _linear("sub", None, None, la, lb, dtype)
-  l0, l1 = d.lines
-  c = d.const
-  if l0 is not None and c is not None:
-    l0, c = _cast(l0 + c, dtype), None
-  elif l1 is not None and c is not None:
-    l1, c = _cast(l1 + c, dtype), None
+  l0, l1, _ = _folded(_linear("sub", None, None, la, lb, dtype))
   if l0 is None and l1 is None:
     return None
   left = (lax.broadcast_in_dim(l0, shape, (0,)) if l0 is not None
@@ -244,70 +245,76 @@ def _compare(name, prim, params, a, b, shape):
 # ----------------------------------------------------------------------------- the evaluator
 
 
-def _eval(jaxpr, consts, args, shape):
+def bind(eqn, ins) -> list:
+  """``eqn``'s primitive bound to ``ins`` as traced: its outputs, as a list."""
+  outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+  return list(outs) if eqn.primitive.multiple_results else [outs]
+
+
+def replay(jaxpr, consts, args, rule: Callable = bind) -> list:
+  """``jaxpr``'s equations emitted again into the current trace, jit calls inlined;
+  ``rule(eqn, ins)`` gives each other equation's outputs (default: :func:`bind`)."""
   env = dict(zip(jaxpr.constvars, consts, strict=True))
   env.update(zip(jaxpr.invars, args, strict=True))
   # (A literal keeps its jaxpr type: a weakly typed Python scalar would not match an int8 line.)
   read = lambda v: (np.asarray(v.val, v.aval.dtype) if isinstance(v, jex_core.Literal)
                     else env[v])
-
-  def full(v):
-    return materialize(v) if isinstance(v, Lines) else v
-
   for eqn in jaxpr.eqns:
     ins = [read(v) for v in eqn.invars]
-    name = eqn.primitive.name
-    params = eqn.primitive.get_bind_params(eqn.params)
-    out_aval = eqn.outvars[0].aval if eqn.outvars else None
-    result = None
-    lined = any(isinstance(v, Lines) for v in ins)
-    if name in ("pjit", "jit", "closed_call"):
+    if eqn.primitive.name in ("pjit", "jit", "closed_call"):
       sub = eqn.params["jaxpr"] if "jaxpr" in eqn.params else eqn.params["call_jaxpr"]
-      outs = _eval(sub.jaxpr, sub.consts, ins, shape)
-      env.update(zip(eqn.outvars, outs))
-      continue
-    if (name == "broadcast_in_dim" and not lined and np.ndim(ins[0]) <= 1
-        and tuple(eqn.params["shape"]) == tuple(shape)):
-      # A line (or a scalar) spread over the tile: kept as what it is.
-      x = ins[0]
-      if np.ndim(x) == 0:
-        result = _as_lines(x, shape, out_aval.dtype)
-      else:
-        (axis,) = eqn.params["broadcast_dimensions"]
-        lines = (x, None) if axis == 0 else (None, x)
-        result = Lines(tuple(shape), jnp.dtype(x.dtype), None, lines, None)
-    elif lined and not any(not isinstance(v, Lines) and np.ndim(v) not in (0,) for v in ins):
-      dtype = jnp.dtype(out_aval.dtype)
-      prim = eqn.primitive
-      if name in ("add", "sub"):
-        a, b = (v if isinstance(v, Lines) else _as_lines(v, shape, v.dtype if hasattr(
-            v, "dtype") else dtype) for v in ins)
-        result = _linear(name, prim, params, a, b, dtype)
-      elif name == "neg":   # exact termwise
-        (a,) = ins
-        result = Lines(shape, dtype, None if a.const is None else -a.const,
-                       tuple(None if l is None else -l for l in a.lines), a.bound)
-      elif name == "mul":
-        a, b = ins
-        if _is_scalar(a):
-          a, b = b, a
-        if _is_scalar(b):
-          result = _scale(prim, params, a, b, dtype)
-        else:
-          result = _on_line(prim, params, ins, shape, dtype)
-      elif name == "convert_element_type":
-        result = _convert(prim, params, ins[0], dtype)
-      elif name in _COMPARE:
-        result = _compare(name, prim, params, ins[0], ins[1], shape)
-      elif name in _ON_LINE:
-        result = _on_line(prim, params, ins, shape, dtype)
-    if result is None:
-      outs = eqn.primitive.bind(*[full(v) for v in ins], **params)
-      outs = outs if eqn.primitive.multiple_results else [outs]
+      outs = replay(sub.jaxpr, sub.consts, ins, rule)
     else:
-      outs = [result]
+      outs = rule(eqn, ins)
     env.update(zip(eqn.outvars, outs))
   return [read(v) for v in jaxpr.outvars]
+
+
+def _lines_rule(eqn, ins, shape) -> list:
+  """One equation with :class:`Lines` values: kept as lines where a rule allows, else bound to
+  the materialised tiles."""
+  name, prim = eqn.primitive.name, eqn.primitive
+  params = prim.get_bind_params(eqn.params)
+  out_aval = eqn.outvars[0].aval if eqn.outvars else None
+  has_lines = any(isinstance(v, Lines) for v in ins)
+  result = None
+  if (name == "broadcast_in_dim" and not has_lines and np.ndim(ins[0]) <= 1
+      and tuple(eqn.params["shape"]) == shape):
+    # A line (or a scalar) spread over the tile: kept as what it is.
+    x = ins[0]
+    if np.ndim(x) == 0:
+      result = _as_lines(x, shape, out_aval.dtype)
+    else:
+      (axis,) = eqn.params["broadcast_dimensions"]
+      lines = (x, None) if axis == 0 else (None, x)
+      result = Lines(shape, jnp.dtype(x.dtype), None, lines, None)
+  elif has_lines and all(isinstance(v, Lines) or np.ndim(v) == 0 for v in ins):
+    dtype = jnp.dtype(out_aval.dtype)
+    if name in ("add", "sub"):
+      a, b = (v if isinstance(v, Lines) else _as_lines(v, shape, getattr(v, "dtype", dtype))
+              for v in ins)
+      result = _linear(name, prim, params, a, b, dtype)
+    elif name == "neg":   # exact termwise
+      (a,) = ins
+      result = Lines(shape, dtype, None if a.const is None else -a.const,
+                     tuple(None if l is None else -l for l in a.lines), a.bound)
+    elif name == "mul":
+      a, b = ins
+      if _is_scalar(a):
+        a, b = b, a
+      if _is_scalar(b):
+        result = _scale(prim, params, a, b, dtype)
+      else:
+        result = _on_line(prim, params, ins, shape, dtype)
+    elif name == "convert_element_type":
+      result = _convert(prim, params, ins[0], dtype)
+    elif name in _COMPARE:
+      result = _compare(name, prim, params, ins[0], ins[1], shape)
+    elif name in _ON_LINE:
+      result = _on_line(prim, params, ins, shape, dtype)
+  if result is None:
+    return bind(eqn, [materialize(v) if isinstance(v, Lines) else v for v in ins])
+  return [result]
 
 
 def lined(fn: Callable, shape: tuple, index_args: dict) -> Callable:
@@ -335,7 +342,8 @@ def lined(fn: Callable, shape: tuple, index_args: dict) -> Callable:
       make = index_args[i]
       leaves.append(None if var not in read else make() if callable(make) else make)
     leaves += jax.tree.leaves([args[i] for i in dyn])
-    outs = _eval(jaxpr, closed.consts, leaves, tuple(shape))
+    outs = replay(jaxpr, closed.consts, leaves,
+                  functools.partial(_lines_rule, shape=tuple(shape)))
     outs = [materialize(o) if isinstance(o, Lines) else o for o in outs]
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 

@@ -1100,30 +1100,16 @@ def backward_reasons(plan: FlashPlan) -> list[str]:
 def _lowerable(fn):
   """``fn`` traced to a jaxpr and re-emitted with ``add_any`` (how autodiff sums a value's
   cotangents or tangents, which the Mosaic GPU lowering has no rule for) as ``lax.add``."""
-  from jax.extend import core as jex_core
-
-  def run(jaxpr, consts, *args):
-    env = dict(zip(jaxpr.constvars, consts, strict=True))
-    env.update(zip(jaxpr.invars, args, strict=True))
-    read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
-    for eqn in jaxpr.eqns:
-      ins = [read(v) for v in eqn.invars]
-      if eqn.primitive.name == "add_any":   # add_any_p has no public name
-        outs = [lax.add(*ins)]
-      elif eqn.primitive.name in ("pjit", "jit", "closed_call"):
-        sub = eqn.params["jaxpr"] if "jaxpr" in eqn.params else eqn.params["call_jaxpr"]
-        outs = run(sub.jaxpr, sub.consts, *ins)
-      else:
-        outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
-        outs = outs if eqn.primitive.multiple_results else [outs]
-      env.update(zip(eqn.outvars, outs))
-    return [read(v) for v in jaxpr.outvars]
+  def rule(eqn, ins):
+    if eqn.primitive.name == "add_any":   # add_any_p has no public name
+      return [lax.add(*ins)]
+    return lines_lib.bind(eqn, ins)
 
   def lowered(*args):
     closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     # (Dead code, a vjp's primal maths, is left to the Mosaic compiler: a DCE here measured no
     # smaller module.)
-    flat = run(closed.jaxpr, closed.consts, *jax.tree.leaves(args))
+    flat = lines_lib.replay(closed.jaxpr, closed.consts, jax.tree.leaves(args), rule)
     return jax.tree.unflatten(jax.tree.structure(shape), flat)
 
   return lowered

@@ -8,6 +8,7 @@ from jax import lax
 
 from attnax.kernels import score_mods as sm
 from attnax.kernels.pallas import lines
+from tests.helpers import whole_tile_ops
 
 ROWS, COLS = 16, 32
 
@@ -34,22 +35,8 @@ def _both(fn, q_start, k_start, transposed=False, seed=0):
 
 
 def _tile_ops(fn, *args) -> int:
-  """Primitives with a whole-tile result (broadcasts and iotas aside): the per-score work."""
-  shape = args[0].shape
-  count = 0
-
-  def walk(jaxpr):
-    nonlocal count
-    for eqn in jaxpr.eqns:
-      sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-      if sub is not None:
-        walk(sub.jaxpr)
-      elif (eqn.primitive.name not in ("broadcast_in_dim", "iota")
-            and getattr(eqn.outvars[0].aval, "shape", None) == shape):
-        count += 1
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return count
+  """The per-score work of ``fn`` on a tile: its whole-tile ops (broadcasts and iotas aside)."""
+  return whole_tile_ops(jax.make_jaxpr(fn)(*args).jaxpr, args[0].shape)
 
 
 rng = np.random.default_rng(0)

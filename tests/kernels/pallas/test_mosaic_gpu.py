@@ -24,7 +24,7 @@ from attnax.kernels.score_mods import array_mask_mod
 from attnax.kernels.pallas import api, mosaic_gpu as mg, pallas_flash_attention
 from attnax.kernels.pallas.plan import build_plan
 from tests.helpers import (kernel_grads, random_qkv, reference_attention, reference_grads, rel_err,
-                           tol)
+                           tol, whole_tile_ops)
 from tests.kernels.pallas.test_gpu import check_against_reference
 
 bf16, f16 = jnp.bfloat16, jnp.float16
@@ -231,13 +231,10 @@ class _TwoEntriesMod:
     return score + self.w[h] - 0.5 * self.w[0]
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_invariant_mod_loads_are_made_once_before_the_loop(monkeypatch, transposed):
-  """``_InvariantLoads``: the loads that do not change along a kernel's loop (ALiBi's slope, a
-  document id per query row in the forward/dQ loop over keys, per key row in the dK/dV loop
-  over queries) are made once before it; each step then loads only along the walked axis, and
-  its scores equal (bit for bit) those with every load in the step, and the mods evaluated on
-  whole arrays. Run on the host: Mosaic's loads are replaced by reads of the operands."""
+def _host_kernel_mods(monkeypatch):
+  """A causal plan with ALiBi, two scalar loads of one array and documents, whose kernel-side
+  mods run on the host: Mosaic's loads and layouts are replaced by reads of the operands
+  (``_HostRef``, recording each read). ``(plan, arrays, refs, reads)``."""
   reads = []
   monkeypatch.setattr(mg.plgpu, "load", lambda ref, idx, layout=None, optimized=True: ref[idx])
   monkeypatch.setattr(mg.plgpu, "layout_cast", lambda x, layout: x)
@@ -247,6 +244,17 @@ def test_invariant_mod_loads_are_made_once_before_the_loop(monkeypatch, transpos
   cfg, plan, arrays, *_ = _plan(*_zeros(s=512), score_mod=mod)
   spec = mg.kernel_spec(plan, cfg)
   refs = [_HostRef(mg._pad_operand(x, r, plan), reads) for x, r in zip(arrays.operands, spec.roles)]
+  return plan, arrays, refs, reads
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_invariant_mod_loads_are_made_once_before_the_loop(monkeypatch, transposed):
+  """``_InvariantLoads``: the loads that do not change along a kernel's loop (ALiBi's slope, a
+  document id per query row in the forward/dQ loop over keys, per key row in the dK/dV loop
+  over queries) are made once before it; each step then loads only along the walked axis, and
+  its scores equal (bit for bit) those with every load in the step, and the mods evaluated on
+  whole arrays. Run on the host: Mosaic's loads are replaced by reads of the operands."""
+  plan, arrays, refs, reads = _host_kernel_mods(monkeypatch)
   c, b, h, fixed = 64, jnp.int32(0), jnp.int32(3), 192   # the loop's fixed rows start at 192
   iota = lambda d: jax.lax.broadcasted_iota(jnp.int32, (c, c), d)
   if transposed:   # the dK/dV kernel: keys x queries, the loop walks the queries
@@ -276,6 +284,38 @@ def test_invariant_mod_loads_are_made_once_before_the_loop(monkeypatch, transpos
     want = mg._log2_scores(s, plan, tile, score_fn, mask_fn, b, h, masked)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(got[1]))
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_kernel_mods_on_lines_match_the_index_tiles(monkeypatch, transposed):
+  """``_log2_scores`` on a kernel tile (``_tile_at``) evaluates the mods on lines: the same loads
+  in the same order (the hoisted ones taken inside the lined trace), the same mask, scores within
+  the rounding of ALiBi's regrouped bias, and fewer whole-tile ops than on the index tiles."""
+  monkeypatch.setattr(mg.plgpu, "broadcasted_iota",
+                      lambda dtype, shape, d, layout=None: jax.lax.broadcasted_iota(dtype, shape, d))
+  plan, arrays, refs, reads = _host_kernel_mods(monkeypatch)
+  c, b, h, fixed = 64, jnp.int32(0), jnp.int32(3), 192
+  tile_at = ((lambda q0: mg._tile_at(plan, q0, fixed, c, c, transposed=True)) if transposed
+             else (lambda k0: mg._tile_at(plan, fixed, k0, c, c)))
+  invariant = mg._InvariantLoads(plan, refs, tile_at(0), b, h, "kv" if transposed else "q")
+  for other, masked in itertools.product((128, 192), (False, True)):
+    tile = tile_at(other)
+    s = 4 * jax.random.normal(jax.random.key(other + masked), (c, c))
+    runs = {}
+    for lined in (True, False):
+      reads.clear()
+      scores = lambda s: mg._log2_scores(s, plan, tile, *mg._mods_in_kernel(
+          plan, refs, tile, invariant=invariant), b, h, masked, lined=lined)
+      out = scores(s)
+      runs[lined] = out, list(reads), whole_tile_ops(jax.make_jaxpr(scores)(s).jaxpr, (c, c))
+    (got, got_reads, got_ops), (want, want_reads, want_ops) = runs[True], runs[False]
+    assert [str(r) for r in got_reads] == [str(r) for r in want_reads]
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    fin = np.isfinite(want)
+    tol = 8 * np.finfo(np.float32).eps * (np.abs(want[fin]) + 2 * c)
+    assert np.all(np.abs(got[fin] - want[fin]) <= tol)
+    assert got_ops < want_ops, (got_ops, want_ops)
 
 
 def _cotangent_mod(b=1, hq=4, hkv=2, s=512, seed=0):
