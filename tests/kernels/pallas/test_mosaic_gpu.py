@@ -566,10 +566,11 @@ def test_persistent_forward_matches_per_item_forward(case):
   _check_forward_forms(case, 3, "persistent")
 
 
-def _check_forward_forms(case, seed, knob, **fixed):
+def _check_forward_forms(case, seed, knob, max_ulp=0, **fixed):
   """Two forward forms (``MosaicConfig.<knob>`` off and on, the rest as ``fixed``) on a
   ``GPU_CASES`` plan widened to more work items than the H200's 132 SMs (same GQA): the same
-  output and LSE bit for bit, and both against the reference."""
+  output and LSE bit for bit (``max_ulp=0``; else within ``max_ulp`` ulps of the output's dtype,
+  and of f32 for the LSE, in at most 0.1% of the elements), and both against the reference."""
   b, hq, hkv, sq, sk, d, dtype, kw = GPU_CASES[case]
   b, hq, hkv = b * 2, hq * 8, hkv * 8
   q, k, v = random_qkv(hash(case) % 1000 + seed, batch=b, q_heads=hq, kv_heads=hkv, q_len=sq,
@@ -581,8 +582,15 @@ def _check_forward_forms(case, seed, knob, **fixed):
   outs = [pallas_flash_attention(q, k, v, backend="mosaic", return_lse=True,
                                  config=dataclasses.replace(cfg, **{knob: on}), **extra)
           for on in (False, True)]
-  for got, want in zip(outs[1], outs[0]):
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  for got, want, kind in zip(outs[1], outs[0], (dtype, jnp.float32)):   # out, then lse
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    if not max_ulp:
+      np.testing.assert_array_equal(got, want)
+      continue
+    # Counted in f32 ulps: a bf16 (f16) value widened to f32 has 16 (13) zero low bits.
+    per_ulp = 1 << (23 - jnp.finfo(kind).nmant)
+    ulps = np.testing.assert_array_max_ulp(got, want, maxulp=max_ulp * per_ulp)
+    assert np.count_nonzero(ulps) <= 1e-3 * ulps.size, (np.count_nonzero(ulps), ulps.size)
   (out, lse), (ref, ref_lse) = outs[1], reference_attention(q, k, v, return_lse=True, **extra)
   assert rel_err(out, ref) < tol(dtype), rel_err(out, ref)
   fin = np.isfinite(ref_lse)
@@ -666,21 +674,21 @@ def test_shared_probs_backward_matches_by_role_backward(case):
 # Measured on an H100 (2026-12-07): with ALiBi + soft-cap + documents the overlapped loop's output
 # differs from the plain loop's by one bf16 ulp in 52 of 4.2M elements (400 with the lined mods);
 # both forms pass test_mosaic_against_reference. Not yet explained (the two loops are compiled
-# separately; the mods' float arithmetic rounds alike in the source): kept as a known deviation.
-_OVERLAP_ULP = pytest.mark.xfail(reason="overlapped forward: one-ulp differences from the plain "
-                                 "loop with float score mods (H100, 2026-12-07)", strict=False)
+# separately; the mods' float arithmetic rounds alike in the source): held to that bound.
+_ONE_ULP_CASES = ("docs_alibi_softcap",)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["dense", "causal_gqa", "ragged_sq_ne_sk", "padding_rows_empty",
-                                  pytest.param("docs_alibi_softcap", marks=_OVERLAP_ULP), "d256",
+                                  "docs_alibi_softcap", "d256",
                                   "d64_dense", "window_f16"])
 @pytest.mark.parametrize("persistent", [False, True])
 def test_overlapped_forward_matches_plain_forward(case, persistent):
   """``MosaicConfig(overlap=True)`` does the plain loop's arithmetic in the same order (each
   step's output scaled by alpha before its P V is added): the same output and LSE, bit for bit,
   in both forward forms; and against the reference."""
-  _check_forward_forms(case, 5, "overlap", persistent=persistent)
+  _check_forward_forms(case, 5, "overlap", max_ulp=int(case in _ONE_ULP_CASES),
+                       persistent=persistent)
 
 
 @pytest.mark.gpu
