@@ -25,9 +25,10 @@ import math
 from typing import Any, Sequence
 
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
+
+from attnax.kernels import jaxprs
 
 __all__ = ["ModOperands", "RefArray", "LoadTape", "TapedRefArray", "collect", "eval_jaxpr",
            "is_array", "has_functions", "split_static", "join_static", "primal_values",
@@ -203,12 +204,38 @@ def _point_gather(operand: RefArray, indices: Any, dnums, slice_sizes) -> Any | 
   return operand.load(jnp.broadcast_to(operand.flat_index(idx), shape))
 
 
-def _sub_jaxpr(eqn) -> Any:
-  for name in ("jaxpr", "call_jaxpr"):
-    sub = eqn.params.get(name)
-    if sub is not None:
-      return sub
-  return None
+_SPECIAL = (RefArray, _UnitAxis, _Stack, _Point)
+
+
+def _ref_rule(eqn, vals: list) -> list:
+  """One equation of :func:`eval_jaxpr`: a point gather from a :class:`RefArray` (and the index
+  components it is built from) kept as a load; anything else bound to materialised values."""
+  name = eqn.primitive.name
+  out = None
+  if any(isinstance(x, _SPECIAL) for x in vals):
+    if name == "gather" and isinstance(vals[0], RefArray):
+      out = _point_gather(vals[0], vals[1], eqn.params["dimension_numbers"],
+                          eqn.params["slice_sizes"])
+    elif (name == "dynamic_slice" and isinstance(vals[0], RefArray)
+          and all(n == 1 for n in eqn.params["slice_sizes"])
+          and not any(isinstance(x, _SPECIAL) for x in vals[1:])):
+      out = _Point(vals[0].load(vals[0].flat_index(vals[1:])), vals[0].ndim)
+    elif (name == "squeeze" and isinstance(vals[0], _Point)
+          and len(eqn.params["dimensions"]) == vals[0].ndim):
+      out = vals[0].value
+    elif (name == "broadcast_in_dim" and not isinstance(vals[0], _SPECIAL)
+          and tuple(eqn.params["shape"]) == tuple(jnp.shape(vals[0])) + (1,)):
+      out = _UnitAxis(vals[0])
+    elif (name == "concatenate" and eqn.params["dimension"] == len(eqn.outvars[0].aval.shape) - 1
+          and all(isinstance(x, (_UnitAxis, _Stack)) for x in vals)):
+      out = _Stack([c for x in vals for c in x.components])
+  elif name == "broadcast_in_dim" and tuple(eqn.params["shape"]) == tuple(
+      jnp.shape(vals[0])) + (1,) and eqn.params.get("sharding") is None:
+    # Possibly a gather index; materialised on first use by anything else.
+    out = _UnitAxis(vals[0])
+  if out is not None:
+    return [out]
+  return jaxprs.bind(eqn, [_materialise(x) for x in vals])
 
 
 def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
@@ -216,55 +243,11 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
 
   A point gather from a :class:`RefArray` becomes a flat ref load; its index vector is kept as
   components (``x[..., None]`` and their concatenation are never built, since a Triton kernel
-  cannot concatenate along a unit axis). Calls (``pjit``, ``closed_call``, ...) that touch a
-  :class:`RefArray` are evaluated recursively; anything else materialises the array first.
+  cannot concatenate along a unit axis). Calls (``pjit``, ``closed_call``, ...) are inlined
+  (:func:`attnax.kernels.jaxprs.replay`), so a gather inside one is seen; anything else
+  materialises the array first.
   """
-  env: dict = {}
-
-  def read(v):
-    return v.val if isinstance(v, jex.core.Literal) else env[v]
-
-  for v, x in zip(jaxpr.constvars + jaxpr.invars, list(consts) + list(args)):
-    env[v] = x
-  special = (RefArray, _UnitAxis, _Stack, _Point)
-  for eqn in jaxpr.eqns:
-    vals = [read(v) for v in eqn.invars]
-    out = None
-    name = eqn.primitive.name
-    if any(isinstance(x, special) for x in vals):
-      if name == "gather" and isinstance(vals[0], RefArray):
-        out = _point_gather(vals[0], vals[1], eqn.params["dimension_numbers"],
-                            eqn.params["slice_sizes"])
-        out = None if out is None else [out]
-      elif (name == "dynamic_slice" and isinstance(vals[0], RefArray)
-            and all(n == 1 for n in eqn.params["slice_sizes"])
-            and not any(isinstance(x, special) for x in vals[1:])):
-        out = [_Point(vals[0].load(vals[0].flat_index(vals[1:])), vals[0].ndim)]
-      elif (name == "squeeze" and isinstance(vals[0], _Point)
-            and len(eqn.params["dimensions"]) == vals[0].ndim):
-        out = [vals[0].value]
-      elif (name == "broadcast_in_dim" and not isinstance(vals[0], special)
-            and tuple(eqn.params["shape"]) == tuple(jnp.shape(vals[0])) + (1,)):
-        out = [_UnitAxis(vals[0])]
-      elif (name == "concatenate" and eqn.params["dimension"] == len(eqn.outvars[0].aval.shape) - 1
-            and all(isinstance(x, (_UnitAxis, _Stack)) for x in vals)):
-        out = [_Stack([c for x in vals for c in x.components])]
-      elif _sub_jaxpr(eqn) is not None and name in ("pjit", "jit", "closed_call", "core_call"):
-        sub = _sub_jaxpr(eqn)
-        inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
-        out = eval_jaxpr(inner, getattr(sub, "consts", ()), *vals)
-    elif name == "broadcast_in_dim" and tuple(eqn.params["shape"]) == tuple(
-        jnp.shape(vals[0])) + (1,) and eqn.params.get("sharding") is None:
-      # Possibly a gather index; materialised on first use by anything else.
-      out = [_UnitAxis(vals[0])]
-    if out is None:
-      vals = [_materialise(x) for x in vals]
-      with eqn.ctx.manager:
-        out = eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params))
-      out = out if eqn.primitive.multiple_results else [out]
-    for v, x in zip(eqn.outvars, out):
-      env[v] = x
-  return [_materialise(read(v)) for v in jaxpr.outvars]
+  return [_materialise(x) for x in jaxprs.replay(jaxpr, consts, args, _ref_rule)]
 
 
 class _GlobalArray:

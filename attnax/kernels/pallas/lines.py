@@ -31,7 +31,9 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-__all__ = ["Lines", "position", "lined", "materialize", "replay", "bind"]
+from attnax.kernels.jaxprs import bind, replay
+
+__all__ = ["Lines", "position", "lined", "materialize"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,34 +242,6 @@ def _compare(name, prim, params, a, b, shape):
   right = (lax.broadcast_in_dim(-l1, shape, (1,)) if l1 is not None
            else lax.broadcast_in_dim(jnp.zeros((), dtype), shape, ()))
   return prim.bind(left, right, **params)
-
-
-# ----------------------------------------------------------------------------- the evaluator
-
-
-def bind(eqn, ins) -> list:
-  """``eqn``'s primitive bound to ``ins`` as traced: its outputs, as a list."""
-  outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
-  return list(outs) if eqn.primitive.multiple_results else [outs]
-
-
-def replay(jaxpr, consts, args, rule: Callable = bind) -> list:
-  """``jaxpr``'s equations emitted again into the current trace, jit calls inlined;
-  ``rule(eqn, ins)`` gives each other equation's outputs (default: :func:`bind`)."""
-  env = dict(zip(jaxpr.constvars, consts, strict=True))
-  env.update(zip(jaxpr.invars, args, strict=True))
-  # (A literal keeps its jaxpr type: a weakly typed Python scalar would not match an int8 line.)
-  read = lambda v: (np.asarray(v.val, v.aval.dtype) if isinstance(v, jex_core.Literal)
-                    else env[v])
-  for eqn in jaxpr.eqns:
-    ins = [read(v) for v in eqn.invars]
-    if eqn.primitive.name in ("pjit", "jit", "closed_call"):
-      sub = eqn.params["jaxpr"] if "jaxpr" in eqn.params else eqn.params["call_jaxpr"]
-      outs = replay(sub.jaxpr, sub.consts, ins, rule)
-    else:
-      outs = rule(eqn, ins)
-    env.update(zip(eqn.outvars, outs))
-  return [read(v) for v in jaxpr.outvars]
 
 
 def _lines_rule(eqn, ins, shape) -> list:

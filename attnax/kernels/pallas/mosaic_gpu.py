@@ -53,6 +53,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from attnax.kernels import _checks
+from attnax.kernels import jaxprs
 from attnax.kernels import operands as ops_lib
 from attnax.kernels import tiles
 from attnax.kernels.pallas import lines as lines_lib
@@ -1103,13 +1104,13 @@ def _lowerable(fn):
   def rule(eqn, ins):
     if eqn.primitive.name == "add_any":   # add_any_p has no public name
       return [lax.add(*ins)]
-    return lines_lib.bind(eqn, ins)
+    return jaxprs.bind(eqn, ins)
 
   def lowered(*args):
     closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     # (Dead code, a vjp's primal maths, is left to the Mosaic compiler: a DCE here measured no
     # smaller module.)
-    flat = lines_lib.replay(closed.jaxpr, closed.consts, jax.tree.leaves(args), rule)
+    flat = jaxprs.replay(closed.jaxpr, closed.consts, jax.tree.leaves(args), rule)
     return jax.tree.unflatten(jax.tree.structure(shape), flat)
 
   return lowered
