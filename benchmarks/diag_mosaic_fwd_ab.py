@@ -20,7 +20,7 @@ Prints ms, TFLOP/s, the ratio to cuDNN and to tokamax, the compile time, and the
 cuDNN.
 
   PYTHONPATH=$PWD python3 benchmarks/diag_mosaic_fwd_ab.py   # CASES=s4k,s16k-causal ROUNDS=3
-  # VARIANTS=base,now,noauto,st2,st3,persist,items,contig,nolines (default base,now,noauto)
+  # VARIANTS=base,now,noauto,st2,st3,persist,items,contig,nolines,overlap,balanced (default base,now,noauto)
   MODE=fwd+bwd CASES=s4k,s4k-causal,alibi8k VARIANTS=base,now python3 benchmarks/diag_mosaic_fwd_ab.py
 """
 import dataclasses, os, sys, types
@@ -60,6 +60,10 @@ VARIANTS = {
     "items": (None, (), {"persistent": False}),
     "contig": (None, (CONTIG,), {}),
     "nolines": (None, (NOLINES,), {}),
+    # The opt-in forms (MosaicConfig.overlap: Q K_t^T and P V_(t-1) issued together; the
+    # persistent grid's balanced walk), timed in the same rounds as the default.
+    "overlap": (None, (), {"overlap": True}),
+    "balanced": (None, (), {"persistent": True, "balanced_walk": True}),
 }
 PICK = os.environ.get("VARIANTS", "base,now,noauto").split(",")
 
