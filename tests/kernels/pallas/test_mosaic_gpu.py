@@ -739,6 +739,18 @@ def test_tuned_table_is_read():
   assert mg.default_config(128, device_kind="no such GPU") == mg._BUILTIN[128]
 
 
+def test_tuned_table_serves_its_sm_family(monkeypatch):
+  """A Hopper part the table lacks takes a tuned Hopper entry (same SM design); another GPU the
+  built-in config."""
+  table = {"NVIDIA H200": {"128/dense": {"num_stages": 3, "block_k": 64}}}
+  monkeypatch.setattr(mg, "_tuned_table", lambda: table)
+  for kind in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA GH200 480GB"):
+    cfg = mg.default_config(128, device_kind=kind)
+    assert (cfg.num_stages, cfg.block_k) == (3, 64), kind
+  for kind in ("NVIDIA A100-SXM4-80GB", "no such GPU"):
+    assert mg.default_config(128, device_kind=kind) == mg._BUILTIN[128], kind
+
+
 def test_tuned_table_dtype_entries(monkeypatch):
   """An entry tuned for one dtype (``"128/float16/dense"``) is that dtype's; the others take
   the head dim's shared entry (``"128/dense"``, bf16's), then the built-in config."""
