@@ -223,15 +223,13 @@ def _ref_rule(eqn, vals: list) -> list:
     elif (name == "squeeze" and isinstance(vals[0], _Point)
           and len(eqn.params["dimensions"]) == vals[0].ndim):
       out = vals[0].value
-    elif (name == "broadcast_in_dim" and not isinstance(vals[0], _SPECIAL)
-          and tuple(eqn.params["shape"]) == tuple(jnp.shape(vals[0])) + (1,)):
-      out = _UnitAxis(vals[0])
     elif (name == "concatenate" and eqn.params["dimension"] == len(eqn.outvars[0].aval.shape) - 1
           and all(isinstance(x, (_UnitAxis, _Stack)) for x in vals)):
       out = _Stack([c for x in vals for c in x.components])
-  elif name == "broadcast_in_dim" and tuple(eqn.params["shape"]) == tuple(
-      jnp.shape(vals[0])) + (1,) and eqn.params.get("sharding") is None:
-    # Possibly a gather index; materialised on first use by anything else.
+  elif (name == "broadcast_in_dim" and eqn.params.get("sharding") is None
+        and tuple(eqn.params["shape"]) == tuple(jnp.shape(vals[0])) + (1,)):
+    # ``x[..., None]`` of a plain value: possibly a gather index; materialised on first use by
+    # anything else. (Its one operand is plain here, so the branch above never sees it.)
     out = _UnitAxis(vals[0])
   if out is not None:
     return [out]

@@ -171,9 +171,10 @@ _BUILTIN = {
     256: MosaicConfig(128, 64, 2, bwd_num_stages=2),
 }
 _TABLE_PATH = os.path.join(os.path.dirname(__file__), "configs", "mosaic_gpu.json")
-# Hopper parts with one SM design (132 SMs of sm90a on the SXM boards; they differ in memory
-# bandwidth and size). A kind the table lacks takes the tuning of another kind of this family:
-# the kernels are compute-bound, and a tuned config is far nearer than the built-in one.
+# Hopper parts with one SM design (sm90a; they differ in SM count, clocks and memory). A kind the
+# table lacks takes the tuning of another kind of this family: a config fixes tile shapes and
+# ring depths, which the SM's shared memory, registers and wgmma shapes decide, and the grid is
+# sized from the device's own SM count at run time.
 _SM90_FAMILY = ("H100", "H200", "H800", "H20", "GH200")
 
 
@@ -210,8 +211,9 @@ def default_config(head_dim: int, dtype: Any = jnp.bfloat16, *, masked: bool = F
                    device_kind: str | None = None) -> MosaicConfig:
   """The :class:`MosaicConfig` for a (padded) head dim and dtype: tuned for this device kind if
   the table has it (``masked``: the call has a mask, so the plan has partial tiles), or for
-  another Hopper part of the same SM design (an H100 takes the H200's), else built in. The table's keys are ``"{head dim}/{dtype}/{dense|causal}"`` where a dtype was tuned on
-  its own, else ``"{head dim}/{dense|causal}"`` (bf16's entry, which f16 shares)."""
+  another Hopper part of the same SM design (an H100 takes the H200's), else built in. The
+  table's keys are ``"{head dim}/{dtype}/{dense|causal}"`` where a dtype was tuned on its own,
+  else ``"{head dim}/{dense|causal}"`` (bf16's entry, which f16 shares)."""
   d = min(k for k in _BUILTIN if k >= min(max(head_dim, MIN_HEAD_DIM), MAX_HEAD_DIM))
   entries = _table_entries(_tuned_table(), device_kind or _device_kind() or "")
   mask_kind = "causal" if masked else "dense"
